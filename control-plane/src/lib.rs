@@ -1,0 +1,143 @@
+//! Tenantry control plane: the tenant registry, the provisioner that creates and drops
+//! tenant databases, the reconciler that finishes interrupted work, and the gRPC
+//! services (`TenantService`, `DatabaseServerService`, `RoutingService`).
+
+pub mod convert;
+pub mod error;
+pub mod provisioner;
+pub mod reconciler;
+pub mod registry;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tenantry_proto::controlplane::v1::database_server_service_server::DatabaseServerServiceServer;
+use tenantry_proto::controlplane::v1::register_database_server_request::Location;
+use tenantry_proto::controlplane::v1::routing_service_server::RoutingServiceServer;
+use tenantry_proto::controlplane::v1::tenant_service_server::TenantServiceServer;
+use tenantry_shared::config::PlaneConfig;
+use tenantry_shared::grpc::{ServerHandle, incoming, shutdown_signal, with_health_and_reflection};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use provisioner::{FaultInjection, Provisioner, ProvisionerOptions};
+use registry::Registry;
+
+/// Control-plane settings (TOML file, `TENANTRY_*` overrides). See README.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// gRPC address. Serve it only to data planes and operators.
+    pub listen_addr: SocketAddr,
+    /// `postgres://...` or a SQLite file path (or `sqlite://PATH`).
+    pub registry_url: String,
+    /// Directory of tenant migrations in sqlx format (`NNNN_description.sql`).
+    pub tenant_migrations_dir: Option<PathBuf>,
+    /// If set, a SQLite database server named `local` in this directory is registered at
+    /// start (if no server of that name exists).
+    pub sqlite_directory: Option<PathBuf>,
+    /// Attempts of a provisioning or deletion sequence before the tenant is FAILED.
+    pub provision_attempts: u32,
+    /// Pause before the second attempt, doubling after each one.
+    pub provision_retry_delay_ms: u64,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            registry_url: ".tenantry/registry.db".to_owned(),
+            tenant_migrations_dir: None,
+            sqlite_directory: None,
+            provision_attempts: 3,
+            provision_retry_delay_ms: 200,
+        }
+    }
+}
+
+impl PlaneConfig for ControlPlaneConfig {
+    const OPTIONAL_KEYS: &'static [&'static str] = &["tenant_migrations_dir", "sqlite_directory"];
+}
+
+/// Name of the SQLite server registered from `sqlite_directory`.
+pub const LOCAL_SQLITE_SERVER: &str = "local";
+
+/// Opens the registry, resumes unfinished tenants in the background, and serves on
+/// `listener` until shut down.
+pub async fn start(
+    config: &ControlPlaneConfig,
+    listener: TcpListener,
+    faults: FaultInjection,
+) -> anyhow::Result<ServerHandle> {
+    let registry = Registry::open(&config.registry_url)
+        .await
+        .context("opening the tenant registry")?;
+    let tenant_migrations = match &config.tenant_migrations_dir {
+        Some(dir) => Some(Arc::new(
+            sqlx::migrate::Migrator::new(dir.as_path())
+                .await
+                .with_context(|| format!("reading tenant migrations from {}", dir.display()))?,
+        )),
+        None => None,
+    };
+    if let Some(directory) = &config.sqlite_directory {
+        register_local_sqlite(&registry, directory).await?;
+    }
+    let provisioner = Arc::new(Provisioner::new(
+        registry.clone(),
+        ProvisionerOptions {
+            tenant_migrations,
+            attempts: config.provision_attempts.max(1),
+            retry_delay: Duration::from_millis(config.provision_retry_delay_ms),
+            faults,
+        },
+    ));
+    tokio::spawn(reconciler::resume_unfinished(registry.clone(), provisioner.clone()));
+
+    let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi {
+        registry: registry.clone(),
+        provisioner: provisioner.clone(),
+    }))
+    .add_service(DatabaseServerServiceServer::new(service::servers::DatabaseServerApi {
+        registry: registry.clone(),
+        provisioner: provisioner.clone(),
+    }))
+    .add_service(RoutingServiceServer::new(service::routing::RoutingApi {
+        registry: registry.clone(),
+    }));
+    let (routes, health) = with_health_and_reflection(routes)?;
+    ServerHandle::spawn(listener, move |listener, shutdown| async move {
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming(listener), async move {
+                shutdown_signal(shutdown).await;
+                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            })
+            .await;
+        provisioner.close().await;
+        registry.close().await;
+        served.context("control plane gRPC server failed")
+    })
+}
+
+async fn register_local_sqlite(registry: &Registry, directory: &std::path::Path) -> anyhow::Result<()> {
+    if registry.get_server(LOCAL_SQLITE_SERVER).await?.is_some() {
+        return Ok(());
+    }
+    let directory = directory
+        .to_str()
+        .context("sqlite_directory is not valid UTF-8")?
+        .to_owned();
+    let (backend, location) = service::servers::check_location(&Location::SqliteDirectory(directory))
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    registry
+        .insert_server(LOCAL_SQLITE_SERVER, backend, &location, "startup")
+        .await?;
+    Ok(())
+}

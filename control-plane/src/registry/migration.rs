@@ -1,0 +1,150 @@
+//! Registry schema migrations, named by timestamp, applied in order by one `Migrator`.
+
+use sea_orm_migration::prelude::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M20261127000001CreateRegistry)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum Tenants {
+    Table,
+    TenantId,
+    DisplayName,
+    State,
+    Reason,
+    RequestedServer,
+    DatabaseServer,
+    Backend,
+    DatabaseName,
+    DbUsername,
+    DbPassword,
+    RouteVersion,
+    SchemaVersion,
+    CreateTime,
+    UpdateTime,
+}
+
+#[derive(DeriveIden)]
+enum DatabaseServers {
+    Table,
+    Name,
+    Backend,
+    Location,
+    CreateTime,
+}
+
+#[derive(DeriveIden)]
+enum AuditEvents {
+    Table,
+    Id,
+    TenantId,
+    DatabaseServer,
+    Actor,
+    Action,
+    FromState,
+    ToState,
+    Detail,
+    Time,
+}
+
+struct M20261127000001CreateRegistry;
+
+impl MigrationName for M20261127000001CreateRegistry {
+    fn name(&self) -> &str {
+        "m20261127_000001_create_registry"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261127000001CreateRegistry {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(DatabaseServers::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(DatabaseServers::Name).string().not_null().primary_key())
+                    .col(ColumnDef::new(DatabaseServers::Backend).string().not_null())
+                    .col(ColumnDef::new(DatabaseServers::Location).text().not_null())
+                    .col(ColumnDef::new(DatabaseServers::CreateTime).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Tenants::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Tenants::TenantId).string().not_null().primary_key())
+                    .col(ColumnDef::new(Tenants::DisplayName).text().not_null())
+                    .col(ColumnDef::new(Tenants::State).string().not_null())
+                    .col(ColumnDef::new(Tenants::Reason).text().not_null())
+                    .col(ColumnDef::new(Tenants::RequestedServer).string().not_null())
+                    .col(ColumnDef::new(Tenants::DatabaseServer).string().null())
+                    .col(ColumnDef::new(Tenants::Backend).string().null())
+                    .col(ColumnDef::new(Tenants::DatabaseName).text().null())
+                    .col(ColumnDef::new(Tenants::DbUsername).text().null())
+                    .col(ColumnDef::new(Tenants::DbPassword).text().null())
+                    .col(ColumnDef::new(Tenants::RouteVersion).big_integer().not_null())
+                    .col(ColumnDef::new(Tenants::SchemaVersion).big_integer().not_null())
+                    .col(ColumnDef::new(Tenants::CreateTime).timestamp_with_time_zone().not_null())
+                    .col(ColumnDef::new(Tenants::UpdateTime).timestamp_with_time_zone().not_null())
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Tenants::Table, Tenants::DatabaseServer)
+                            .to(DatabaseServers::Table, DatabaseServers::Name),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("tenants_by_state")
+                    .table(Tenants::Table)
+                    .col(Tenants::State)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuditEvents::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(AuditEvents::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(AuditEvents::TenantId).string().null())
+                    .col(ColumnDef::new(AuditEvents::DatabaseServer).string().null())
+                    .col(ColumnDef::new(AuditEvents::Actor).text().not_null())
+                    .col(ColumnDef::new(AuditEvents::Action).text().not_null())
+                    .col(ColumnDef::new(AuditEvents::FromState).string().null())
+                    .col(ColumnDef::new(AuditEvents::ToState).string().null())
+                    .col(ColumnDef::new(AuditEvents::Detail).text().not_null())
+                    .col(ColumnDef::new(AuditEvents::Time).timestamp_with_time_zone().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("audit_events_by_tenant")
+                    .table(AuditEvents::Table)
+                    .col(AuditEvents::TenantId)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}

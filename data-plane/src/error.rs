@@ -1,0 +1,130 @@
+//! The data plane's error type, its mapping from database errors (by SQLSTATE or SQLite
+//! result code), and its one mapping to gRPC status codes.
+
+use tonic::Status;
+
+pub type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
+
+/// Every message is safe to show the caller: no credentials, no connection strings.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DataPlaneError> for Status {
+    fn from(error: DataPlaneError) -> Self {
+        match error {
+            DataPlaneError::InvalidArgument(message) => Status::invalid_argument(message),
+            DataPlaneError::NotFound(message) => Status::not_found(message),
+            DataPlaneError::FailedPrecondition(message) => Status::failed_precondition(message),
+            DataPlaneError::Unavailable(message) => Status::unavailable(message),
+            DataPlaneError::DeadlineExceeded(message) => Status::deadline_exceeded(message),
+            DataPlaneError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            DataPlaneError::Aborted(message) => Status::aborted(message),
+            DataPlaneError::Internal(message) => {
+                tracing::error!(%message, "internal error");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// SQLite primary result codes that are not the statement's fault.
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_INTERRUPT: i32 = 9;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_AUTH: i32 = 23;
+
+/// Maps an error from a tenant database. `tenant` names the tenant in messages.
+pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
+    match error {
+        sqlx::Error::Database(db_error) => {
+            let code = db_error.code().map(|code| code.into_owned()).unwrap_or_default();
+            let message = db_error.message().to_owned();
+            if let Some(pg) = db_error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return from_sqlstate(&code, &message, pg.detail(), tenant);
+            }
+            from_sqlite_code(&code, &message, tenant)
+        }
+        sqlx::Error::PoolTimedOut => DataPlaneError::Unavailable(format!(
+            "no connection to the database of tenant {tenant} became free in time; retry later"
+        )),
+        sqlx::Error::PoolClosed => DataPlaneError::Unavailable(format!(
+            "the connection pool of tenant {tenant} was closed (route changed); retry"
+        )),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+            tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
+            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
+        }
+        sqlx::Error::ColumnDecode { index, source } => DataPlaneError::Internal(format!(
+            "cannot decode column {index} of the result: {source}"
+        )),
+        other => {
+            tracing::error!(tenant.id = %tenant, error = %other, "unexpected database error");
+            DataPlaneError::Internal(format!("unexpected database error for tenant {tenant}"))
+        }
+    }
+}
+
+fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) -> DataPlaneError {
+    let class = code.get(..2).unwrap_or("");
+    let full = match detail {
+        Some(detail) => format!("SQLSTATE {code}: {message} ({detail})"),
+        None => format!("SQLSTATE {code}: {message}"),
+    };
+    match (class, code) {
+        (_, "57014") => DataPlaneError::DeadlineExceeded(format!(
+            "the statement was cancelled at the request's deadline ({full})"
+        )),
+        (_, "40001") | (_, "40P01") => DataPlaneError::Aborted(full),
+        // connection exceptions, insufficient resources, operator intervention, auth,
+        // database missing: not the statement's fault.
+        ("08", _) | ("53", _) | ("57", _) | ("28", _) | ("3D", _) | ("58", _) | ("XX", _) => {
+            tracing::warn!(tenant.id = %tenant, sqlstate = code, "tenant database unavailable");
+            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unavailable ({full})"))
+        }
+        _ => DataPlaneError::InvalidArgument(full),
+    }
+}
+
+fn from_sqlite_code(code: &str, message: &str, tenant: &str) -> DataPlaneError {
+    let extended: i32 = code.parse().unwrap_or(1);
+    let primary = extended & 0xff;
+    let full = format!("SQLite error {extended}: {message}");
+    match primary {
+        SQLITE_INTERRUPT => DataPlaneError::DeadlineExceeded(format!(
+            "the statement was interrupted at the request's deadline ({full})"
+        )),
+        SQLITE_AUTH => DataPlaneError::InvalidArgument(format!(
+            "{full}: statements on a tenant database may not ATTACH or DETACH databases, \
+             load extensions or change PRAGMA settings"
+        )),
+        SQLITE_BUSY | SQLITE_LOCKED => DataPlaneError::Unavailable(format!(
+            "the database of tenant {tenant} is busy; retry ({full})"
+        )),
+        SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_FULL | SQLITE_CANTOPEN => {
+            tracing::warn!(tenant.id = %tenant, code = extended, "tenant database unavailable");
+            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unavailable ({full})"))
+        }
+        _ => DataPlaneError::InvalidArgument(full),
+    }
+}

@@ -1,0 +1,277 @@
+//! The pool manager: one sqlx pool per tenant, opened lazily with the tenant's own
+//! credentials, replaced (and the old one closed) when the tenant's connection details
+//! change, closed when the tenant stops serving.
+//!
+//! Connections are cleaned between requests so that no session state outlives the
+//! request that set it:
+//! - PostgreSQL: every connection returned to a pool runs `ROLLBACK; RESET ALL; ...`
+//!   (what `DISCARD ALL` does, minus dropping sqlx's cached prepared statements) before
+//!   the next request can take it.
+//! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
+//!   settings and `load_extension()`, and extension loading is switched off; a transaction
+//!   left open by a request is rolled back before the connection is released (see
+//!   `sql::sqlite`).
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::ConnectOptions;
+use tenantry_shared::TenantId;
+
+use crate::router::{Router, Target};
+
+/// What a PostgreSQL connection runs when it goes back to its pool.
+const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+#[derive(Clone)]
+pub enum TenantPool {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl TenantPool {
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    pub max_connections_per_tenant: u32,
+    pub acquire_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+struct PoolEntry {
+    target: Target,
+    pool: TenantPool,
+}
+
+pub struct PoolManager {
+    pools: DashMap<TenantId, Arc<PoolEntry>>,
+    options: PoolOptions,
+}
+
+impl PoolManager {
+    pub fn new(options: PoolOptions) -> Self {
+        Self {
+            pools: DashMap::new(),
+            options,
+        }
+    }
+
+    /// The tenant's pool for `target`, opened (lazily) if there is none or if the
+    /// tenant's connection details changed; a replaced pool is closed in the background.
+    pub fn pool(&self, tenant_id: &TenantId, target: &Target) -> TenantPool {
+        if let Some(entry) = self.pools.get(tenant_id) {
+            if entry.target == *target {
+                return entry.pool.clone();
+            }
+        }
+        match self.pools.entry(tenant_id.clone()) {
+            Entry::Occupied(mut occupied) => {
+                if occupied.get().target == *target {
+                    return occupied.get().pool.clone();
+                }
+                let fresh = Arc::new(self.open(target));
+                let pool = fresh.pool.clone();
+                let replaced = occupied.insert(fresh);
+                tracing::info!(tenant.id = %tenant_id, "tenant connection details changed; closing the old pool");
+                tokio::spawn(async move { replaced.pool.close().await });
+                pool
+            }
+            Entry::Vacant(vacant) => {
+                let fresh = Arc::new(self.open(target));
+                let pool = fresh.pool.clone();
+                vacant.insert(fresh);
+                pool
+            }
+        }
+    }
+
+    fn open(&self, target: &Target) -> PoolEntry {
+        let pool = match target {
+            Target::Postgres {
+                host,
+                port,
+                database,
+                username,
+                password,
+            } => {
+                let connect = PgConnectOptions::new()
+                    .host(host)
+                    .port(*port)
+                    .database(database)
+                    .username(username)
+                    .password(password)
+                    .application_name("tenantry-data-plane")
+                    .disable_statement_logging();
+                TenantPool::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(self.options.max_connections_per_tenant)
+                        .min_connections(0)
+                        .acquire_timeout(self.options.acquire_timeout)
+                        .idle_timeout(self.options.idle_timeout)
+                        .after_release(|connection, _| {
+                            Box::pin(async move {
+                                // A connection that cannot be cleaned is closed, never reused.
+                                Ok(sqlx::raw_sql(POSTGRES_SESSION_RESET)
+                                    .execute(connection)
+                                    .await
+                                    .is_ok())
+                            })
+                        })
+                        .connect_lazy_with(connect),
+                )
+            }
+            Target::Sqlite { path } => {
+                let connect = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(false)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true)
+                    .disable_statement_logging();
+                TenantPool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(self.options.max_connections_per_tenant)
+                        .min_connections(0)
+                        .acquire_timeout(self.options.acquire_timeout)
+                        .idle_timeout(self.options.idle_timeout)
+                        .after_connect(|connection, _| {
+                            Box::pin(async move {
+                                let mut handle = connection.lock_handle().await?;
+                                harden_sqlite(handle.as_raw_handle().as_ptr());
+                                Ok(())
+                            })
+                        })
+                        .connect_lazy_with(connect),
+                )
+            }
+        };
+        PoolEntry {
+            target: target.clone(),
+            pool,
+        }
+    }
+
+    /// Closes the pools of tenants whose route is gone, no longer serving, or points
+    /// elsewhere.
+    pub async fn close_stale(&self, router: &Router) {
+        let stale: Vec<TenantId> = self
+            .pools
+            .iter()
+            .filter(|entry| {
+                router.cached(entry.key()).is_none_or(|route| {
+                    route.state != crate::router::RouteState::Active
+                        || route.target.as_ref() != Some(&entry.value().target)
+                })
+            })
+            .map(|entry| entry.key().clone())
+            .collect();
+        for tenant_id in stale {
+            if let Some((_, entry)) = self.pools.remove(&tenant_id) {
+                tracing::debug!(tenant.id = %tenant_id, "closing pool of a tenant that no longer serves here");
+                entry.pool.close().await;
+            }
+        }
+    }
+
+    pub async fn close_all(&self) {
+        let tenant_ids: Vec<TenantId> = self.pools.iter().map(|entry| entry.key().clone()).collect();
+        for tenant_id in tenant_ids {
+            if let Some((_, entry)) = self.pools.remove(&tenant_id) {
+                entry.pool.close().await;
+            }
+        }
+    }
+
+    pub fn open_pools(&self) -> usize {
+        self.pools.len()
+    }
+}
+
+/// Pragmas that take an argument but only read (e.g. `PRAGMA table_info(t)`).
+const READ_ONLY_PRAGMAS_WITH_ARGUMENT: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "foreign_key_check",
+    "integrity_check",
+    "quick_check",
+];
+
+/// Refuses what would let a statement reach outside the tenant's file or leave state
+/// behind on the connection.
+unsafe extern "C" fn tenant_authorizer(
+    _user_data: *mut c_void,
+    action: c_int,
+    arg1: *const c_char,
+    arg2: *const c_char,
+    _database: *const c_char,
+    _trigger: *const c_char,
+) -> c_int {
+    use libsqlite3_sys as ffi;
+    match action {
+        ffi::SQLITE_ATTACH
+        | ffi::SQLITE_DETACH
+        | ffi::SQLITE_CREATE_TEMP_INDEX
+        | ffi::SQLITE_CREATE_TEMP_TABLE
+        | ffi::SQLITE_CREATE_TEMP_TRIGGER
+        | ffi::SQLITE_CREATE_TEMP_VIEW => ffi::SQLITE_DENY,
+        ffi::SQLITE_PRAGMA => {
+            if arg2.is_null() {
+                return ffi::SQLITE_OK;
+            }
+            // SAFETY: SQLite passes NUL-terminated strings valid for this call.
+            let name = unsafe { CStr::from_ptr(arg1) }.to_string_lossy().to_ascii_lowercase();
+            if READ_ONLY_PRAGMAS_WITH_ARGUMENT.contains(&name.as_str()) {
+                ffi::SQLITE_OK
+            } else {
+                ffi::SQLITE_DENY
+            }
+        }
+        ffi::SQLITE_FUNCTION => {
+            if arg2.is_null() {
+                return ffi::SQLITE_OK;
+            }
+            // SAFETY: as above.
+            let name = unsafe { CStr::from_ptr(arg2) }.to_string_lossy();
+            if name.eq_ignore_ascii_case("load_extension") {
+                ffi::SQLITE_DENY
+            } else {
+                ffi::SQLITE_OK
+            }
+        }
+        _ => ffi::SQLITE_OK,
+    }
+}
+
+fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3) {
+    use libsqlite3_sys as ffi;
+    // SAFETY: `db` is the open handle of a connection whose worker is locked out by the
+    // caller for the duration of these calls.
+    unsafe {
+        ffi::sqlite3_db_config(
+            db,
+            ffi::SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION,
+            0 as c_int,
+            std::ptr::null_mut::<c_int>(),
+        );
+        ffi::sqlite3_limit(db, ffi::SQLITE_LIMIT_ATTACHED, 0);
+        ffi::sqlite3_set_authorizer(db, Some(tenant_authorizer), std::ptr::null_mut());
+    }
+}

@@ -1,0 +1,326 @@
+//! The router: tenant id -> route, in a `DashMap`, filled from the control plane.
+//!
+//! On a miss it asks the control plane (`GetRoute`) once per tenant even when many
+//! requests miss at the same time (single flight), and at most `MAX_CONCURRENT_MISSES`
+//! tenants at a time. Ids the control plane does not know are remembered for a short
+//! while, so a stream of requests for unknown ids does not turn into a stream of calls.
+//! Cached routes are refreshed in batches (`GetRoutes`) every `refresh_interval`, so a
+//! suspend, resume or delete takes effect within that interval.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tenantry_proto::controlplane::v1 as pb;
+use tenantry_proto::controlplane::v1::routing_service_client::RoutingServiceClient;
+use tenantry_shared::TenantId;
+use tokio::sync::{Mutex, Semaphore};
+use tonic::transport::Channel;
+
+use crate::error::DataPlaneError;
+
+const MAX_CONCURRENT_MISSES: usize = 32;
+const MAX_REMEMBERED_UNKNOWN: usize = 100_000;
+const ROUTES_PER_REFRESH_CALL: usize = 1000;
+
+/// Serving state of a tenant, as the data plane sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteState {
+    Provisioning,
+    Active,
+    Suspended,
+    Failed,
+    Deleting,
+    Deleted,
+}
+
+/// Where a tenant's database is, with the tenant's own credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Target {
+    Postgres {
+        host: String,
+        port: u16,
+        database: String,
+        username: String,
+        password: String,
+    },
+    Sqlite {
+        path: String,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Postgres {
+                host,
+                port,
+                database,
+                username,
+                ..
+            } => write!(f, "Postgres({username}@{host}:{port}/{database})"),
+            Self::Sqlite { path } => write!(f, "Sqlite({path})"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub state: RouteState,
+    pub reason: String,
+    pub version: i64,
+    pub target: Option<Target>,
+}
+
+impl Route {
+    fn from_proto(route: pb::Route) -> Result<Self, DataPlaneError> {
+        let state = match pb::TenantState::try_from(route.state) {
+            Ok(pb::TenantState::Provisioning) => RouteState::Provisioning,
+            Ok(pb::TenantState::Active) => RouteState::Active,
+            Ok(pb::TenantState::Suspended) => RouteState::Suspended,
+            Ok(pb::TenantState::Failed) => RouteState::Failed,
+            Ok(pb::TenantState::Deleting) => RouteState::Deleting,
+            Ok(pb::TenantState::Deleted) => RouteState::Deleted,
+            _ => {
+                return Err(DataPlaneError::Internal(format!(
+                    "control plane sent a route with unknown state {}",
+                    route.state
+                )));
+            }
+        };
+        let target = match route.connection {
+            Some(pb::route::Connection::Postgres(pg)) => Some(Target::Postgres {
+                host: pg.host,
+                port: u16::try_from(pg.port).map_err(|_| {
+                    DataPlaneError::Internal(format!("control plane sent port {}", pg.port))
+                })?,
+                database: pg.database,
+                username: pg.username,
+                password: pg.password,
+            }),
+            Some(pb::route::Connection::Sqlite(sqlite)) => Some(Target::Sqlite { path: sqlite.path }),
+            None => None,
+        };
+        Ok(Self {
+            state,
+            reason: route.reason,
+            version: route.route_version,
+            target,
+        })
+    }
+
+    /// Refuses requests unless the tenant serves, with the status the architecture's
+    /// table gives for each state.
+    pub fn check_serving(&self, tenant_id: &TenantId) -> Result<(), DataPlaneError> {
+        match self.state {
+            RouteState::Active if self.target.is_some() => Ok(()),
+            RouteState::Active => Err(DataPlaneError::Internal(format!(
+                "route of tenant {tenant_id} has no connection details"
+            ))),
+            RouteState::Suspended => Err(DataPlaneError::FailedPrecondition(format!(
+                "tenant {tenant_id} is suspended: {}",
+                self.reason
+            ))),
+            RouteState::Provisioning => Err(DataPlaneError::Unavailable(format!(
+                "tenant {tenant_id} is still being provisioned; retry shortly"
+            ))),
+            RouteState::Failed => Err(DataPlaneError::Unavailable(format!(
+                "tenant {tenant_id} is unavailable: its provisioning failed"
+            ))),
+            RouteState::Deleting | RouteState::Deleted => Err(DataPlaneError::NotFound(format!(
+                "tenant {tenant_id} does not exist (deleted)"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    pub refresh_interval: Duration,
+    pub unknown_tenant_ttl: Duration,
+    /// Deadline of one call to the control plane.
+    pub control_plane_timeout: Duration,
+}
+
+pub struct Router {
+    routes: DashMap<TenantId, Arc<Route>>,
+    unknown_until: DashMap<TenantId, Instant>,
+    inflight: DashMap<TenantId, Arc<Mutex<()>>>,
+    miss_slots: Semaphore,
+    client: RoutingServiceClient<Channel>,
+    options: RouterOptions,
+}
+
+impl Router {
+    /// A router that reaches the control plane at `control_plane_url` (connects lazily).
+    pub fn new(control_plane_url: &str, options: RouterOptions) -> Result<Self, DataPlaneError> {
+        let channel = Channel::from_shared(control_plane_url.to_owned())
+            .map_err(|error| {
+                DataPlaneError::InvalidArgument(format!(
+                    "control_plane_url {control_plane_url:?} is not a valid URL: {error}"
+                ))
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(options.control_plane_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            routes: DashMap::new(),
+            unknown_until: DashMap::new(),
+            inflight: DashMap::new(),
+            miss_slots: Semaphore::new(MAX_CONCURRENT_MISSES),
+            client: RoutingServiceClient::new(channel),
+            options,
+        })
+    }
+
+    /// The cached route, if any.
+    pub fn cached(&self, tenant_id: &TenantId) -> Option<Arc<Route>> {
+        self.routes.get(tenant_id).map(|route| route.clone())
+    }
+
+    /// The tenant's route: from the cache, or from the control plane on a miss.
+    pub async fn resolve(&self, tenant_id: &TenantId) -> Result<Arc<Route>, DataPlaneError> {
+        if let Some(route) = self.cached(tenant_id) {
+            return Ok(route);
+        }
+        self.check_unknown(tenant_id)?;
+        let flight = self.inflight.entry(tenant_id.clone()).or_default().clone();
+        let _flight_guard = flight.lock().await;
+        // Another request may have fetched it while this one waited.
+        if let Some(route) = self.cached(tenant_id) {
+            return Ok(route);
+        }
+        self.check_unknown(tenant_id)?;
+        let fetched = self.fetch(tenant_id).await;
+        self.inflight.remove(tenant_id);
+        fetched
+    }
+
+    fn check_unknown(&self, tenant_id: &TenantId) -> Result<(), DataPlaneError> {
+        if let Some(until) = self.unknown_until.get(tenant_id) {
+            if Instant::now() < *until {
+                return Err(unknown_tenant(tenant_id));
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, tenant_id: &TenantId) -> Result<Arc<Route>, DataPlaneError> {
+        let _slot = self
+            .miss_slots
+            .acquire()
+            .await
+            .map_err(|_| DataPlaneError::Unavailable("data plane is shutting down".to_owned()))?;
+        let mut client = self.client.clone();
+        let request = pb::GetRouteRequest {
+            tenant_id: tenant_id.to_string(),
+        };
+        match client.get_route(request).await {
+            Ok(response) => {
+                let route = Arc::new(Route::from_proto(response.into_inner())?);
+                self.unknown_until.remove(tenant_id);
+                self.routes.insert(tenant_id.clone(), route.clone());
+                Ok(route)
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                self.remember_unknown(tenant_id);
+                Err(unknown_tenant(tenant_id))
+            }
+            Err(status) => {
+                tracing::warn!(tenant.id = %tenant_id, code = ?status.code(), message = status.message(), "route lookup failed");
+                Err(DataPlaneError::Unavailable(format!(
+                    "cannot look up tenant {tenant_id}: the control plane is unreachable or failing ({:?})",
+                    status.code()
+                )))
+            }
+        }
+    }
+
+    fn remember_unknown(&self, tenant_id: &TenantId) {
+        if self.unknown_until.len() >= MAX_REMEMBERED_UNKNOWN {
+            let now = Instant::now();
+            self.unknown_until.retain(|_, until| *until > now);
+            if self.unknown_until.len() >= MAX_REMEMBERED_UNKNOWN {
+                self.unknown_until.clear();
+            }
+        }
+        self.unknown_until
+            .insert(tenant_id.clone(), Instant::now() + self.options.unknown_tenant_ttl);
+    }
+
+    /// Re-reads every cached route from the control plane. On failure the cache is kept:
+    /// the data plane goes on serving what it knows.
+    pub async fn refresh(&self) -> Result<(), DataPlaneError> {
+        let tenant_ids: Vec<TenantId> = self.routes.iter().map(|entry| entry.key().clone()).collect();
+        for chunk in tenant_ids.chunks(ROUTES_PER_REFRESH_CALL) {
+            let mut client = self.client.clone();
+            let request = pb::GetRoutesRequest {
+                tenant_ids: chunk.iter().map(TenantId::to_string).collect(),
+            };
+            let response = client.get_routes(request).await.map_err(|status| {
+                DataPlaneError::Unavailable(format!("route refresh failed: {}", status.message()))
+            })?;
+            let mut seen = std::collections::HashSet::new();
+            for route in response.into_inner().routes {
+                let Ok(tenant_id) = TenantId::parse(&route.tenant_id) else {
+                    continue;
+                };
+                let route = Route::from_proto(route)?;
+                seen.insert(tenant_id.clone());
+                let changed = self
+                    .routes
+                    .get(&tenant_id)
+                    .is_none_or(|cached| cached.version != route.version);
+                if changed {
+                    tracing::debug!(tenant.id = %tenant_id, version = route.version, "route changed");
+                    self.routes.insert(tenant_id, Arc::new(route));
+                }
+            }
+            // Tenants the registry no longer knows at all: forget them.
+            for tenant_id in chunk {
+                if !seen.contains(tenant_id) {
+                    self.routes.remove(tenant_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refreshes cached routes every `refresh_interval` until `stop` fires.
+    pub async fn run_refresh_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.options.refresh_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            match self.refresh().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("route refresh works again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "route refresh failed; serving cached routes");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+fn unknown_tenant(tenant_id: &TenantId) -> DataPlaneError {
+    DataPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
+}

@@ -1,0 +1,231 @@
+//! `SqlService`: Execute, Query and Batch on the caller's tenant database.
+//!
+//! The tenant comes from the `TenantContext` the tenant layer put in the request
+//! extensions, never from the message. A request's gRPC deadline bounds its statement:
+//! PostgreSQL gets a `statement_timeout`, SQLite is interrupted.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tenantry_proto::dataplane::v1 as pb;
+use tenantry_proto::dataplane::v1::sql_service_server::SqlService;
+use tonic::{Request, Response, Status};
+
+use crate::context::TenantContext;
+use crate::error::{DataPlaneError, Result};
+use crate::pools::{PoolManager, TenantPool};
+
+/// Longest SQL text accepted, in bytes.
+const MAX_SQL_LEN: usize = 1 << 20;
+/// Most statements in one Batch.
+const MAX_BATCH_STATEMENTS: usize = 1000;
+
+#[derive(Clone, Debug)]
+pub struct SqlLimits {
+    /// Largest Query response, in encoded bytes.
+    pub max_response_bytes: usize,
+}
+
+pub struct SqlApi {
+    pub pools: Arc<PoolManager>,
+    pub limits: SqlLimits,
+}
+
+/// What a statement runs with: the tenant (for messages) and the request's deadline.
+pub struct Call<'a> {
+    pub tenant: &'a str,
+    pub deadline: Option<Instant>,
+    pub limits: &'a SqlLimits,
+}
+
+impl Call<'_> {
+    fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Runs `work` within the request's deadline (if any).
+    async fn within_deadline<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        match self.remaining() {
+            None => work.await,
+            Some(remaining) => tokio::time::timeout(remaining, work).await.map_err(|_| {
+                DataPlaneError::DeadlineExceeded(format!(
+                    "the request's deadline passed before the statement on tenant {} finished",
+                    self.tenant
+                ))
+            })?,
+        }
+    }
+}
+
+fn tenant_context<T>(request: &Request<T>) -> Result<TenantContext, Status> {
+    request
+        .extensions()
+        .get::<TenantContext>()
+        .cloned()
+        .ok_or_else(|| Status::internal("tenant layer missing: the request carries no tenant context"))
+}
+
+/// Parses the `grpc-timeout` metadata entry into a deadline.
+fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
+fn check_statement(statement: &pb::Statement, position: Option<usize>) -> Result<()> {
+    let at = position.map(|i| format!("statement {i}: ")).unwrap_or_default();
+    if statement.sql.trim().is_empty() {
+        return Err(DataPlaneError::InvalidArgument(format!("{at}sql is empty")));
+    }
+    if statement.sql.len() > MAX_SQL_LEN {
+        return Err(DataPlaneError::InvalidArgument(format!(
+            "{at}sql is {} bytes long; the limit is {MAX_SQL_LEN}",
+            statement.sql.len()
+        )));
+    }
+    if statement.sql.contains('\0') {
+        return Err(DataPlaneError::InvalidArgument(format!("{at}sql contains a NUL byte")));
+    }
+    Ok(())
+}
+
+fn required_statement(statement: Option<pb::Statement>) -> Result<pb::Statement> {
+    let statement = statement
+        .ok_or_else(|| DataPlaneError::InvalidArgument("statement is missing".to_owned()))?;
+    check_statement(&statement, None)?;
+    Ok(statement)
+}
+
+/// The refusal for a wrong number of parameters.
+pub fn parameter_count_error(expected: usize, given: usize) -> DataPlaneError {
+    DataPlaneError::InvalidArgument(format!(
+        "the statement takes {expected} parameter(s) but the request gave {given}"
+    ))
+}
+
+/// The refusal for a column whose type has no `Value` mapping.
+pub fn unsupported_column(column: &str, type_name: &str) -> DataPlaneError {
+    DataPlaneError::InvalidArgument(format!(
+        "column {column:?} has type {type_name}, which Tenantry cannot return; cast it in SQL \
+         (for example `{column}::text`)"
+    ))
+}
+
+/// Adds a row to a response, refusing once the response would pass the limit.
+pub fn push_row(response: &mut pb::QueryResponse, size: &mut usize, row: pb::Row, call: &Call<'_>) -> Result<()> {
+    *size += prost::Message::encoded_len(&row) + 4;
+    if *size > call.limits.max_response_bytes {
+        return Err(DataPlaneError::ResourceExhausted(format!(
+            "the result is larger than the response limit of {} bytes (stopped after {} rows); \
+             add a LIMIT or fetch it in pages",
+            call.limits.max_response_bytes,
+            response.rows.len()
+        )));
+    }
+    response.rows.push(row);
+    Ok(())
+}
+
+fn value(kind: pb::value::Kind) -> pb::Value {
+    pb::Value { kind: Some(kind) }
+}
+
+pub fn null_value() -> pb::Value {
+    value(pb::value::Kind::Null(true))
+}
+
+impl SqlApi {
+    fn pool_of(&self, context: &TenantContext) -> Result<TenantPool, Status> {
+        let target = context.route.target.as_ref().ok_or_else(|| {
+            Status::internal(format!("route of tenant {} has no connection details", context.tenant_id))
+        })?;
+        Ok(self.pools.pool(&context.tenant_id, target))
+    }
+}
+
+#[tonic::async_trait]
+impl SqlService for SqlApi {
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let context = tenant_context(&request)?;
+        let deadline = deadline_of(&request);
+        let statement = required_statement(request.into_inner().statement)?;
+        let call = Call {
+            tenant: context.tenant_id.as_str(),
+            deadline,
+            limits: &self.limits,
+        };
+        let response = match self.pool_of(&context)? {
+            TenantPool::Postgres(pool) => call.within_deadline(postgres::execute(&pool, &statement, &call)).await,
+            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::execute(&pool, &statement, &call)).await,
+        }?;
+        Ok(Response::new(response))
+    }
+
+    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let context = tenant_context(&request)?;
+        let deadline = deadline_of(&request);
+        let statement = required_statement(request.into_inner().statement)?;
+        let call = Call {
+            tenant: context.tenant_id.as_str(),
+            deadline,
+            limits: &self.limits,
+        };
+        let response = match self.pool_of(&context)? {
+            TenantPool::Postgres(pool) => call.within_deadline(postgres::query(&pool, &statement, &call)).await,
+            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::query(&pool, &statement, &call)).await,
+        }?;
+        Ok(Response::new(response))
+    }
+
+    async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        let context = tenant_context(&request)?;
+        let deadline = deadline_of(&request);
+        let statements = request.into_inner().statements;
+        if statements.is_empty() {
+            return Err(Status::invalid_argument("statements is empty"));
+        }
+        if statements.len() > MAX_BATCH_STATEMENTS {
+            return Err(Status::invalid_argument(format!(
+                "{} statements in one batch; the limit is {MAX_BATCH_STATEMENTS}",
+                statements.len()
+            )));
+        }
+        for (position, statement) in statements.iter().enumerate() {
+            check_statement(statement, Some(position))?;
+        }
+        let call = Call {
+            tenant: context.tenant_id.as_str(),
+            deadline,
+            limits: &self.limits,
+        };
+        let results = match self.pool_of(&context)? {
+            TenantPool::Postgres(pool) => call.within_deadline(postgres::batch(&pool, &statements, &call)).await,
+            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::batch(&pool, &statements, &call)).await,
+        }?;
+        Ok(Response::new(pb::BatchResponse { results }))
+    }
+}
+
+/// Prefixes an error with the position of the batch statement that caused it.
+pub fn at_statement(position: usize) -> impl FnOnce(DataPlaneError) -> DataPlaneError {
+    move |error| match error {
+        DataPlaneError::InvalidArgument(message) => {
+            DataPlaneError::InvalidArgument(format!("statement {position}: {message}"))
+        }
+        other => other,
+    }
+}

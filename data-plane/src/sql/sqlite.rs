@@ -1,0 +1,243 @@
+//! Statements on a SQLite tenant database.
+//!
+//! Values map by storage class. A request with a deadline arms `sqlite3_interrupt` for
+//! when it is abandoned. A statement that can open a transaction (its text contains
+//! BEGIN or SAVEPOINT; no other statement can) is followed by a check that rolls back a
+//! transaction it left open, so the next request starts clean.
+
+use futures::TryStreamExt;
+use sqlx::pool::PoolConnection;
+use sqlx::query::Query;
+use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow, SqliteValueRef};
+use sqlx::{AssertSqlSafe, Column, Connection, Decode, Executor, Row, Sqlite, SqlSafeStr, Statement, TypeInfo, ValueRef};
+use tenantry_proto::dataplane::v1 as pb;
+use tenantry_proto::dataplane::v1::value::Kind;
+
+use super::{Call, at_statement, null_value, parameter_count_error, push_row};
+use crate::error::{DataPlaneError, Result, from_sqlx};
+
+/// The raw handle of a connection this request holds, for `sqlite3_interrupt`.
+struct RawHandle(*mut libsqlite3_sys::sqlite3);
+
+// SAFETY: sqlite3_interrupt may be called from any thread, and the handle is used only
+// while the request still holds the connection (see `Session::drop`).
+unsafe impl Send for RawHandle {}
+unsafe impl Sync for RawHandle {}
+
+/// A pooled connection for one request. If the request is abandoned before it finishes,
+/// the running statement is interrupted and the connection is closed, not reused.
+struct Session {
+    connection: PoolConnection<Sqlite>,
+    interrupt: Option<RawHandle>,
+    finished: bool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(handle) = &self.interrupt {
+            // SAFETY: the connection (and so the handle) is alive: it is dropped after this.
+            unsafe { libsqlite3_sys::sqlite3_interrupt(handle.0) };
+        }
+        self.connection.close_on_drop();
+    }
+}
+
+async fn session(pool: &SqlitePool, call: &Call<'_>) -> Result<Session> {
+    let mut connection = pool.acquire().await.map_err(|error| from_sqlx(error, call.tenant))?;
+    let interrupt = match call.deadline {
+        Some(_) => {
+            let mut handle = connection
+                .lock_handle()
+                .await
+                .map_err(|error| from_sqlx(error, call.tenant))?;
+            Some(RawHandle(handle.as_raw_handle().as_ptr()))
+        }
+        None => None,
+    };
+    Ok(Session {
+        connection,
+        interrupt,
+        finished: false,
+    })
+}
+
+/// True if the statement text could open a transaction.
+fn may_open_transaction(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    lower.contains("begin") || lower.contains("savepoint")
+}
+
+/// Rolls back a transaction the request left open.
+async fn close_open_transaction(connection: &mut sqlx::SqliteConnection, call: &Call<'_>) -> Result<()> {
+    let in_transaction = {
+        let mut handle = connection
+            .lock_handle()
+            .await
+            .map_err(|error| from_sqlx(error, call.tenant))?;
+        // SAFETY: the worker is locked out while `handle` lives.
+        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0 }
+    };
+    if in_transaction {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *connection)
+            .await
+            .map_err(|error| from_sqlx(error, call.tenant))?;
+        return Err(DataPlaneError::InvalidArgument(
+            "the statement left a transaction open; it was rolled back. Use Batch to run several \
+             statements in one transaction"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn bind<'q>(mut query: Query<'q, Sqlite, SqliteArguments>, params: &'q [pb::Value]) -> Query<'q, Sqlite, SqliteArguments> {
+    for value in params {
+        query = match &value.kind {
+            Some(Kind::Int64(v)) => query.bind(*v),
+            Some(Kind::Double(v)) => query.bind(*v),
+            Some(Kind::Text(v)) => query.bind(v.as_str()),
+            Some(Kind::Bytes(v)) => query.bind(v.as_slice()),
+            Some(Kind::Bool(v)) => query.bind(*v),
+            Some(Kind::Null(_)) | None => query.bind(None::<i64>),
+        };
+    }
+    query
+}
+
+async fn prepare(
+    connection: &mut sqlx::SqliteConnection,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<sqlx::sqlite::SqliteStatement> {
+    let prepared = connection
+        .prepare(AssertSqlSafe(statement.sql.clone()).into_sql_str())
+        .await
+        .map_err(|error| from_sqlx(error, call.tenant))?;
+    let expected = match prepared.parameters() {
+        Some(sqlx::Either::Left(types)) => types.len(),
+        Some(sqlx::Either::Right(count)) => count,
+        None => statement.params.len(),
+    };
+    if expected != statement.params.len() {
+        return Err(parameter_count_error(expected, statement.params.len()));
+    }
+    Ok(prepared)
+}
+
+async fn execute_on(
+    connection: &mut sqlx::SqliteConnection,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<pb::ExecuteResponse> {
+    let prepared = prepare(connection, statement, call).await?;
+    let result = bind(prepared.query(), &statement.params)
+        .execute(&mut *connection)
+        .await
+        .map_err(|error| from_sqlx(error, call.tenant))?;
+    Ok(pb::ExecuteResponse {
+        rows_affected: result.rows_affected(),
+        last_insert_id: Some(result.last_insert_rowid()),
+    })
+}
+
+pub async fn execute(pool: &SqlitePool, statement: &pb::Statement, call: &Call<'_>) -> Result<pb::ExecuteResponse> {
+    let mut session = session(pool, call).await?;
+    let mut response = execute_on(&mut session.connection, statement, call).await;
+    if may_open_transaction(&statement.sql) {
+        if let Err(error) = close_open_transaction(&mut session.connection, call).await {
+            response = Err(error);
+        }
+    }
+    session.finished = true;
+    response
+}
+
+pub async fn query(pool: &SqlitePool, statement: &pb::Statement, call: &Call<'_>) -> Result<pb::QueryResponse> {
+    let mut session = session(pool, call).await?;
+    let mut response = query_on(&mut session.connection, statement, call).await;
+    if may_open_transaction(&statement.sql) {
+        if let Err(error) = close_open_transaction(&mut session.connection, call).await {
+            response = Err(error);
+        }
+    }
+    session.finished = true;
+    response
+}
+
+async fn query_on(
+    connection: &mut sqlx::SqliteConnection,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<pb::QueryResponse> {
+    let prepared = prepare(connection, statement, call).await?;
+    let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
+    let mut response = pb::QueryResponse {
+        columns,
+        rows: Vec::new(),
+    };
+    let mut size = 0;
+    let mut rows = bind(prepared.query(), &statement.params).fetch(&mut *connection);
+    while let Some(row) = rows.try_next().await.map_err(|error| from_sqlx(error, call.tenant))? {
+        push_row(&mut response, &mut size, decode_row(&row)?, call)?;
+    }
+    Ok(response)
+}
+
+pub async fn batch(pool: &SqlitePool, statements: &[pb::Statement], call: &Call<'_>) -> Result<Vec<pb::ExecuteResponse>> {
+    let mut session = session(pool, call).await?;
+    let outcome = async {
+        let mut transaction = session
+            .connection
+            .begin()
+            .await
+            .map_err(|error| from_sqlx(error, call.tenant))?;
+        let mut results = Vec::with_capacity(statements.len());
+        for (position, statement) in statements.iter().enumerate() {
+            let result = execute_on(&mut transaction, statement, call)
+                .await
+                .map_err(at_statement(position))?;
+            results.push(result);
+        }
+        transaction.commit().await.map_err(|error| from_sqlx(error, call.tenant))?;
+        Ok::<_, DataPlaneError>(results)
+    }
+    .await;
+    // A statement of the batch may itself have said COMMIT or BEGIN.
+    if statements.iter().any(|s| may_open_transaction(&s.sql) || s.sql.to_ascii_lowercase().contains("commit")) {
+        let _ = close_open_transaction(&mut session.connection, call).await;
+    }
+    session.finished = true;
+    outcome
+}
+
+fn decode_row(row: &SqliteRow) -> Result<pb::Row> {
+    let mut values = Vec::with_capacity(row.len());
+    for (index, column) in row.columns().iter().enumerate() {
+        let raw = row
+            .try_get_raw(index)
+            .map_err(|error| DataPlaneError::Internal(format!("cannot read column {index}: {error}")))?;
+        values.push(decode_value(raw, column.name())?);
+    }
+    Ok(pb::Row { values })
+}
+
+fn decode_value(raw: SqliteValueRef<'_>, column: &str) -> Result<pb::Value> {
+    if raw.is_null() {
+        return Ok(null_value());
+    }
+    let storage_class = raw.type_info().name().to_owned();
+    let failed = |error: sqlx::error::BoxDynError| {
+        DataPlaneError::Internal(format!("cannot decode column {column:?} ({storage_class}): {error}"))
+    };
+    let kind = match storage_class.as_str() {
+        "INTEGER" => Kind::Int64(<i64 as Decode<Sqlite>>::decode(raw).map_err(failed)?),
+        "REAL" => Kind::Double(<f64 as Decode<Sqlite>>::decode(raw).map_err(failed)?),
+        "BLOB" => Kind::Bytes(<Vec<u8> as Decode<Sqlite>>::decode(raw).map_err(failed)?),
+        _ => Kind::Text(<String as Decode<Sqlite>>::decode(raw).map_err(failed)?),
+    };
+    Ok(pb::Value { kind: Some(kind) })
+}
