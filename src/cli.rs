@@ -14,7 +14,12 @@ use tonic::transport::Channel;
 #[derive(Args)]
 pub struct ControlPlaneEndpoint {
     /// Control plane URL.
-    #[arg(long, global = true, env = "TENANTRY_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "TENANTRY_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
     control_plane: String,
 }
 
@@ -60,7 +65,11 @@ pub enum ServersCommand {
     /// Register a PostgreSQL server (--postgres URL) or a SQLite directory (--sqlite-dir).
     Register {
         name: String,
-        #[arg(long, conflicts_with = "sqlite_dir", required_unless_present = "sqlite_dir")]
+        #[arg(
+            long,
+            conflicts_with = "sqlite_dir",
+            required_unless_present = "sqlite_dir"
+        )]
         postgres: Option<String>,
         #[arg(long)]
         sqlite_dir: Option<String>,
@@ -94,7 +103,11 @@ pub struct SqlArgs {
     #[arg(long, value_enum, default_value = "table")]
     output: Output,
     /// Data plane URL.
-    #[arg(long, env = "TENANTRY_DATA_PLANE", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "TENANTRY_DATA_PLANE",
+        default_value = "http://127.0.0.1:50052"
+    )]
     data_plane: String,
 }
 
@@ -103,7 +116,9 @@ async fn channel(url: &str, what: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("{url:?} is not a valid {what} URL"))?
         .connect()
         .await
-        .with_context(|| format!("cannot reach the {what} at {url}; is it running (`tenantry dev`)?"))
+        .with_context(|| {
+            format!("cannot reach the {what} at {url}; is it running (`tenantry dev`)?")
+        })
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
@@ -112,13 +127,19 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 
 fn state_name(state: i32) -> String {
     cp::TenantState::try_from(state)
-        .map(|s| s.as_str_name().trim_start_matches("TENANT_STATE_").to_owned())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("TENANT_STATE_")
+                .to_owned()
+        })
         .unwrap_or_else(|_| state.to_string())
 }
 
 fn time(ts: &Option<prost_types::Timestamp>) -> String {
     ts.as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        })
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
 }
@@ -138,11 +159,26 @@ fn print_tenants(tenants: &[cp::Tenant]) {
             ]
         })
         .collect();
-    print_table(&["TENANT", "STATE", "SERVER", "DATABASE", "ROUTE_VERSION", "UPDATED", "REASON"], &rows);
+    print_table(
+        &[
+            "TENANT",
+            "STATE",
+            "SERVER",
+            "DATABASE",
+            "ROUTE_VERSION",
+            "UPDATED",
+            "REASON",
+        ],
+        &rows,
+    );
 }
 
-pub async fn tenants(endpoint: &ControlPlaneEndpoint, command: TenantsCommand) -> anyhow::Result<()> {
-    let mut client = TenantServiceClient::new(channel(&endpoint.control_plane, "control plane").await?);
+pub async fn tenants(
+    endpoint: &ControlPlaneEndpoint,
+    command: TenantsCommand,
+) -> anyhow::Result<()> {
+    let mut client =
+        TenantServiceClient::new(channel(&endpoint.control_plane, "control plane").await?);
     let tenant = match command {
         TenantsCommand::Create {
             tenant_id,
@@ -197,8 +233,12 @@ pub async fn tenants(endpoint: &ControlPlaneEndpoint, command: TenantsCommand) -
     Ok(())
 }
 
-pub async fn servers(endpoint: &ControlPlaneEndpoint, command: ServersCommand) -> anyhow::Result<()> {
-    let mut client = DatabaseServerServiceClient::new(channel(&endpoint.control_plane, "control plane").await?);
+pub async fn servers(
+    endpoint: &ControlPlaneEndpoint,
+    command: ServersCommand,
+) -> anyhow::Result<()> {
+    let mut client =
+        DatabaseServerServiceClient::new(channel(&endpoint.control_plane, "control plane").await?);
     let servers = match command {
         ServersCommand::Register {
             name,
@@ -237,7 +277,11 @@ pub async fn servers(endpoint: &ControlPlaneEndpoint, command: ServersCommand) -
             vec![
                 s.name.clone(),
                 cp::Backend::try_from(s.backend)
-                    .map(|b| b.as_str_name().trim_start_matches("BACKEND_").to_ascii_lowercase())
+                    .map(|b| {
+                        b.as_str_name()
+                            .trim_start_matches("BACKEND_")
+                            .to_ascii_lowercase()
+                    })
                     .unwrap_or_default(),
                 s.tenant_count.to_string(),
                 s.location.clone(),
@@ -251,24 +295,42 @@ pub async fn servers(endpoint: &ControlPlaneEndpoint, command: ServersCommand) -
 /// Parses `--param TYPE:VALUE`.
 fn parse_param(raw: &str) -> anyhow::Result<dp::Value> {
     if raw == "null" {
-        return Ok(dp::Value { kind: Some(Kind::Null(true)) });
+        return Ok(dp::Value {
+            kind: Some(Kind::Null(true)),
+        });
     }
-    let (kind, value) = raw
-        .split_once(':')
-        .with_context(|| format!("--param {raw:?}: write TYPE:VALUE (int, float, text, bool, bytes) or null"))?;
+    let (kind, value) = raw.split_once(':').with_context(|| {
+        format!("--param {raw:?}: write TYPE:VALUE (int, float, text, bool, bytes) or null")
+    })?;
     let kind = match kind {
-        "int" => Kind::Int64(value.parse().with_context(|| format!("--param {raw:?}: not an integer"))?),
-        "float" => Kind::Double(value.parse().with_context(|| format!("--param {raw:?}: not a number"))?),
+        "int" => Kind::Int64(
+            value
+                .parse()
+                .with_context(|| format!("--param {raw:?}: not an integer"))?,
+        ),
+        "float" => Kind::Double(
+            value
+                .parse()
+                .with_context(|| format!("--param {raw:?}: not a number"))?,
+        ),
         "text" => Kind::Text(value.to_owned()),
-        "bool" => Kind::Bool(value.parse().with_context(|| format!("--param {raw:?}: write true or false"))?),
-        "bytes" => Kind::Bytes(decode_hex(value).with_context(|| format!("--param {raw:?}: bytes are hex digits"))?),
-        other => bail!("--param {raw:?}: unknown type {other:?}; use int, float, text, bool, bytes or null"),
+        "bool" => Kind::Bool(
+            value
+                .parse()
+                .with_context(|| format!("--param {raw:?}: write true or false"))?,
+        ),
+        "bytes" => Kind::Bytes(
+            decode_hex(value).with_context(|| format!("--param {raw:?}: bytes are hex digits"))?,
+        ),
+        other => bail!(
+            "--param {raw:?}: unknown type {other:?}; use int, float, text, bool, bytes or null"
+        ),
     };
     Ok(dp::Value { kind: Some(kind) })
 }
 
 fn decode_hex(text: &str) -> anyhow::Result<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         bail!("odd number of hex digits");
     }
     (0..text.len())
@@ -279,9 +341,11 @@ fn decode_hex(text: &str) -> anyhow::Result<Vec<u8>> {
 
 fn looks_like_query(sql: &str) -> bool {
     let lower = sql.trim_start().to_ascii_lowercase();
-    ["select", "with", "values", "pragma", "explain", "show", "table"]
-        .iter()
-        .any(|keyword| lower.starts_with(keyword))
+    [
+        "select", "with", "values", "pragma", "explain", "show", "table",
+    ]
+    .iter()
+    .any(|keyword| lower.starts_with(keyword))
         || lower.contains("returning")
 }
 
@@ -292,7 +356,10 @@ fn cell_text(value: &dp::Value) -> String {
         Some(Kind::Double(v)) => v.to_string(),
         Some(Kind::Text(v)) => v.clone(),
         Some(Kind::Bool(v)) => v.to_string(),
-        Some(Kind::Bytes(v)) => format!("\\x{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Some(Kind::Bytes(v)) => format!(
+            "\\x{}",
+            v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
     }
 }
 
@@ -303,12 +370,18 @@ fn cell_json(value: &dp::Value) -> serde_json::Value {
         Some(Kind::Double(v)) => serde_json::json!(v),
         Some(Kind::Text(v)) => serde_json::json!(v),
         Some(Kind::Bool(v)) => serde_json::json!(v),
-        Some(Kind::Bytes(v)) => serde_json::json!(v.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Some(Kind::Bytes(v)) => {
+            serde_json::json!(v.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        }
     }
 }
 
 pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
-    let params = args.params.iter().map(|p| parse_param(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let params = args
+        .params
+        .iter()
+        .map(|p| parse_param(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut client = SqlServiceClient::new(channel(&args.data_plane, "data plane").await?);
     let statement = Some(dp::Statement {
         sql: args.sql.clone(),
@@ -319,8 +392,14 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     let use_query = args.query || (!args.execute && looks_like_query(&args.sql));
     if use_query {
         let mut request = tonic::Request::new(dp::QueryRequest { statement });
-        request.metadata_mut().insert(tenantry_shared::metadata::TENANT_ID, tenant);
-        let response = client.query(request).await.map_err(status_error)?.into_inner();
+        request
+            .metadata_mut()
+            .insert(tenantry_shared::metadata::TENANT_ID, tenant);
+        let response = client
+            .query(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
         match args.output {
             Output::Json => {
                 let rows: Vec<serde_json::Value> = response
@@ -337,7 +416,10 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
                         )
                     })
                     .collect();
-                println!("{}", serde_json::json!({ "columns": response.columns, "rows": rows }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "columns": response.columns, "rows": rows })
+                );
             }
             Output::Table => {
                 let headers: Vec<&str> = response.columns.iter().map(String::as_str).collect();
@@ -347,20 +429,33 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
                     .map(|row| row.values.iter().map(cell_text).collect())
                     .collect();
                 print_table(&headers, &rows);
-                println!("({} row{})", rows.len(), if rows.len() == 1 { "" } else { "s" });
+                println!(
+                    "({} row{})",
+                    rows.len(),
+                    if rows.len() == 1 { "" } else { "s" }
+                );
             }
         }
     } else {
         let mut request = tonic::Request::new(dp::ExecuteRequest { statement });
-        request.metadata_mut().insert(tenantry_shared::metadata::TENANT_ID, tenant);
-        let response = client.execute(request).await.map_err(status_error)?.into_inner();
+        request
+            .metadata_mut()
+            .insert(tenantry_shared::metadata::TENANT_ID, tenant);
+        let response = client
+            .execute(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
         match args.output {
             Output::Json => println!(
                 "{}",
                 serde_json::json!({ "rows_affected": response.rows_affected, "last_insert_id": response.last_insert_id })
             ),
             Output::Table => match response.last_insert_id {
-                Some(id) => println!("{} row(s) affected, last insert id {id}", response.rows_affected),
+                Some(id) => println!(
+                    "{} row(s) affected, last insert id {id}",
+                    response.rows_affected
+                ),
                 None => println!("{} row(s) affected", response.rows_affected),
             },
         }
@@ -381,7 +476,12 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         let text: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, cell)| format!("{cell:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+            .map(|(i, cell)| {
+                format!(
+                    "{cell:<width$}",
+                    width = widths.get(i).copied().unwrap_or(0)
+                )
+            })
             .collect();
         println!("{}", text.join("  ").trim_end());
     };

@@ -14,7 +14,11 @@ use tenantry_shared::config::{load, process_env};
 use tenantry_shared::grpc::bind;
 
 #[derive(Parser)]
-#[command(name = "tenantry", version, about = "Database-per-tenant platform spoken to over gRPC")]
+#[command(
+    name = "tenantry",
+    version,
+    about = "Database-per-tenant platform spoken to over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging();
             let config: ControlPlaneConfig = load(config.as_deref(), &process_env())?;
             let listener = bind(config.listen_addr, "control plane").await?;
-            let server = tenantry_control_plane::start(&config, listener, Default::default()).await?;
+            let server =
+                tenantry_control_plane::start(&config, listener, Default::default()).await?;
             tracing::info!(addr = %server.local_addr, "control plane serving");
             wait_for_shutdown_signal().await;
             server.shutdown().await
@@ -132,8 +137,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let control_plane_listener = bind(args.control_plane_addr, "control plane").await?;
     let data_plane_listener = bind(args.data_plane_addr, "data plane").await?;
-    let control_plane =
-        tenantry_control_plane::start(&control_plane_config, control_plane_listener, Default::default()).await?;
+    let control_plane = tenantry_control_plane::start(
+        &control_plane_config,
+        control_plane_listener,
+        Default::default(),
+    )
+    .await?;
     let data_plane_config = DataPlaneConfig {
         listen_addr: args.data_plane_addr,
         control_plane_url: control_plane.url(),
@@ -163,14 +172,15 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 async fn wait_for_shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(terminate) => terminate,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; stop with Ctrl-C");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(terminate) => terminate,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; stop with Ctrl-C");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}

@@ -97,16 +97,21 @@ pub async fn start(
             faults,
         },
     ));
-    tokio::spawn(reconciler::resume_unfinished(registry.clone(), provisioner.clone()));
+    tokio::spawn(reconciler::resume_unfinished(
+        registry.clone(),
+        provisioner.clone(),
+    ));
 
     let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi {
         registry: registry.clone(),
         provisioner: provisioner.clone(),
     }))
-    .add_service(DatabaseServerServiceServer::new(service::servers::DatabaseServerApi {
-        registry: registry.clone(),
-        provisioner: provisioner.clone(),
-    }))
+    .add_service(DatabaseServerServiceServer::new(
+        service::servers::DatabaseServerApi {
+            registry: registry.clone(),
+            provisioner: provisioner.clone(),
+        },
+    ))
     .add_service(RoutingServiceServer::new(service::routing::RoutingApi {
         registry: registry.clone(),
     }));
@@ -116,7 +121,9 @@ pub async fn start(
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming(listener), async move {
                 shutdown_signal(shutdown).await;
-                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
             })
             .await;
         provisioner.close().await;
@@ -125,7 +132,10 @@ pub async fn start(
     })
 }
 
-async fn register_local_sqlite(registry: &Registry, directory: &std::path::Path) -> anyhow::Result<()> {
+async fn register_local_sqlite(
+    registry: &Registry,
+    directory: &std::path::Path,
+) -> anyhow::Result<()> {
     if registry.get_server(LOCAL_SQLITE_SERVER).await?.is_some() {
         return Ok(());
     }
@@ -133,9 +143,10 @@ async fn register_local_sqlite(registry: &Registry, directory: &std::path::Path)
         .to_str()
         .context("sqlite_directory is not valid UTF-8")?
         .to_owned();
-    let (backend, location) = service::servers::check_location(&Location::SqliteDirectory(directory))
-        .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    let (backend, location) =
+        service::servers::check_location(&Location::SqliteDirectory(directory))
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
     registry
         .insert_server(LOCAL_SQLITE_SERVER, backend, &location, "startup")
         .await?;

@@ -58,7 +58,10 @@ const SQLITE_AUTH: i32 = 23;
 pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
     match error {
         sqlx::Error::Database(db_error) => {
-            let code = db_error.code().map(|code| code.into_owned()).unwrap_or_default();
+            let code = db_error
+                .code()
+                .map(|code| code.into_owned())
+                .unwrap_or_default();
             let message = db_error.message().to_owned();
             if let Some(pg) = db_error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
                 return from_sqlstate(&code, &message, pg.detail(), tenant);
@@ -71,7 +74,10 @@ pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
         sqlx::Error::PoolClosed => DataPlaneError::Unavailable(format!(
             "the connection pool of tenant {tenant} was closed (route changed); retry"
         )),
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => {
             tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
             DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
         }
@@ -100,7 +106,9 @@ fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) 
         // database missing: not the statement's fault.
         ("08", _) | ("53", _) | ("57", _) | ("28", _) | ("3D", _) | ("58", _) | ("XX", _) => {
             tracing::warn!(tenant.id = %tenant, sqlstate = code, "tenant database unavailable");
-            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unavailable ({full})"))
+            DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} is unavailable ({full})"
+            ))
         }
         _ => DataPlaneError::InvalidArgument(full),
     }
@@ -123,7 +131,9 @@ fn from_sqlite_code(code: &str, message: &str, tenant: &str) -> DataPlaneError {
         )),
         SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_FULL | SQLITE_CANTOPEN => {
             tracing::warn!(tenant.id = %tenant, code = extended, "tenant database unavailable");
-            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unavailable ({full})"))
+            DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} is unavailable ({full})"
+            ))
         }
         _ => DataPlaneError::InvalidArgument(full),
     }

@@ -85,7 +85,9 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             RouterOptions {
                 refresh_interval: Duration::from_millis(config.route_refresh_interval_ms.max(10)),
                 unknown_tenant_ttl: Duration::from_millis(config.unknown_tenant_ttl_ms),
-                control_plane_timeout: Duration::from_millis(config.control_plane_timeout_ms.max(1)),
+                control_plane_timeout: Duration::from_millis(
+                    config.control_plane_timeout_ms.max(1),
+                ),
             },
         )
         .map_err(|error| anyhow::anyhow!("{error}"))?,
@@ -133,12 +135,18 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming(listener), async move {
                 shutdown_signal(shutdown).await;
-                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
             })
             .await;
         let _ = stop_tx.send(true);
         server_pools.close_all().await;
         served.context("data plane gRPC server failed")
     })?;
-    Ok(DataPlane { server, router, pools })
+    Ok(DataPlane {
+        server,
+        router,
+        pools,
+    })
 }

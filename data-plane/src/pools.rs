@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::ConnectOptions;
 use tenantry_shared::TenantId;
 
 use crate::router::{Router, Target};
@@ -72,10 +72,10 @@ impl PoolManager {
     /// The tenant's pool for `target`, opened (lazily) if there is none or if the
     /// tenant's connection details changed; a replaced pool is closed in the background.
     pub fn pool(&self, tenant_id: &TenantId, target: &Target) -> TenantPool {
-        if let Some(entry) = self.pools.get(tenant_id) {
-            if entry.target == *target {
-                return entry.pool.clone();
-            }
+        if let Some(entry) = self.pools.get(tenant_id)
+            && entry.target == *target
+        {
+            return entry.pool.clone();
         }
         match self.pools.entry(tenant_id.clone()) {
             Entry::Occupied(mut occupied) => {
@@ -133,7 +133,7 @@ impl PoolManager {
                         .connect_lazy_with(connect),
                 )
             }
-            Target::Sqlite { path } => {
+            Target::Sqlite { path, .. } => {
                 let connect = SqliteConnectOptions::new()
                     .filename(path)
                     .create_if_missing(false)
@@ -187,7 +187,8 @@ impl PoolManager {
     }
 
     pub async fn close_all(&self) {
-        let tenant_ids: Vec<TenantId> = self.pools.iter().map(|entry| entry.key().clone()).collect();
+        let tenant_ids: Vec<TenantId> =
+            self.pools.iter().map(|entry| entry.key().clone()).collect();
         for tenant_id in tenant_ids {
             if let Some((_, entry)) = self.pools.remove(&tenant_id) {
                 entry.pool.close().await;
@@ -237,7 +238,9 @@ unsafe extern "C" fn tenant_authorizer(
                 return ffi::SQLITE_OK;
             }
             // SAFETY: SQLite passes NUL-terminated strings valid for this call.
-            let name = unsafe { CStr::from_ptr(arg1) }.to_string_lossy().to_ascii_lowercase();
+            let name = unsafe { CStr::from_ptr(arg1) }
+                .to_string_lossy()
+                .to_ascii_lowercase();
             if READ_ONLY_PRAGMAS_WITH_ARGUMENT.contains(&name.as_str()) {
                 ffi::SQLITE_OK
             } else {

@@ -46,6 +46,8 @@ pub enum Target {
     },
     Sqlite {
         path: String,
+        /// Changes when a new database replaces the old one at the same path.
+        incarnation: i64,
     },
 }
 
@@ -59,7 +61,9 @@ impl std::fmt::Debug for Target {
                 username,
                 ..
             } => write!(f, "Postgres({username}@{host}:{port}/{database})"),
-            Self::Sqlite { path } => write!(f, "Sqlite({path})"),
+            Self::Sqlite { path, incarnation } => {
+                write!(f, "Sqlite({path}, incarnation {incarnation})")
+            }
         }
     }
 }
@@ -98,7 +102,10 @@ impl Route {
                 username: pg.username,
                 password: pg.password,
             }),
-            Some(pb::route::Connection::Sqlite(sqlite)) => Some(Target::Sqlite { path: sqlite.path }),
+            Some(pb::route::Connection::Sqlite(sqlite)) => Some(Target::Sqlite {
+                path: sqlite.path,
+                incarnation: route.incarnation,
+            }),
             None => None,
         };
         Ok(Self {
@@ -198,20 +205,19 @@ impl Router {
     }
 
     fn check_unknown(&self, tenant_id: &TenantId) -> Result<(), DataPlaneError> {
-        if let Some(until) = self.unknown_until.get(tenant_id) {
-            if Instant::now() < *until {
-                return Err(unknown_tenant(tenant_id));
-            }
+        if let Some(until) = self.unknown_until.get(tenant_id)
+            && Instant::now() < *until
+        {
+            return Err(unknown_tenant(tenant_id));
         }
         Ok(())
     }
 
     async fn fetch(&self, tenant_id: &TenantId) -> Result<Arc<Route>, DataPlaneError> {
-        let _slot = self
-            .miss_slots
-            .acquire()
-            .await
-            .map_err(|_| DataPlaneError::Unavailable("data plane is shutting down".to_owned()))?;
+        let _slot =
+            self.miss_slots.acquire().await.map_err(|_| {
+                DataPlaneError::Unavailable("data plane is shutting down".to_owned())
+            })?;
         let mut client = self.client.clone();
         let request = pb::GetRouteRequest {
             tenant_id: tenant_id.to_string(),
@@ -245,14 +251,20 @@ impl Router {
                 self.unknown_until.clear();
             }
         }
-        self.unknown_until
-            .insert(tenant_id.clone(), Instant::now() + self.options.unknown_tenant_ttl);
+        self.unknown_until.insert(
+            tenant_id.clone(),
+            Instant::now() + self.options.unknown_tenant_ttl,
+        );
     }
 
     /// Re-reads every cached route from the control plane. On failure the cache is kept:
     /// the data plane goes on serving what it knows.
     pub async fn refresh(&self) -> Result<(), DataPlaneError> {
-        let tenant_ids: Vec<TenantId> = self.routes.iter().map(|entry| entry.key().clone()).collect();
+        let tenant_ids: Vec<TenantId> = self
+            .routes
+            .iter()
+            .map(|entry| entry.key().clone())
+            .collect();
         for chunk in tenant_ids.chunks(ROUTES_PER_REFRESH_CALL) {
             let mut client = self.client.clone();
             let request = pb::GetRoutesRequest {
@@ -310,6 +322,13 @@ impl Router {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Puts a route into the cache as if the control plane had sent it. For tests that
+    /// must show a wrong route is caught; nothing in the data plane calls it.
+    #[doc(hidden)]
+    pub fn insert_route_for_tests(&self, tenant_id: TenantId, route: Arc<Route>) {
+        self.routes.insert(tenant_id, route);
     }
 
     pub fn len(&self) -> usize {

@@ -61,8 +61,9 @@ pub fn tenant_id_from_headers(headers: &http::HeaderMap) -> Result<TenantId, Dat
             metadata::TENANT_ID
         )));
     }
-    TenantId::parse_bytes(value.as_bytes())
-        .map_err(|error| DataPlaneError::InvalidArgument(format!("{}: {error}", metadata::TENANT_ID)))
+    TenantId::parse_bytes(value.as_bytes()).map_err(|error| {
+        DataPlaneError::InvalidArgument(format!("{}: {error}", metadata::TENANT_ID))
+    })
 }
 
 impl<S> Service<http::Request<Body>> for TenantService<S>

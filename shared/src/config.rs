@@ -24,7 +24,10 @@ pub trait PlaneConfig: Serialize + DeserializeOwned + Default {
 /// Loads `T` from an optional TOML file, then applies `TENANTRY_<KEY>` overrides from
 /// `env`. Environment variables that name no key of `T` are ignored (other commands
 /// read them), but every key in the file must be known.
-pub fn load<T: PlaneConfig>(file: Option<&Path>, env: &HashMap<String, String>) -> anyhow::Result<T> {
+pub fn load<T: PlaneConfig>(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+) -> anyhow::Result<T> {
     let mut table = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -64,10 +67,13 @@ pub fn load<T: PlaneConfig>(file: Option<&Path>, env: &HashMap<String, String>) 
         };
         table.insert(key, value);
     }
-    let source = file.map_or_else(|| "environment".to_owned(), |path| path.display().to_string());
-    toml::Value::Table(table)
-        .try_into::<T>()
-        .map_err(|error| anyhow::anyhow!("invalid config ({source} and TENANTRY_* variables): {error}"))
+    let source = file.map_or_else(
+        || "environment".to_owned(),
+        |path| path.display().to_string(),
+    );
+    toml::Value::Table(table).try_into::<T>().map_err(|error| {
+        anyhow::anyhow!("invalid config ({source} and TENANTRY_* variables): {error}")
+    })
 }
 
 /// The process environment as a map.
@@ -145,12 +151,22 @@ mod tests {
         std::fs::create_dir_all(&dir)?;
         let file = dir.join("c.toml");
         std::fs::write(&file, "listen_adr = \"0.0.0.0:9\"\n")?;
-        let error = load::<Example>(Some(&file), &HashMap::new()).err().map(|e| e.to_string());
-        assert!(error.as_deref().is_some_and(|e| e.contains("listen_adr")), "{error:?}");
+        let error = load::<Example>(Some(&file), &HashMap::new())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("listen_adr")),
+            "{error:?}"
+        );
         let error = load::<Example>(None, &env(&[("TENANTRY_INTERVAL_MS", "soon")]))
             .err()
             .map(|e| e.to_string());
-        assert!(error.as_deref().is_some_and(|e| e.contains("TENANTRY_INTERVAL_MS")), "{error:?}");
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("TENANTRY_INTERVAL_MS")),
+            "{error:?}"
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -119,7 +119,10 @@ mod tests {
     #[test]
     fn accepts_valid_ids() {
         for id in ["a", "acme", "acme-corp", "t1", "a-b-c-9", &"a".repeat(48)] {
-            assert_eq!(TenantId::parse(id).map(|t| t.to_string()), Ok(id.to_owned()));
+            assert_eq!(
+                TenantId::parse(id).map(|t| t.to_string()),
+                Ok(id.to_owned())
+            );
         }
     }
 
@@ -130,10 +133,18 @@ mod tests {
             TenantId::parse(&"a".repeat(49)),
             Err(InvalidTenantId::TooLong { len: 49 })
         );
-        assert_eq!(TenantId::parse("acme-"), Err(InvalidTenantId::TrailingHyphen));
-        for bad in ["Acme", "1acme", "-acme", "ac_me", "ac me", "acmé", "ac.me", "ac\0me"] {
+        assert_eq!(
+            TenantId::parse("acme-"),
+            Err(InvalidTenantId::TrailingHyphen)
+        );
+        for bad in [
+            "Acme", "1acme", "-acme", "ac_me", "ac me", "acmé", "ac.me", "ac\0me",
+        ] {
             assert!(
-                matches!(TenantId::parse(bad), Err(InvalidTenantId::BadCharacter { .. })),
+                matches!(
+                    TenantId::parse(bad),
+                    Err(InvalidTenantId::BadCharacter { .. })
+                ),
                 "{bad:?} was accepted"
             );
         }

@@ -69,7 +69,10 @@ pub struct FaultInjection {
 enum StepError {
     /// The process "died" (fault injection): leave the registry as it is.
     Crashed(Step),
-    Failed { step: Step, message: String },
+    Failed {
+        step: Step,
+        message: String,
+    },
 }
 
 fn failed(step: Step) -> impl FnOnce(String) -> StepError {
@@ -119,7 +122,10 @@ impl Provisioner {
     }
 
     /// Admin access to a registered PostgreSQL server, opened once.
-    pub fn postgres_server(&self, server: &database_server::Model) -> Result<Arc<PostgresServer>, String> {
+    pub fn postgres_server(
+        &self,
+        server: &database_server::Model,
+    ) -> Result<Arc<PostgresServer>, String> {
         if let Some(existing) = self.postgres_servers.get(&server.name) {
             return Ok(existing.clone());
         }
@@ -223,53 +229,69 @@ impl Provisioner {
         Ok(())
     }
 
-    async fn run_provision_steps(&self, mut current: tenant::Model, actor: &str) -> Result<tenant::Model, StepError> {
+    async fn run_provision_steps(
+        &self,
+        mut current: tenant::Model,
+        actor: &str,
+    ) -> Result<tenant::Model, StepError> {
         if current.database_server.is_none() {
             self.checkpoint(Step::Place)?;
-            current = self.place(&current, actor).await.map_err(failed(Step::Place))?;
+            current = self
+                .place(&current, actor)
+                .await
+                .map_err(failed(Step::Place))?;
         }
-        let server = self.server_of(&current).await.map_err(failed(Step::Place))?;
+        let server = self
+            .server_of(&current)
+            .await
+            .map_err(failed(Step::Place))?;
         let database_name = current.database_name.clone().unwrap_or_default();
-        let schema_version = match Backend::parse(&server.backend).map_err(failed_registry(Step::Place))? {
-            Backend::Postgres => {
-                let admin = self.postgres_server(&server).map_err(failed(Step::Place))?;
-                let role = current.db_username.clone().unwrap_or_default();
-                let password = current.db_password.clone().unwrap_or_default();
-                self.checkpoint(Step::CreateRole)?;
-                admin.ensure_role(&role, &password).await.map_err(failed_sql(Step::CreateRole))?;
-                self.checkpoint(Step::CreateDatabase)?;
-                admin
-                    .ensure_database(&database_name, &role)
-                    .await
-                    .map_err(failed_sql(Step::CreateDatabase))?;
-                self.checkpoint(Step::LockDown)?;
-                admin
-                    .lock_down(&database_name, &role)
-                    .await
-                    .map_err(failed_sql(Step::LockDown))?;
-                self.checkpoint(Step::Migrate)?;
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(admin.tenant_options(&database_name, &role, &password))
-                    .await
-                    .map_err(failed_sql(Step::Migrate))?;
-                let migrated = self.migrate(&pool).await;
-                pool.close().await;
-                migrated.map_err(failed(Step::Migrate))?
-            }
-            Backend::Sqlite => {
-                let path = sqlite_path(&server, &database_name);
-                self.checkpoint(Step::CreateDatabase)?;
-                sqlite::ensure_database(&path)
-                    .await
-                    .map_err(failed_sql(Step::CreateDatabase))?;
-                self.checkpoint(Step::Migrate)?;
-                let pool = sqlite::open(&path).await.map_err(failed_sql(Step::Migrate))?;
-                let migrated = self.migrate(&pool).await;
-                pool.close().await;
-                migrated.map_err(failed(Step::Migrate))?
-            }
-        };
+        let schema_version =
+            match Backend::parse(&server.backend).map_err(failed_registry(Step::Place))? {
+                Backend::Postgres => {
+                    let admin = self.postgres_server(&server).map_err(failed(Step::Place))?;
+                    let role = current.db_username.clone().unwrap_or_default();
+                    let password = current.db_password.clone().unwrap_or_default();
+                    self.checkpoint(Step::CreateRole)?;
+                    admin
+                        .ensure_role(&role, &password)
+                        .await
+                        .map_err(failed_sql(Step::CreateRole))?;
+                    self.checkpoint(Step::CreateDatabase)?;
+                    admin
+                        .ensure_database(&database_name, &role)
+                        .await
+                        .map_err(failed_sql(Step::CreateDatabase))?;
+                    self.checkpoint(Step::LockDown)?;
+                    admin
+                        .lock_down(&database_name, &role)
+                        .await
+                        .map_err(failed_sql(Step::LockDown))?;
+                    self.checkpoint(Step::Migrate)?;
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(admin.tenant_options(&database_name, &role, &password))
+                        .await
+                        .map_err(failed_sql(Step::Migrate))?;
+                    let migrated = self.migrate(&pool).await;
+                    pool.close().await;
+                    migrated.map_err(failed(Step::Migrate))?
+                }
+                Backend::Sqlite => {
+                    let path = sqlite_path(&server, &database_name);
+                    self.checkpoint(Step::CreateDatabase)?;
+                    sqlite::ensure_database(&path)
+                        .await
+                        .map_err(failed_sql(Step::CreateDatabase))?;
+                    self.checkpoint(Step::Migrate)?;
+                    let pool = sqlite::open(&path)
+                        .await
+                        .map_err(failed_sql(Step::Migrate))?;
+                    let migrated = self.migrate(&pool).await;
+                    pool.close().await;
+                    migrated.map_err(failed(Step::Migrate))?
+                }
+            };
         self.checkpoint(Step::Activate)?;
         self.registry
             .update_tenant(
@@ -304,7 +326,10 @@ impl Provisioner {
         let Some(migrator) = &self.options.tenant_migrations else {
             return Ok(0);
         };
-        migrator.run(pool).await.map_err(|error| error.to_string())?;
+        migrator
+            .run(pool)
+            .await
+            .map_err(|error| error.to_string())?;
         Ok(migrator
             .iter()
             .filter(|migration| migration.migration_type.is_up_migration())
@@ -325,18 +350,36 @@ impl Provisioner {
     /// Picks a server (the pinned one, or the one with the fewest tenants) and records
     /// the tenant's database name and credentials.
     async fn place(&self, current: &tenant::Model, actor: &str) -> Result<tenant::Model, String> {
-        let servers = self.registry.list_servers().await.map_err(|e| e.to_string())?;
+        let servers = self
+            .registry
+            .list_servers()
+            .await
+            .map_err(|e| e.to_string())?;
         let server = if current.requested_server.is_empty() {
-            let counts = self.registry.tenant_counts().await.map_err(|e| e.to_string())?;
+            let counts = self
+                .registry
+                .tenant_counts()
+                .await
+                .map_err(|e| e.to_string())?;
             servers
                 .into_iter()
-                .min_by_key(|server| (counts.get(&server.name).copied().unwrap_or(0), server.name.clone()))
+                .min_by_key(|server| {
+                    (
+                        counts.get(&server.name).copied().unwrap_or(0),
+                        server.name.clone(),
+                    )
+                })
                 .ok_or_else(|| "no database server is registered".to_owned())?
         } else {
             servers
                 .into_iter()
                 .find(|server| server.name == current.requested_server)
-                .ok_or_else(|| format!("database server {} is not registered", current.requested_server))?
+                .ok_or_else(|| {
+                    format!(
+                        "database server {} is not registered",
+                        current.requested_server
+                    )
+                })?
         };
         let tenant_id = TenantId::parse(&current.tenant_id).map_err(|e| e.to_string())?;
         let backend = Backend::parse(&server.backend).map_err(|e| e.to_string())?;
@@ -418,7 +461,8 @@ impl Provisioner {
                 }
             }
         }
-        let (step, message) = last_failure.unwrap_or((Step::DropDatabase, "no attempt ran".to_owned()));
+        let (step, message) =
+            last_failure.unwrap_or((Step::DropDatabase, "no attempt ran".to_owned()));
         let reason = format!(
             "deletion step '{step}' failed {} times: {message}; retry DeleteTenant",
             self.options.attempts.max(1)
@@ -440,13 +484,22 @@ impl Provisioner {
             .await
     }
 
-    async fn run_delete_steps(&self, current: &tenant::Model, actor: &str) -> Result<tenant::Model, StepError> {
+    async fn run_delete_steps(
+        &self,
+        current: &tenant::Model,
+        actor: &str,
+    ) -> Result<tenant::Model, StepError> {
         if current.database_server.is_some() {
-            let server = self.server_of(current).await.map_err(failed(Step::DropDatabase))?;
+            let server = self
+                .server_of(current)
+                .await
+                .map_err(failed(Step::DropDatabase))?;
             let database_name = current.database_name.clone().unwrap_or_default();
             match Backend::parse(&server.backend).map_err(failed_registry(Step::DropDatabase))? {
                 Backend::Postgres => {
-                    let admin = self.postgres_server(&server).map_err(failed(Step::DropDatabase))?;
+                    let admin = self
+                        .postgres_server(&server)
+                        .map_err(failed(Step::DropDatabase))?;
                     self.checkpoint(Step::DropDatabase)?;
                     admin
                         .drop_database(&database_name)
@@ -454,7 +507,10 @@ impl Provisioner {
                         .map_err(failed_sql(Step::DropDatabase))?;
                     self.checkpoint(Step::DropRole)?;
                     if let Some(role) = &current.db_username {
-                        admin.drop_role(role).await.map_err(failed_sql(Step::DropRole))?;
+                        admin
+                            .drop_role(role)
+                            .await
+                            .map_err(failed_sql(Step::DropRole))?;
                     }
                 }
                 Backend::Sqlite => {
@@ -489,7 +545,9 @@ impl Provisioner {
         self.registry
             .get_tenant(tenant_id.as_str())
             .await?
-            .ok_or_else(|| ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist")))
+            .ok_or_else(|| {
+                ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
+            })
     }
 
     pub async fn close(&self) {

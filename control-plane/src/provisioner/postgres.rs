@@ -8,8 +8,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, ConnectOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions};
 
 /// Admin access to one PostgreSQL database server.
 pub struct PostgresServer {
@@ -97,7 +97,10 @@ impl PostgresServer {
         let exists = self.role_exists(role).await?;
         if !exists {
             let create = format!("CREATE ROLE {} WITH {attributes}", quote_identifier(role));
-            match sqlx::raw_sql(AssertSqlSafe(create)).execute(&self.admin_pool).await {
+            match sqlx::raw_sql(AssertSqlSafe(create))
+                .execute(&self.admin_pool)
+                .await
+            {
                 Ok(_) => return Ok(()),
                 // duplicate_object: created concurrently; fall through to ALTER.
                 Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42710") => {}
@@ -105,7 +108,9 @@ impl PostgresServer {
             }
         }
         let alter = format!("ALTER ROLE {} WITH {attributes}", quote_identifier(role));
-        sqlx::raw_sql(AssertSqlSafe(alter)).execute(&self.admin_pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(alter))
+            .execute(&self.admin_pool)
+            .await?;
         Ok(())
     }
 
@@ -131,7 +136,10 @@ impl PostgresServer {
                 quote_identifier(database),
                 quote_identifier(owner)
             );
-            match sqlx::raw_sql(AssertSqlSafe(create)).execute(&self.admin_pool).await {
+            match sqlx::raw_sql(AssertSqlSafe(create))
+                .execute(&self.admin_pool)
+                .await
+            {
                 Ok(_) => return Ok(()),
                 // duplicate_database: created concurrently.
                 Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
@@ -143,7 +151,9 @@ impl PostgresServer {
             quote_identifier(database),
             quote_identifier(owner)
         );
-        sqlx::raw_sql(AssertSqlSafe(alter)).execute(&self.admin_pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(alter))
+            .execute(&self.admin_pool)
+            .await?;
         Ok(())
     }
 
@@ -155,7 +165,9 @@ impl PostgresServer {
             db = quote_identifier(database),
             owner = quote_identifier(owner)
         );
-        sqlx::raw_sql(AssertSqlSafe(statements)).execute(&self.admin_pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(statements))
+            .execute(&self.admin_pool)
+            .await?;
         Ok(())
     }
 
@@ -165,13 +177,17 @@ impl PostgresServer {
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_identifier(database)
         );
-        sqlx::raw_sql(AssertSqlSafe(drop)).execute(&self.admin_pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(drop))
+            .execute(&self.admin_pool)
+            .await?;
         Ok(())
     }
 
     pub async fn drop_role(&self, role: &str) -> Result<(), sqlx::Error> {
         let drop = format!("DROP ROLE IF EXISTS {}", quote_identifier(role));
-        sqlx::raw_sql(AssertSqlSafe(drop)).execute(&self.admin_pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(drop))
+            .execute(&self.admin_pool)
+            .await?;
         Ok(())
     }
 

@@ -69,10 +69,19 @@ impl MigrationTrait for M20261127000001CreateRegistry {
                 Table::create()
                     .table(DatabaseServers::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(DatabaseServers::Name).string().not_null().primary_key())
+                    .col(
+                        ColumnDef::new(DatabaseServers::Name)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(DatabaseServers::Backend).string().not_null())
                     .col(ColumnDef::new(DatabaseServers::Location).text().not_null())
-                    .col(ColumnDef::new(DatabaseServers::CreateTime).timestamp_with_time_zone().not_null())
+                    .col(
+                        ColumnDef::new(DatabaseServers::CreateTime)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -81,7 +90,12 @@ impl MigrationTrait for M20261127000001CreateRegistry {
                 Table::create()
                     .table(Tenants::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(Tenants::TenantId).string().not_null().primary_key())
+                    .col(
+                        ColumnDef::new(Tenants::TenantId)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(Tenants::DisplayName).text().not_null())
                     .col(ColumnDef::new(Tenants::State).string().not_null())
                     .col(ColumnDef::new(Tenants::Reason).text().not_null())
@@ -91,10 +105,26 @@ impl MigrationTrait for M20261127000001CreateRegistry {
                     .col(ColumnDef::new(Tenants::DatabaseName).text().null())
                     .col(ColumnDef::new(Tenants::DbUsername).text().null())
                     .col(ColumnDef::new(Tenants::DbPassword).text().null())
-                    .col(ColumnDef::new(Tenants::RouteVersion).big_integer().not_null())
-                    .col(ColumnDef::new(Tenants::SchemaVersion).big_integer().not_null())
-                    .col(ColumnDef::new(Tenants::CreateTime).timestamp_with_time_zone().not_null())
-                    .col(ColumnDef::new(Tenants::UpdateTime).timestamp_with_time_zone().not_null())
+                    .col(
+                        ColumnDef::new(Tenants::RouteVersion)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Tenants::SchemaVersion)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Tenants::CreateTime)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Tenants::UpdateTime)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
                     .foreign_key(
                         ForeignKey::create()
                             .from(Tenants::Table, Tenants::DatabaseServer)
@@ -132,7 +162,11 @@ impl MigrationTrait for M20261127000001CreateRegistry {
                     .col(ColumnDef::new(AuditEvents::FromState).string().null())
                     .col(ColumnDef::new(AuditEvents::ToState).string().null())
                     .col(ColumnDef::new(AuditEvents::Detail).text().not_null())
-                    .col(ColumnDef::new(AuditEvents::Time).timestamp_with_time_zone().not_null())
+                    .col(
+                        ColumnDef::new(AuditEvents::Time)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;

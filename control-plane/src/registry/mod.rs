@@ -201,7 +201,11 @@ impl Registry {
 
     /// Inserts a PROVISIONING tenant. Returns `Ok(None)` when the id is already taken
     /// (by any state, tombstones included): the caller compares requests.
-    pub async fn insert_tenant(&self, new: NewTenant, actor: &str) -> Result<Option<tenant::Model>> {
+    pub async fn insert_tenant(
+        &self,
+        new: NewTenant,
+        actor: &str,
+    ) -> Result<Option<tenant::Model>> {
         let txn = self.db.begin().await?;
         let exists = tenant::Entity::find_by_id(new.tenant_id.clone())
             .count(&txn)
@@ -263,7 +267,9 @@ impl Registry {
         let current = tenant::Entity::find_by_id(tenant_id.to_owned())
             .one(&txn)
             .await?
-            .ok_or_else(|| ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist")))?;
+            .ok_or_else(|| {
+                ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
+            })?;
         let mut row = current.clone().into_active_model();
         apply(&current, &mut row)?;
         let event = append_event(

@@ -21,7 +21,10 @@ pub struct RoutingApi {
 }
 
 /// A tenant's route. Connection details only for tenants that serve (ACTIVE).
-pub fn route_of(row: &tenant::Model, servers: &HashMap<String, database_server::Model>) -> Result<pb::Route> {
+pub fn route_of(
+    row: &tenant::Model,
+    servers: &HashMap<String, database_server::Model>,
+) -> Result<pb::Route> {
     let state = TenantState::parse(&row.state)?;
     let mut route = pb::Route {
         tenant_id: row.tenant_id.clone(),
@@ -30,19 +33,25 @@ pub fn route_of(row: &tenant::Model, servers: &HashMap<String, database_server::
         route_version: row.route_version,
         backend: backend_to_proto(row.backend.as_deref()).into(),
         connection: None,
+        incarnation: row.create_time.timestamp_micros(),
     };
     if state != TenantState::Active {
         return Ok(route);
     }
-    let (Some(server_name), Some(database_name)) = (&row.database_server, &row.database_name) else {
+    let (Some(server_name), Some(database_name)) = (&row.database_server, &row.database_name)
+    else {
         return Ok(route);
     };
     let server = servers.get(server_name).ok_or_else(|| {
-        ControlPlaneError::Internal(format!("tenant {} lives on unknown server {server_name}", row.tenant_id))
+        ControlPlaneError::Internal(format!(
+            "tenant {} lives on unknown server {server_name}",
+            row.tenant_id
+        ))
     })?;
     route.connection = Some(match Backend::parse(&server.backend)? {
         Backend::Postgres => {
-            let host_port = postgres::host_port(&server.location).map_err(ControlPlaneError::Internal)?;
+            let host_port =
+                postgres::host_port(&server.location).map_err(ControlPlaneError::Internal)?;
             pb::route::Connection::Postgres(pb::PostgresConnection {
                 host: host_port.host,
                 port: u32::from(host_port.port),
@@ -72,7 +81,10 @@ impl RoutingApi {
 
 #[tonic::async_trait]
 impl RoutingService for RoutingApi {
-    async fn get_route(&self, request: Request<pb::GetRouteRequest>) -> Result<Response<pb::Route>, Status> {
+    async fn get_route(
+        &self,
+        request: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::Route>, Status> {
         let tenant_id = TenantId::parse(&request.get_ref().tenant_id)
             .map_err(|error| Status::invalid_argument(format!("tenant_id: {error}")))?;
         let row = self

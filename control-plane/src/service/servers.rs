@@ -44,7 +44,9 @@ pub async fn check_location(
                 Status::failed_precondition(format!("cannot create directory {directory}: {error}"))
             })?;
             let absolute = std::fs::canonicalize(directory).map_err(|error| {
-                Status::failed_precondition(format!("cannot resolve directory {directory}: {error}"))
+                Status::failed_precondition(format!(
+                    "cannot resolve directory {directory}: {error}"
+                ))
             })?;
             let absolute = absolute.to_str().ok_or_else(|| {
                 Status::invalid_argument(format!("directory {directory} is not valid UTF-8"))
@@ -62,8 +64,12 @@ impl DatabaseServerService for DatabaseServerApi {
     ) -> Result<Response<pb::DatabaseServer>, Status> {
         let actor = actor(&request);
         let request = request.into_inner();
-        let name = TenantId::parse(&request.name)
-            .map_err(|error| Status::invalid_argument(format!("name: {}", error.to_string().replace("tenant id", "server name"))))?;
+        let name = TenantId::parse(&request.name).map_err(|error| {
+            Status::invalid_argument(format!(
+                "name: {}",
+                error.to_string().replace("tenant id", "server name")
+            ))
+        })?;
         let location = request.location.ok_or_else(|| {
             Status::invalid_argument("set postgres_admin_url or sqlite_directory")
         })?;

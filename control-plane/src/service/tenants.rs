@@ -56,7 +56,12 @@ impl TenantService for TenantApi {
             )));
         }
         if !request.database_server.is_empty() {
-            if self.registry.get_server(&request.database_server).await?.is_none() {
+            if self
+                .registry
+                .get_server(&request.database_server)
+                .await?
+                .is_none()
+            {
                 return Err(Status::not_found(format!(
                     "database server {} is not registered; see `tenantry servers list`",
                     request.database_server
@@ -174,8 +179,9 @@ impl TenantService for TenantApi {
             })?;
             Some(token.to_string())
         };
-        let state_filter = pb::TenantState::try_from(request.state)
-            .map_err(|_| Status::invalid_argument(format!("state {} is not a TenantState", request.state)))?;
+        let state_filter = pb::TenantState::try_from(request.state).map_err(|_| {
+            Status::invalid_argument(format!("state {} is not a TenantState", request.state))
+        })?;
         let limit = u64::try_from(page_size).unwrap_or(100) + 1;
         let mut rows = self
             .registry
@@ -211,7 +217,16 @@ impl TenantService for TenantApi {
         } else {
             request.reason
         };
-        let row = self.change_state(&tenant_id, &actor, TenantState::Active, TenantState::Suspended, "suspend", reason).await?;
+        let row = self
+            .change_state(
+                &tenant_id,
+                &actor,
+                TenantState::Active,
+                TenantState::Suspended,
+                "suspend",
+                reason,
+            )
+            .await?;
         Ok(Response::new(tenant_to_proto(&row)?))
     }
 
@@ -222,7 +237,14 @@ impl TenantService for TenantApi {
         let actor = actor(&request);
         let tenant_id = parse_tenant_id(&request.get_ref().tenant_id)?;
         let row = self
-            .change_state(&tenant_id, &actor, TenantState::Suspended, TenantState::Active, "resume", String::new())
+            .change_state(
+                &tenant_id,
+                &actor,
+                TenantState::Suspended,
+                TenantState::Active,
+                "resume",
+                String::new(),
+            )
             .await?;
         Ok(Response::new(tenant_to_proto(&row)?))
     }
@@ -278,7 +300,11 @@ impl TenantApi {
                             "tenant {} is {}; only a {from} tenant can be {}",
                             row_now.tenant_id,
                             row_now.state,
-                            if to == TenantState::Suspended { "suspended" } else { "resumed" }
+                            if to == TenantState::Suspended {
+                                "suspended"
+                            } else {
+                                "resumed"
+                            }
                         )));
                     }
                     row.reason = Set(reason.clone());

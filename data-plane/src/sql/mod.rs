@@ -66,7 +66,9 @@ fn tenant_context<T>(request: &Request<T>) -> Result<TenantContext, Status> {
         .extensions()
         .get::<TenantContext>()
         .cloned()
-        .ok_or_else(|| Status::internal("tenant layer missing: the request carries no tenant context"))
+        .ok_or_else(|| {
+            Status::internal("tenant layer missing: the request carries no tenant context")
+        })
 }
 
 /// Parses the `grpc-timeout` metadata entry into a deadline.
@@ -87,7 +89,9 @@ fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
 }
 
 fn check_statement(statement: &pb::Statement, position: Option<usize>) -> Result<()> {
-    let at = position.map(|i| format!("statement {i}: ")).unwrap_or_default();
+    let at = position
+        .map(|i| format!("statement {i}: "))
+        .unwrap_or_default();
     if statement.sql.trim().is_empty() {
         return Err(DataPlaneError::InvalidArgument(format!("{at}sql is empty")));
     }
@@ -98,7 +102,9 @@ fn check_statement(statement: &pb::Statement, position: Option<usize>) -> Result
         )));
     }
     if statement.sql.contains('\0') {
-        return Err(DataPlaneError::InvalidArgument(format!("{at}sql contains a NUL byte")));
+        return Err(DataPlaneError::InvalidArgument(format!(
+            "{at}sql contains a NUL byte"
+        )));
     }
     Ok(())
 }
@@ -126,7 +132,12 @@ pub fn unsupported_column(column: &str, type_name: &str) -> DataPlaneError {
 }
 
 /// Adds a row to a response, refusing once the response would pass the limit.
-pub fn push_row(response: &mut pb::QueryResponse, size: &mut usize, row: pb::Row, call: &Call<'_>) -> Result<()> {
+pub fn push_row(
+    response: &mut pb::QueryResponse,
+    size: &mut usize,
+    row: pb::Row,
+    call: &Call<'_>,
+) -> Result<()> {
     *size += prost::Message::encoded_len(&row) + 4;
     if *size > call.limits.max_response_bytes {
         return Err(DataPlaneError::ResourceExhausted(format!(
@@ -151,7 +162,10 @@ pub fn null_value() -> pb::Value {
 impl SqlApi {
     fn pool_of(&self, context: &TenantContext) -> Result<TenantPool, Status> {
         let target = context.route.target.as_ref().ok_or_else(|| {
-            Status::internal(format!("route of tenant {} has no connection details", context.tenant_id))
+            Status::internal(format!(
+                "route of tenant {} has no connection details",
+                context.tenant_id
+            ))
         })?;
         Ok(self.pools.pool(&context.tenant_id, target))
     }
@@ -159,7 +173,10 @@ impl SqlApi {
 
 #[tonic::async_trait]
 impl SqlService for SqlApi {
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let context = tenant_context(&request)?;
         let deadline = deadline_of(&request);
         let statement = required_statement(request.into_inner().statement)?;
@@ -169,13 +186,22 @@ impl SqlService for SqlApi {
             limits: &self.limits,
         };
         let response = match self.pool_of(&context)? {
-            TenantPool::Postgres(pool) => call.within_deadline(postgres::execute(&pool, &statement, &call)).await,
-            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::execute(&pool, &statement, &call)).await,
+            TenantPool::Postgres(pool) => {
+                call.within_deadline(postgres::execute(&pool, &statement, &call))
+                    .await
+            }
+            TenantPool::Sqlite(pool) => {
+                call.within_deadline(sqlite::execute(&pool, &statement, &call))
+                    .await
+            }
         }?;
         Ok(Response::new(response))
     }
 
-    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+    async fn query(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
         let context = tenant_context(&request)?;
         let deadline = deadline_of(&request);
         let statement = required_statement(request.into_inner().statement)?;
@@ -185,13 +211,22 @@ impl SqlService for SqlApi {
             limits: &self.limits,
         };
         let response = match self.pool_of(&context)? {
-            TenantPool::Postgres(pool) => call.within_deadline(postgres::query(&pool, &statement, &call)).await,
-            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::query(&pool, &statement, &call)).await,
+            TenantPool::Postgres(pool) => {
+                call.within_deadline(postgres::query(&pool, &statement, &call))
+                    .await
+            }
+            TenantPool::Sqlite(pool) => {
+                call.within_deadline(sqlite::query(&pool, &statement, &call))
+                    .await
+            }
         }?;
         Ok(Response::new(response))
     }
 
-    async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+    async fn batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<Response<pb::BatchResponse>, Status> {
         let context = tenant_context(&request)?;
         let deadline = deadline_of(&request);
         let statements = request.into_inner().statements;
@@ -213,8 +248,14 @@ impl SqlService for SqlApi {
             limits: &self.limits,
         };
         let results = match self.pool_of(&context)? {
-            TenantPool::Postgres(pool) => call.within_deadline(postgres::batch(&pool, &statements, &call)).await,
-            TenantPool::Sqlite(pool) => call.within_deadline(sqlite::batch(&pool, &statements, &call)).await,
+            TenantPool::Postgres(pool) => {
+                call.within_deadline(postgres::batch(&pool, &statements, &call))
+                    .await
+            }
+            TenantPool::Sqlite(pool) => {
+                call.within_deadline(sqlite::batch(&pool, &statements, &call))
+                    .await
+            }
         }?;
         Ok(Response::new(pb::BatchResponse { results }))
     }

@@ -9,7 +9,10 @@ use futures::TryStreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow, SqliteValueRef};
-use sqlx::{AssertSqlSafe, Column, Connection, Decode, Executor, Row, Sqlite, SqlSafeStr, Statement, TypeInfo, ValueRef};
+use sqlx::{
+    AssertSqlSafe, Column, Connection, Decode, Executor, Row, SqlSafeStr, Sqlite, Statement,
+    TypeInfo, ValueRef,
+};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
@@ -46,7 +49,10 @@ impl Drop for Session {
 }
 
 async fn session(pool: &SqlitePool, call: &Call<'_>) -> Result<Session> {
-    let mut connection = pool.acquire().await.map_err(|error| from_sqlx(error, call.tenant))?;
+    let mut connection = pool
+        .acquire()
+        .await
+        .map_err(|error| from_sqlx(error, call.tenant))?;
     let interrupt = match call.deadline {
         Some(_) => {
             let mut handle = connection
@@ -71,7 +77,10 @@ fn may_open_transaction(sql: &str) -> bool {
 }
 
 /// Rolls back a transaction the request left open.
-async fn close_open_transaction(connection: &mut sqlx::SqliteConnection, call: &Call<'_>) -> Result<()> {
+async fn close_open_transaction(
+    connection: &mut sqlx::SqliteConnection,
+    call: &Call<'_>,
+) -> Result<()> {
     let in_transaction = {
         let mut handle = connection
             .lock_handle()
@@ -94,7 +103,10 @@ async fn close_open_transaction(connection: &mut sqlx::SqliteConnection, call: &
     Ok(())
 }
 
-fn bind<'q>(mut query: Query<'q, Sqlite, SqliteArguments>, params: &'q [pb::Value]) -> Query<'q, Sqlite, SqliteArguments> {
+fn bind<'q>(
+    mut query: Query<'q, Sqlite, SqliteArguments>,
+    params: &'q [pb::Value],
+) -> Query<'q, Sqlite, SqliteArguments> {
     for value in params {
         query = match &value.kind {
             Some(Kind::Int64(v)) => query.bind(*v),
@@ -144,28 +156,40 @@ async fn execute_on(
     })
 }
 
-pub async fn execute(pool: &SqlitePool, statement: &pb::Statement, call: &Call<'_>) -> Result<pb::ExecuteResponse> {
+pub async fn execute(
+    pool: &SqlitePool,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<pb::ExecuteResponse> {
     let mut session = session(pool, call).await?;
-    let mut response = execute_on(&mut session.connection, statement, call).await;
-    if may_open_transaction(&statement.sql) {
-        if let Err(error) = close_open_transaction(&mut session.connection, call).await {
-            response = Err(error);
-        }
-    }
-    session.finished = true;
-    response
+    let response = execute_on(&mut session.connection, statement, call).await;
+    finish(session, &statement.sql, response, call).await
 }
 
-pub async fn query(pool: &SqlitePool, statement: &pb::Statement, call: &Call<'_>) -> Result<pb::QueryResponse> {
+pub async fn query(
+    pool: &SqlitePool,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<pb::QueryResponse> {
     let mut session = session(pool, call).await?;
-    let mut response = query_on(&mut session.connection, statement, call).await;
-    if may_open_transaction(&statement.sql) {
-        if let Err(error) = close_open_transaction(&mut session.connection, call).await {
-            response = Err(error);
-        }
-    }
+    let response = query_on(&mut session.connection, statement, call).await;
+    finish(session, &statement.sql, response, call).await
+}
+
+/// Ends a one-statement call: a transaction the statement left open is rolled back
+/// (and reported), then the connection goes back to the pool.
+async fn finish<T>(
+    mut session: Session,
+    sql: &str,
+    response: Result<T>,
+    call: &Call<'_>,
+) -> Result<T> {
+    let closed = match may_open_transaction(sql) {
+        true => close_open_transaction(&mut session.connection, call).await,
+        false => Ok(()),
+    };
     session.finished = true;
-    response
+    closed.and(response)
 }
 
 async fn query_on(
@@ -174,20 +198,32 @@ async fn query_on(
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
     let prepared = prepare(connection, statement, call).await?;
-    let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
+    let columns: Vec<String> = prepared
+        .columns()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
     let mut response = pb::QueryResponse {
         columns,
         rows: Vec::new(),
     };
     let mut size = 0;
     let mut rows = bind(prepared.query(), &statement.params).fetch(&mut *connection);
-    while let Some(row) = rows.try_next().await.map_err(|error| from_sqlx(error, call.tenant))? {
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(|error| from_sqlx(error, call.tenant))?
+    {
         push_row(&mut response, &mut size, decode_row(&row)?, call)?;
     }
     Ok(response)
 }
 
-pub async fn batch(pool: &SqlitePool, statements: &[pb::Statement], call: &Call<'_>) -> Result<Vec<pb::ExecuteResponse>> {
+pub async fn batch(
+    pool: &SqlitePool,
+    statements: &[pb::Statement],
+    call: &Call<'_>,
+) -> Result<Vec<pb::ExecuteResponse>> {
     let mut session = session(pool, call).await?;
     let outcome = async {
         let mut transaction = session
@@ -202,12 +238,18 @@ pub async fn batch(pool: &SqlitePool, statements: &[pb::Statement], call: &Call<
                 .map_err(at_statement(position))?;
             results.push(result);
         }
-        transaction.commit().await.map_err(|error| from_sqlx(error, call.tenant))?;
+        transaction
+            .commit()
+            .await
+            .map_err(|error| from_sqlx(error, call.tenant))?;
         Ok::<_, DataPlaneError>(results)
     }
     .await;
     // A statement of the batch may itself have said COMMIT or BEGIN.
-    if statements.iter().any(|s| may_open_transaction(&s.sql) || s.sql.to_ascii_lowercase().contains("commit")) {
+    if statements
+        .iter()
+        .any(|s| may_open_transaction(&s.sql) || s.sql.to_ascii_lowercase().contains("commit"))
+    {
         let _ = close_open_transaction(&mut session.connection, call).await;
     }
     session.finished = true;
@@ -217,9 +259,9 @@ pub async fn batch(pool: &SqlitePool, statements: &[pb::Statement], call: &Call<
 fn decode_row(row: &SqliteRow) -> Result<pb::Row> {
     let mut values = Vec::with_capacity(row.len());
     for (index, column) in row.columns().iter().enumerate() {
-        let raw = row
-            .try_get_raw(index)
-            .map_err(|error| DataPlaneError::Internal(format!("cannot read column {index}: {error}")))?;
+        let raw = row.try_get_raw(index).map_err(|error| {
+            DataPlaneError::Internal(format!("cannot read column {index}: {error}"))
+        })?;
         values.push(decode_value(raw, column.name())?);
     }
     Ok(pb::Row { values })
@@ -231,7 +273,9 @@ fn decode_value(raw: SqliteValueRef<'_>, column: &str) -> Result<pb::Value> {
     }
     let storage_class = raw.type_info().name().to_owned();
     let failed = |error: sqlx::error::BoxDynError| {
-        DataPlaneError::Internal(format!("cannot decode column {column:?} ({storage_class}): {error}"))
+        DataPlaneError::Internal(format!(
+            "cannot decode column {column:?} ({storage_class}): {error}"
+        ))
     };
     let kind = match storage_class.as_str() {
         "INTEGER" => Kind::Int64(<i64 as Decode<Sqlite>>::decode(raw).map_err(failed)?),

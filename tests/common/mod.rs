@@ -1,0 +1,497 @@
+//! The sandbox: a control plane and a data plane started in-process on 127.0.0.1:0 and
+//! reached over real gRPC, with the registry and tenant databases on SQLite or
+//! PostgreSQL. Every sandbox has a run id that all its names carry, and removes what it
+//! created when dropped.
+
+#![allow(dead_code)]
+
+pub mod postgres;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tenantry_control_plane::ControlPlaneConfig;
+use tenantry_control_plane::provisioner::FaultInjection;
+use tenantry_data_plane::{DataPlane, DataPlaneConfig};
+use tenantry_proto::controlplane::v1 as cp;
+use tenantry_proto::controlplane::v1::database_server_service_client::DatabaseServerServiceClient;
+use tenantry_proto::controlplane::v1::routing_service_client::RoutingServiceClient;
+use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient;
+use tenantry_proto::dataplane::v1 as dp;
+use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_shared::grpc::ServerHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs one async test body against both backends.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Clone, Default)]
+pub struct SandboxOptions {
+    pub faults: FaultInjection,
+    pub tenant_migrations: Option<PathBuf>,
+    pub max_response_bytes: Option<usize>,
+    pub max_connections_per_tenant: Option<u32>,
+    pub route_refresh_interval_ms: Option<u64>,
+    pub provision_attempts: Option<u32>,
+}
+
+pub struct Sandbox {
+    pub backend: Backend,
+    pub run_id: String,
+    pub temp: tempfile::TempDir,
+    pub pg_admin_url: Option<String>,
+    pub control_plane_config: ControlPlaneConfig,
+    pub control_plane: Option<ServerHandle>,
+    pub data_plane: Option<DataPlane>,
+    pub control_plane_channel: Channel,
+    pub data_plane_channel: Channel,
+}
+
+/// `postgres://...` with another database name.
+pub fn with_database(url: &str, database: &str) -> String {
+    let mut parsed = url::Url::parse(url).unwrap_or_else(|e| panic!("bad admin URL: {e}"));
+    parsed.set_path(&format!("/{database}"));
+    parsed.to_string()
+}
+
+fn run_id() -> String {
+    let mut rng = rand::rng();
+    let first = char::from(b'a' + rng.random_range(0..26u8));
+    let rest: String = (0..7)
+        .map(|_| {
+            let n = rng.random_range(0..36u8);
+            char::from(if n < 26 { b'a' + n } else { b'0' + n - 26 })
+        })
+        .collect();
+    format!("{first}{rest}")
+}
+
+async fn admin_execute(url: &str, sql: &str) {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut connection)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+impl Sandbox {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, SandboxOptions::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, options: SandboxOptions) -> Self {
+        let run_id = run_id();
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("tenantry-test-{run_id}-"))
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let pg_admin_url = match backend {
+            Backend::Postgres => Some(postgres::admin_url().await),
+            Backend::Sqlite => None,
+        };
+        let registry_url = match &pg_admin_url {
+            Some(admin) => {
+                let name = format!("tenantry_reg_{run_id}");
+                admin_execute(admin, &format!("CREATE DATABASE {name}")).await;
+                with_database(admin, &name)
+            }
+            None => temp.path().join("registry.db").display().to_string(),
+        };
+        let control_plane_config = ControlPlaneConfig {
+            listen_addr: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+            registry_url,
+            tenant_migrations_dir: options.tenant_migrations.clone(),
+            sqlite_directory: None,
+            provision_attempts: options.provision_attempts.unwrap_or(2),
+            provision_retry_delay_ms: 10,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let control_plane =
+            tenantry_control_plane::start(&control_plane_config, listener, options.faults.clone())
+                .await
+                .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+        let mut control_plane_config = control_plane_config;
+        control_plane_config.listen_addr = control_plane.local_addr;
+
+        let defaults = DataPlaneConfig::default();
+        let data_plane_config = DataPlaneConfig {
+            listen_addr: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+            control_plane_url: control_plane.url(),
+            route_refresh_interval_ms: options.route_refresh_interval_ms.unwrap_or(200),
+            max_response_bytes: options
+                .max_response_bytes
+                .unwrap_or(defaults.max_response_bytes),
+            max_connections_per_tenant: options
+                .max_connections_per_tenant
+                .unwrap_or(defaults.max_connections_per_tenant),
+            unknown_tenant_ttl_ms: 500,
+            ..defaults
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let data_plane = tenantry_data_plane::start(&data_plane_config, listener)
+            .await
+            .unwrap_or_else(|e| panic!("data plane: {e:#}"));
+        let control_plane_channel = connect(&control_plane.url()).await;
+        let data_plane_channel = connect(&data_plane.server.url()).await;
+        let sandbox = Self {
+            backend,
+            run_id,
+            temp,
+            pg_admin_url,
+            control_plane_config,
+            control_plane: Some(control_plane),
+            data_plane: Some(data_plane),
+            control_plane_channel,
+            data_plane_channel,
+        };
+        sandbox.register_server("main").await;
+        sandbox
+    }
+
+    /// Registers a database server on this sandbox's backend.
+    pub async fn register_server(&self, name: &str) -> cp::DatabaseServer {
+        use cp::register_database_server_request::Location;
+        let location = match &self.pg_admin_url {
+            Some(admin) => Location::PostgresAdminUrl(admin.clone()),
+            None => Location::SqliteDirectory(
+                self.temp
+                    .path()
+                    .join(format!("tenants-{name}"))
+                    .display()
+                    .to_string(),
+            ),
+        };
+        self.servers()
+            .register_database_server(cp::RegisterDatabaseServerRequest {
+                name: name.to_owned(),
+                location: Some(location),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("register server: {e}"))
+            .into_inner()
+    }
+
+    /// Stops the control plane and starts a new one on the same registry and port.
+    pub async fn restart_control_plane(&mut self, faults: FaultInjection) {
+        if let Some(control_plane) = self.control_plane.take() {
+            control_plane
+                .shutdown()
+                .await
+                .unwrap_or_else(|e| panic!("control plane shutdown: {e:#}"));
+        }
+        let listener =
+            tenantry_shared::grpc::bind(self.control_plane_config.listen_addr, "control plane")
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        let control_plane =
+            tenantry_control_plane::start(&self.control_plane_config, listener, faults)
+                .await
+                .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+        self.control_plane = Some(control_plane);
+        self.control_plane_channel =
+            connect(&format!("http://{}", self.control_plane_config.listen_addr)).await;
+    }
+
+    /// A tenant id unique to this run.
+    pub fn tid(&self, name: &str) -> String {
+        format!("{name}-{}", self.run_id)
+    }
+
+    pub fn tenants(&self) -> TenantServiceClient<Channel> {
+        TenantServiceClient::new(self.control_plane_channel.clone())
+    }
+
+    pub fn servers(&self) -> DatabaseServerServiceClient<Channel> {
+        DatabaseServerServiceClient::new(self.control_plane_channel.clone())
+    }
+
+    pub fn routing(&self) -> RoutingServiceClient<Channel> {
+        RoutingServiceClient::new(self.control_plane_channel.clone())
+    }
+
+    pub fn sql(&self) -> SqlServiceClient<Channel> {
+        SqlServiceClient::new(self.data_plane_channel.clone())
+    }
+
+    pub fn data_plane(&self) -> &DataPlane {
+        self.data_plane
+            .as_ref()
+            .unwrap_or_else(|| panic!("data plane stopped"))
+    }
+
+    pub async fn create(&self, tenant_id: &str) -> cp::Tenant {
+        self.tenants()
+            .create_tenant(cp::CreateTenantRequest {
+                tenant_id: tenant_id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {tenant_id}: {e}"))
+            .into_inner()
+    }
+
+    pub async fn get(&self, tenant_id: &str) -> Result<cp::Tenant, Status> {
+        self.tenants()
+            .get_tenant(cp::GetTenantRequest {
+                tenant_id: tenant_id.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn query(
+        &self,
+        tenant_id: &str,
+        sql: &str,
+        params: Vec<dp::Value>,
+    ) -> Result<dp::QueryResponse, Status> {
+        let request = with_tenant(
+            dp::QueryRequest {
+                statement: Some(dp::Statement {
+                    sql: sql.to_owned(),
+                    params,
+                }),
+            },
+            tenant_id,
+        );
+        self.sql()
+            .query(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn execute(
+        &self,
+        tenant_id: &str,
+        sql: &str,
+        params: Vec<dp::Value>,
+    ) -> Result<dp::ExecuteResponse, Status> {
+        let request = with_tenant(
+            dp::ExecuteRequest {
+                statement: Some(dp::Statement {
+                    sql: sql.to_owned(),
+                    params,
+                }),
+            },
+            tenant_id,
+        );
+        self.sql()
+            .execute(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn batch(
+        &self,
+        tenant_id: &str,
+        statements: &[(&str, Vec<dp::Value>)],
+    ) -> Result<dp::BatchResponse, Status> {
+        let request = with_tenant(
+            dp::BatchRequest {
+                statements: statements
+                    .iter()
+                    .map(|(sql, params)| dp::Statement {
+                        sql: (*sql).to_owned(),
+                        params: params.clone(),
+                    })
+                    .collect(),
+            },
+            tenant_id,
+        );
+        self.sql()
+            .batch(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until `query` on the tenant gives `code` (Ok counts as Code::Ok).
+    pub async fn wait_for_code(&self, tenant_id: &str, code: Code) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = match self.query(tenant_id, "SELECT 1", vec![]).await {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            };
+            if got == code {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenant {tenant_id} still answers {got:?}, expected {code:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Does the tenant's database still exist (PostgreSQL database or SQLite file)?
+    pub async fn database_exists(&self, tenant: &cp::Tenant) -> bool {
+        match &self.pg_admin_url {
+            Some(admin) => {
+                use sqlx::Connection;
+                let mut connection = sqlx::PgConnection::connect(admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&tenant.database_name)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+            None => self
+                .temp
+                .path()
+                .join(format!("tenants-{}", tenant.database_server))
+                .join(&tenant.database_name)
+                .exists(),
+        }
+    }
+
+    /// Does a PostgreSQL role of that name exist?
+    pub async fn role_exists(&self, role: &str) -> bool {
+        let Some(admin) = &self.pg_admin_url else {
+            return false;
+        };
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Sandbox {
+    /// Removes every PostgreSQL database and role this run created (by its run id), even
+    /// when the test failed half-way. SQLite files go with the temp dir.
+    fn drop(&mut self) {
+        let Some(admin) = self.pg_admin_url.clone() else {
+            return;
+        };
+        let run_id = self.run_id.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                let Ok(mut connection) = sqlx::PgConnection::connect(&admin).await else {
+                    return;
+                };
+                let pattern = format!("tenantry\\_%{run_id}");
+                let databases: Vec<String> =
+                    sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+                        .bind(&pattern)
+                        .fetch_all(&mut connection)
+                        .await
+                        .unwrap_or_default();
+                for database in databases {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut connection)
+                    .await;
+                }
+                let roles: Vec<String> =
+                    sqlx::query_scalar("SELECT rolname FROM pg_roles WHERE rolname LIKE $1")
+                        .bind(&pattern)
+                        .fetch_all(&mut connection)
+                        .await
+                        .unwrap_or_default();
+                for role in roles {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP ROLE IF EXISTS \"{role}\""
+                    )))
+                    .execute(&mut connection)
+                    .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn connect(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+pub fn with_tenant<T>(message: T, tenant_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "x-tenant-id",
+        tenant_id
+            .parse()
+            .unwrap_or_else(|e| panic!("metadata {tenant_id:?}: {e}")),
+    );
+    request
+}
+
+pub fn int(v: i64) -> dp::Value {
+    dp::Value {
+        kind: Some(dp::value::Kind::Int64(v)),
+    }
+}
+
+pub fn text(v: &str) -> dp::Value {
+    dp::Value {
+        kind: Some(dp::value::Kind::Text(v.to_owned())),
+    }
+}
+
+pub fn null() -> dp::Value {
+    dp::Value {
+        kind: Some(dp::value::Kind::Null(true)),
+    }
+}
+
+/// `$1` on PostgreSQL, `?` on SQLite.
+pub fn placeholder(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("${n}"),
+        Backend::Sqlite => "?".to_owned(),
+    }
+}

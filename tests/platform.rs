@@ -1,0 +1,1284 @@
+//! End-to-end tests of the whole platform: control plane and data plane in-process,
+//! real gRPC on loopback, real SQLite files and a real PostgreSQL. Every test runs on
+//! both backends.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Backend, Sandbox, SandboxOptions, int, null, placeholder, text, with_tenant};
+use tenantry_control_plane::provisioner::{FaultInjection, Step};
+use tenantry_proto::controlplane::v1 as cp;
+use tenantry_proto::dataplane::v1 as dp;
+use tonic::Code;
+
+backend_tests!(
+    tenant_lifecycle,
+    create_is_idempotent_and_conflicts_are_refused,
+    deleted_id_is_reserved_until_reused_on_purpose,
+    bad_tenant_metadata_is_refused,
+    tenant_states_map_to_status_codes,
+    sql_errors_map_to_status_codes,
+    values_round_trip,
+    batch_is_all_or_nothing,
+    session_state_does_not_leak,
+    deadline_cancels_the_statement,
+    oversized_result_is_refused,
+    tenant_migrations_are_applied,
+    provisioning_resumes_after_a_crash,
+    failing_step_leaves_tenant_failed_and_delete_cleans_up,
+    isolation_under_concurrent_traffic,
+    isolation_check_catches_a_wrong_route,
+    list_is_paged_and_filtered,
+    health_and_reflection_are_served,
+);
+
+async fn tenant_lifecycle(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("life");
+    let tenant = sandbox.create(&id).await;
+    assert_eq!(tenant.state, cp::TenantState::Active as i32);
+    assert_eq!(tenant.database_server, "main");
+    assert!(sandbox.database_exists(&tenant).await);
+
+    let create_notes = match backend {
+        Backend::Postgres => {
+            "CREATE TABLE notes (id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body TEXT)"
+        }
+        Backend::Sqlite => "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",
+    };
+    sandbox
+        .execute(&id, create_notes, vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p1 = placeholder(backend, 1);
+    let inserted = sandbox
+        .execute(
+            &id,
+            &format!("INSERT INTO notes (body) VALUES ({p1})"),
+            vec![text("hello")],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(inserted.rows_affected, 1);
+    assert_eq!(
+        inserted.last_insert_id.is_some(),
+        backend == Backend::Sqlite
+    );
+    let rows = sandbox
+        .query(&id, "SELECT id, body FROM notes", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.columns, vec!["id", "body"]);
+    assert_eq!(rows.rows.len(), 1);
+    assert_eq!(rows.rows[0].values[1], text("hello"));
+
+    // Suspend: refused within the refresh interval; resume: served again.
+    let suspended = sandbox
+        .tenants()
+        .suspend_tenant(cp::SuspendTenantRequest {
+            tenant_id: id.clone(),
+            reason: "unpaid invoice".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(suspended.state, cp::TenantState::Suspended as i32);
+    assert!(suspended.route_version > tenant.route_version);
+    sandbox.wait_for_code(&id, Code::FailedPrecondition).await;
+    let refused = sandbox.query(&id, "SELECT 1", vec![]).await.err();
+    assert!(refused.is_some_and(|s| s.message().contains("unpaid invoice")));
+    let resumed = sandbox
+        .tenants()
+        .resume_tenant(cp::ResumeTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(resumed.state, cp::TenantState::Active as i32);
+    sandbox.wait_for_code(&id, Code::Ok).await;
+    // Resuming an active tenant is a no-op; suspending a deleted one is refused below.
+    let again = sandbox
+        .tenants()
+        .resume_tenant(cp::ResumeTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(again.route_version, resumed.route_version);
+
+    // Delete: database and role gone, tombstone kept, data plane answers NOT_FOUND.
+    let deleted = sandbox
+        .tenants()
+        .delete_tenant(cp::DeleteTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(deleted.state, cp::TenantState::Deleted as i32);
+    assert!(!sandbox.database_exists(&tenant).await);
+    if backend == Backend::Postgres {
+        assert!(!sandbox.role_exists(&tenant.database_name).await);
+    }
+    sandbox.wait_for_code(&id, Code::NotFound).await;
+    let tombstone = sandbox.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tombstone.state, cp::TenantState::Deleted as i32);
+    let suspend_deleted = sandbox
+        .tenants()
+        .suspend_tenant(cp::SuspendTenantRequest {
+            tenant_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(suspend_deleted, Some(Code::FailedPrecondition));
+    // Deleting again is a no-op.
+    let deleted_again = sandbox
+        .tenants()
+        .delete_tenant(cp::DeleteTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(deleted_again.route_version, deleted.route_version);
+}
+
+async fn create_is_idempotent_and_conflicts_are_refused(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("idem");
+    let request = cp::CreateTenantRequest {
+        tenant_id: id.clone(),
+        display_name: "Idem Inc".into(),
+        ..Default::default()
+    };
+    let first = sandbox
+        .tenants()
+        .create_tenant(request.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    let second = sandbox
+        .tenants()
+        .create_tenant(request.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(
+        first, second,
+        "a retried create returns the existing tenant unchanged"
+    );
+    let conflicting = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            display_name: "Someone Else".into(),
+            ..request
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(conflicting, Some(Code::AlreadyExists));
+
+    // Concurrent creates of one id: one tenant, every caller gets it.
+    let id = sandbox.tid("race");
+    let sandbox = Arc::new(sandbox);
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let sandbox = sandbox.clone();
+            let id = id.clone();
+            tokio::spawn(async move { sandbox.create(&id).await })
+        })
+        .collect();
+    let mut versions = HashSet::new();
+    for call in calls {
+        let tenant = call.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tenant.state, cp::TenantState::Active as i32);
+        versions.insert(tenant.route_version);
+    }
+    assert_eq!(versions.len(), 1);
+
+    // Bad requests.
+    for (bad_id, code) in [
+        ("", Code::InvalidArgument),
+        ("Upper", Code::InvalidArgument),
+    ] {
+        let status = sandbox
+            .tenants()
+            .create_tenant(cp::CreateTenantRequest {
+                tenant_id: bad_id.into(),
+                ..Default::default()
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(status, Some(code), "{bad_id:?}");
+    }
+    let unknown_server = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: sandbox.tid("pinned"),
+            database_server: "nowhere".into(),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(unknown_server, Some(Code::NotFound));
+    let missing = sandbox
+        .get(&sandbox.tid("never"))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(missing, Some(Code::NotFound));
+}
+
+async fn deleted_id_is_reserved_until_reused_on_purpose(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("reuse");
+    sandbox.create(&id).await;
+    sandbox
+        .execute(&id, "CREATE TABLE old_data (x INTEGER)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sandbox
+        .tenants()
+        .delete_tenant(cp::DeleteTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .err();
+    assert_eq!(
+        refused.as_ref().map(|s| s.code()),
+        Some(Code::AlreadyExists)
+    );
+    assert!(refused.is_some_and(|s| s.message().contains("reuse_deleted_id")));
+    let reused = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: id.clone(),
+            reuse_deleted_id: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(reused.state, cp::TenantState::Active as i32);
+    // Within the route refresh interval the data plane serves the fresh, empty
+    // database: the old table is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let old = sandbox
+            .query(&id, "SELECT * FROM old_data", vec![])
+            .await
+            .err()
+            .map(|s| s.code());
+        if old == Some(Code::InvalidArgument) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reused id still reaches the old database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sandbox
+        .query(&id, "SELECT 1", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn bad_tenant_metadata_is_refused(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let request = || dp::QueryRequest {
+        statement: Some(dp::Statement {
+            sql: "SELECT 1".into(),
+            params: vec![],
+        }),
+    };
+    // Missing.
+    let missing = sandbox
+        .sql()
+        .query(tonic::Request::new(request()))
+        .await
+        .err();
+    assert_eq!(
+        missing.as_ref().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+    assert!(missing.is_some_and(|s| s.message().contains("x-tenant-id")));
+    // Empty, malformed, oversized.
+    for bad in [
+        "",
+        "Acme",
+        "1acme",
+        "ac_me",
+        "acme-",
+        "a b",
+        &"a".repeat(49),
+        "acme;drop",
+    ] {
+        let status = sandbox
+            .sql()
+            .query(with_tenant(request(), bad))
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(status, Some(Code::InvalidArgument), "{bad:?}");
+    }
+    // Non-ASCII (binary metadata cannot carry it as text; send raw bytes).
+    let mut non_ascii = tonic::Request::new(request());
+    non_ascii.metadata_mut().insert(
+        "x-tenant-id",
+        tonic::metadata::MetadataValue::try_from("acme\u{e9}".as_bytes())
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let status = sandbox.sql().query(non_ascii).await.err().map(|s| s.code());
+    assert_eq!(status, Some(Code::InvalidArgument));
+    // Twice.
+    let mut twice = with_tenant(request(), "acme");
+    twice.metadata_mut().append(
+        "x-tenant-id",
+        "globex".parse().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let status = sandbox.sql().query(twice).await.err().map(|s| s.code());
+    assert_eq!(status, Some(Code::InvalidArgument));
+    // Unknown tenant (asked twice: the second answer comes from the negative cache).
+    for _ in 0..2 {
+        let status = sandbox
+            .query(&sandbox.tid("ghost"), "SELECT 1", vec![])
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(status, Some(Code::NotFound));
+    }
+}
+
+async fn tenant_states_map_to_status_codes(backend: Backend) {
+    // Suspended and deleted are covered by tenant_lifecycle; here: a tenant stuck in
+    // PROVISIONING (the control plane "crashed" before activating it) is UNAVAILABLE.
+    let sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            faults: FaultInjection {
+                crash_before: Some(Step::Activate),
+                fail_step: None,
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("prov");
+    let created = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(created, Some(Code::Unavailable));
+    let tenant = sandbox.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tenant.state, cp::TenantState::Provisioning as i32);
+    let status = sandbox
+        .query(&id, "SELECT 1", vec![])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(status, Some(Code::Unavailable));
+}
+
+async fn sql_errors_map_to_status_codes(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("errs");
+    let other = sandbox.tid("other");
+    let tenant = sandbox.create(&id).await;
+    let other_tenant = sandbox.create(&other).await;
+
+    let syntax = sandbox.query(&id, "SELEC 1", vec![]).await.err();
+    assert_eq!(
+        syntax.as_ref().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+    if backend == Backend::Postgres {
+        assert!(
+            syntax.is_some_and(|s| s.message().contains("42601")),
+            "SQLSTATE in the message"
+        );
+    }
+    let p1 = placeholder(backend, 1);
+    let p2 = placeholder(backend, 2);
+    let too_few = sandbox
+        .query(&id, &format!("SELECT {p1}, {p2}"), vec![int(1)])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(too_few, Some(Code::InvalidArgument));
+    let too_many = sandbox
+        .query(&id, &format!("SELECT {p1}"), vec![int(1), int(2)])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(too_many, Some(Code::InvalidArgument));
+    let missing_statement = sandbox
+        .sql()
+        .query(with_tenant(dp::QueryRequest { statement: None }, &id))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(missing_statement, Some(Code::InvalidArgument));
+    let empty = sandbox
+        .query(&id, "   ", vec![])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(empty, Some(Code::InvalidArgument));
+
+    match backend {
+        Backend::Sqlite => {
+            let other_file = sandbox
+                .temp
+                .path()
+                .join("tenants-main")
+                .join(&other_tenant.database_name);
+            for statement in [
+                format!("ATTACH DATABASE '{}' AS other", other_file.display()),
+                "DETACH DATABASE main".to_owned(),
+                "SELECT load_extension('/tmp/x.so')".to_owned(),
+                "PRAGMA query_only = 1".to_owned(),
+                "CREATE TEMP TABLE scratch (x)".to_owned(),
+            ] {
+                let status = sandbox
+                    .execute(&id, &statement, vec![])
+                    .await
+                    .err()
+                    .map(|s| s.code());
+                assert_eq!(status, Some(Code::InvalidArgument), "{statement}");
+            }
+            // Reading PRAGMAs is fine.
+            sandbox
+                .query(&id, "PRAGMA journal_mode", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        Backend::Postgres => {
+            // The tenant's own credentials cannot open another tenant's database.
+            let route = sandbox
+                .routing()
+                .get_route(cp::GetRouteRequest {
+                    tenant_id: id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_inner();
+            let Some(cp::route::Connection::Postgres(pg)) = route.connection else {
+                panic!("no PostgreSQL connection in {route:?}");
+            };
+            let options = sqlx::postgres::PgConnectOptions::new()
+                .host(&pg.host)
+                .port(u16::try_from(pg.port).unwrap_or(5432))
+                .username(&pg.username)
+                .password(&pg.password);
+            use sqlx::ConnectOptions;
+            let own = options
+                .clone()
+                .database(&tenant.database_name)
+                .connect()
+                .await;
+            assert!(
+                own.is_ok(),
+                "the tenant role opens its own database: {:?}",
+                own.err()
+            );
+            let foreign = options
+                .clone()
+                .database(&other_tenant.database_name)
+                .connect()
+                .await;
+            let code = match foreign {
+                Err(sqlx::Error::Database(error)) => error.code().map(|c| c.into_owned()),
+                other => panic!("connecting to another tenant's database must fail, got {other:?}"),
+            };
+            assert_eq!(code.as_deref(), Some("42501"), "insufficient_privilege");
+            // And it is not a superuser and cannot create roles or databases.
+            let flags: (bool, bool, bool) = sandbox
+                .query(&id, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user", vec![])
+                .await
+                .map(|r| {
+                    let b = |v: &dp::Value| matches!(v.kind, Some(dp::value::Kind::Bool(true)));
+                    (b(&r.rows[0].values[0]), b(&r.rows[0].values[1]), b(&r.rows[0].values[2]))
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(flags, (false, false, false));
+            // A column type with no Value mapping names the column and its type.
+            let inet = sandbox
+                .query(&id, "SELECT '10.0.0.1'::inet AS addr", vec![])
+                .await
+                .err();
+            assert_eq!(inet.as_ref().map(|s| s.code()), Some(Code::InvalidArgument));
+            assert!(inet.is_some_and(
+                |s| s.message().contains("addr") && s.message().to_lowercase().contains("inet")
+            ));
+        }
+    }
+}
+
+async fn values_round_trip(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("vals");
+    sandbox.create(&id).await;
+    use dp::value::Kind;
+    let values = vec![
+        int(-42),
+        dp::Value {
+            kind: Some(Kind::Double(1.5)),
+        },
+        text("héllo, 世界"),
+        dp::Value {
+            kind: Some(Kind::Bytes(vec![0, 1, 254, 255])),
+        },
+        dp::Value {
+            kind: Some(Kind::Bool(true)),
+        },
+        null(),
+    ];
+    let sql = match backend {
+        Backend::Postgres => {
+            "SELECT $1::int8 AS i, $2::float8 AS d, $3::text AS t, $4::bytea AS b, $5::bool AS o, $6::text AS n"
+        }
+        Backend::Sqlite => "SELECT ? AS i, ? AS d, ? AS t, ? AS b, ? AS o, ? AS n",
+    };
+    let rows = sandbox
+        .query(&id, sql, values.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.columns, vec!["i", "d", "t", "b", "o", "n"]);
+    let mut expected = values;
+    if backend == Backend::Sqlite {
+        expected[4] = int(1); // SQLite stores booleans as integers
+    }
+    assert_eq!(rows.rows[0].values, expected);
+
+    // Empty results still name their columns.
+    let empty = sandbox
+        .query(&id, "SELECT 1 AS one WHERE 1 = 0", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(empty.columns, vec!["one"]);
+    assert!(empty.rows.is_empty());
+
+    if backend == Backend::Postgres {
+        let rows = sandbox
+            .query(
+                &id,
+                "SELECT 12345678901234567890.123::numeric AS n, DATE '2024-02-29' AS d, \
+                 TIMESTAMPTZ '2024-02-29 12:00:00+00' AS ts, '6f1c4a1e-0000-4000-8000-000000000001'::uuid AS u, \
+                 '{\"a\": 1}'::jsonb AS j, 7::int2 AS small, 'x'::varchar AS v, INTERVAL '1 day 2 hours' AS iv",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<dp::Value> = rows.rows[0].values.clone();
+        assert_eq!(
+            got,
+            vec![
+                text("12345678901234567890.123"),
+                text("2024-02-29"),
+                text("2024-02-29T12:00:00Z"),
+                text("6f1c4a1e-0000-4000-8000-000000000001"),
+                text("{\"a\":1}"),
+                int(7),
+                text("x"),
+                text("P0M1DT7200S"),
+            ]
+        );
+        // The same SQL with another parameter kind gets its own prepared statement.
+        sandbox
+            .execute(&id, "CREATE TABLE t (v int4)", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sandbox
+            .execute(&id, "INSERT INTO t VALUES ($1)", vec![null()])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sandbox
+            .execute(&id, "INSERT INTO t VALUES ($1)", vec![int(5)])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let count = sandbox
+            .query(&id, "SELECT count(*) FROM t WHERE v = $1", vec![int(5)])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(count.rows[0].values[0], int(1));
+    }
+}
+
+async fn batch_is_all_or_nothing(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("batch");
+    sandbox.create(&id).await;
+    sandbox
+        .execute(
+            &id,
+            "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p1 = placeholder(backend, 1);
+    let p2 = placeholder(backend, 2);
+    let insert = format!("INSERT INTO items (id, name) VALUES ({p1}, {p2})");
+    let ok = sandbox
+        .batch(
+            &id,
+            &[
+                (&insert, vec![int(1), text("a")]),
+                (&insert, vec![int(2), text("b")]),
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ok.results.len(), 2);
+    let failed = sandbox
+        .batch(
+            &id,
+            &[
+                (&insert, vec![int(3), text("c")]),
+                (&insert, vec![int(1), text("duplicate")]),
+            ],
+        )
+        .await
+        .err();
+    assert_eq!(
+        failed.as_ref().map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+    assert!(failed.is_some_and(|s| s.message().starts_with("statement 1:")));
+    let count = sandbox
+        .query(&id, "SELECT count(*) FROM items", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        count.rows[0].values[0],
+        int(2),
+        "the failed batch left nothing behind"
+    );
+    let empty = sandbox.batch(&id, &[]).await.err().map(|s| s.code());
+    assert_eq!(empty, Some(Code::InvalidArgument));
+}
+
+async fn session_state_does_not_leak(backend: Backend) {
+    // One connection per tenant, so the next request surely reuses the connection.
+    let sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("sess");
+    sandbox.create(&id).await;
+    match backend {
+        Backend::Postgres => {
+            let before = sandbox
+                .query(&id, "SELECT current_setting('search_path') AS p", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            sandbox
+                .execute(&id, "SET search_path TO nowhere", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let after = sandbox
+                .query(&id, "SELECT current_setting('search_path') AS p", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                before.rows, after.rows,
+                "SET search_path leaked into the next request"
+            );
+            // A transaction left open by one request: SAVEPOINT works only inside one.
+            sandbox
+                .execute(&id, "BEGIN", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let savepoint = sandbox
+                .execute(&id, "SAVEPOINT probe", vec![])
+                .await
+                .err()
+                .map(|s| s.code());
+            assert_eq!(
+                savepoint,
+                Some(Code::InvalidArgument),
+                "a transaction outlived its request"
+            );
+            // A transaction left open and broken by an error.
+            sandbox
+                .execute(&id, "BEGIN", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let broken = sandbox
+                .query(&id, "SELECT 1 / 0", vec![])
+                .await
+                .err()
+                .map(|s| s.code());
+            assert_eq!(broken, Some(Code::InvalidArgument));
+            sandbox
+                .query(&id, "SELECT 1", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("an aborted transaction outlived its request: {e}"));
+            sandbox
+                .execute(&id, "CREATE TEMP TABLE scratch (x int)", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let temp = sandbox
+                .query(&id, "SELECT * FROM scratch", vec![])
+                .await
+                .err()
+                .map(|s| s.code());
+            assert_eq!(
+                temp,
+                Some(Code::InvalidArgument),
+                "a temp table outlived its request"
+            );
+        }
+        Backend::Sqlite => {
+            let begin = sandbox
+                .execute(&id, "BEGIN", vec![])
+                .await
+                .err()
+                .map(|s| s.code());
+            assert_eq!(begin, Some(Code::InvalidArgument));
+            sandbox
+                .execute(&id, "CREATE TABLE t (x INTEGER)", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("the transaction was not rolled back: {e}"));
+            // A write from another connection would block on a leftover transaction; a
+            // Batch (which begins its own transaction) must succeed.
+            sandbox
+                .batch(&id, &[("INSERT INTO t VALUES (1)", vec![])])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let pragma = sandbox
+                .execute(&id, "PRAGMA foreign_keys = OFF", vec![])
+                .await
+                .err()
+                .map(|s| s.code());
+            assert_eq!(pragma, Some(Code::InvalidArgument));
+        }
+    }
+}
+
+async fn deadline_cancels_the_statement(backend: Backend) {
+    let sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("slow");
+    sandbox.create(&id).await;
+    let slow = match backend {
+        Backend::Postgres => "SELECT pg_sleep(30)",
+        Backend::Sqlite => {
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        }
+    };
+    let mut request = with_tenant(
+        dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: slow.into(),
+                params: vec![],
+            }),
+        },
+        &id,
+    );
+    request.set_timeout(Duration::from_millis(300));
+    let status = sandbox.sql().query(request).await.err().map(|s| s.code());
+    assert!(
+        matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),
+        "got {status:?}"
+    );
+    // The single connection is usable again: the statement did not keep running.
+    let mut next = with_tenant(
+        dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: "SELECT 1".into(),
+                params: vec![],
+            }),
+        },
+        &id,
+    );
+    next.set_timeout(Duration::from_secs(10));
+    sandbox
+        .sql()
+        .query(next)
+        .await
+        .unwrap_or_else(|e| panic!("after a cancelled statement: {e}"));
+}
+
+async fn oversized_result_is_refused(backend: Backend) {
+    let sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            max_response_bytes: Some(64 * 1024),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("big");
+    sandbox.create(&id).await;
+    let big = match backend {
+        Backend::Postgres => "SELECT repeat('x', 1000) FROM generate_series(1, 1000)",
+        Backend::Sqlite => {
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000) \
+             SELECT printf('%.1000c', 'x') FROM c"
+        }
+    };
+    let status = sandbox.query(&id, big, vec![]).await.err();
+    assert_eq!(
+        status.as_ref().map(|s| s.code()),
+        Some(Code::ResourceExhausted)
+    );
+    assert!(status.is_some_and(|s| s.message().contains("LIMIT")));
+    sandbox
+        .query(&id, "SELECT 1", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn tenant_migrations_are_applied(backend: Backend) {
+    let migrations = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        migrations.path().join("0001_create_accounts.sql"),
+        "CREATE TABLE accounts (id INTEGER PRIMARY KEY, name TEXT NOT NULL);",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        migrations.path().join("0002_seed.sql"),
+        "INSERT INTO accounts (id, name) VALUES (1, 'owner');",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            tenant_migrations: Some(migrations.path().to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("migr");
+    let tenant = sandbox.create(&id).await;
+    assert_eq!(tenant.schema_version, 2);
+    let rows = sandbox
+        .query(&id, "SELECT name FROM accounts", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.rows[0].values[0], text("owner"));
+}
+
+async fn provisioning_resumes_after_a_crash(backend: Backend) {
+    for crash_before in [Step::CreateDatabase, Step::Migrate, Step::Activate] {
+        let mut sandbox = Sandbox::start_with(
+            backend,
+            SandboxOptions {
+                faults: FaultInjection {
+                    crash_before: Some(crash_before),
+                    fail_step: None,
+                },
+                ..Default::default()
+            },
+        )
+        .await;
+        let id = sandbox.tid("crash");
+        let status = sandbox
+            .tenants()
+            .create_tenant(cp::CreateTenantRequest {
+                tenant_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(status, Some(Code::Unavailable), "{crash_before:?}");
+        assert_eq!(
+            sandbox.get(&id).await.map(|t| t.state).ok(),
+            Some(cp::TenantState::Provisioning as i32)
+        );
+        // "Restart": a new control plane on the same registry finishes the job by itself.
+        sandbox
+            .restart_control_plane(FaultInjection::default())
+            .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let tenant = loop {
+            let tenant = sandbox.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+            if tenant.state == cp::TenantState::Active as i32 {
+                break tenant;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not resumed: {tenant:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(sandbox.database_exists(&tenant).await);
+        sandbox.wait_for_code(&id, Code::Ok).await;
+        // A retried create after the restart returns the same tenant.
+        assert_eq!(
+            sandbox.create(&id).await.route_version,
+            tenant.route_version
+        );
+        // An interrupted delete is resumed too.
+        sandbox
+            .restart_control_plane(FaultInjection {
+                crash_before: Some(Step::DropDatabase),
+                fail_step: None,
+            })
+            .await;
+        let status = sandbox
+            .tenants()
+            .delete_tenant(cp::DeleteTenantRequest {
+                tenant_id: id.clone(),
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(status, Some(Code::Unavailable));
+        sandbox
+            .restart_control_plane(FaultInjection::default())
+            .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let state = sandbox.get(&id).await.map(|t| t.state).unwrap_or_default();
+            if state == cp::TenantState::Deleted as i32 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "delete not resumed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!sandbox.database_exists(&tenant).await);
+    }
+}
+
+async fn failing_step_leaves_tenant_failed_and_delete_cleans_up(backend: Backend) {
+    let failing = match backend {
+        Backend::Postgres => Step::LockDown,
+        Backend::Sqlite => Step::Migrate,
+    };
+    let mut sandbox = Sandbox::start_with(
+        backend,
+        SandboxOptions {
+            faults: FaultInjection {
+                crash_before: None,
+                fail_step: Some(failing),
+            },
+            provision_attempts: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("fail");
+    let status = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .err();
+    assert_eq!(status.as_ref().map(|s| s.code()), Some(Code::Unavailable));
+    let tenant = sandbox.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tenant.state, cp::TenantState::Failed as i32);
+    assert!(
+        tenant.reason.contains(&failing.to_string()),
+        "reason: {}",
+        tenant.reason
+    );
+    assert!(
+        tenant.reason.contains("3 times"),
+        "reason: {}",
+        tenant.reason
+    );
+    // The half-made database exists; the data plane refuses the tenant.
+    assert!(sandbox.database_exists(&tenant).await);
+    let served = sandbox
+        .query(&id, "SELECT 1", vec![])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(served, Some(Code::Unavailable));
+    // Retrying with the fault still there fails again with the reason; without it, works.
+    sandbox
+        .restart_control_plane(FaultInjection::default())
+        .await;
+    let retried = sandbox.create(&id).await;
+    assert_eq!(retried.state, cp::TenantState::Active as i32);
+    // Delete leaves no database, role or file behind.
+    sandbox
+        .tenants()
+        .delete_tenant(cp::DeleteTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!sandbox.database_exists(&tenant).await);
+    if backend == Backend::Postgres {
+        assert!(!sandbox.role_exists(&tenant.database_name).await);
+    } else {
+        let dir = sandbox.temp.path().join("tenants-main");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "files left behind: {left:?}");
+    }
+}
+
+/// Creates `count` tenants with a canary row each, runs concurrent mixed traffic
+/// across them, and returns every response that carried another tenant's canary.
+async fn cross_tenant_leaks(sandbox: &Arc<Sandbox>, ids: &[String], rounds: usize) -> Vec<String> {
+    let p1 = placeholder(sandbox.backend, 1);
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let sandbox = sandbox.clone();
+        let ids = ids.to_vec();
+        let p1 = p1.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut leaks = Vec::new();
+            for round in 0..rounds {
+                let id = &ids[(worker * 7 + round * 3) % ids.len()];
+                let canaries: Vec<String> = match round % 3 {
+                    0 => sandbox
+                        .query(id, "SELECT owner FROM canary", vec![])
+                        .await
+                        .unwrap_or_else(|e| panic!("{id}: {e}"))
+                        .rows
+                        .iter()
+                        .filter_map(|r| match &r.values[0].kind {
+                            Some(dp::value::Kind::Text(t)) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                    1 => {
+                        sandbox
+                            .execute(
+                                id,
+                                &format!("INSERT INTO hits (owner) VALUES ({p1})"),
+                                vec![text(id)],
+                            )
+                            .await
+                            .unwrap_or_else(|e| panic!("{id}: {e}"));
+                        vec![]
+                    }
+                    _ => sandbox
+                        .query(id, "SELECT DISTINCT owner FROM hits", vec![])
+                        .await
+                        .unwrap_or_else(|e| panic!("{id}: {e}"))
+                        .rows
+                        .iter()
+                        .filter_map(|r| match &r.values[0].kind {
+                            Some(dp::value::Kind::Text(t)) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                };
+                for canary in canaries {
+                    if &canary != id {
+                        leaks.push(format!("request for {id} saw {canary}"));
+                    }
+                }
+            }
+            leaks
+        }));
+    }
+    let mut leaks = Vec::new();
+    for task in tasks {
+        leaks.extend(task.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    leaks
+}
+
+async fn setup_canaries(sandbox: &Sandbox, count: usize) -> Vec<String> {
+    let p1 = placeholder(sandbox.backend, 1);
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let id = sandbox.tid(&format!("iso{n}"));
+        sandbox.create(&id).await;
+        sandbox
+            .batch(
+                &id,
+                &[
+                    ("CREATE TABLE canary (owner TEXT NOT NULL)", vec![]),
+                    ("CREATE TABLE hits (owner TEXT NOT NULL)", vec![]),
+                    (
+                        &format!("INSERT INTO canary (owner) VALUES ({p1})"),
+                        vec![text(&id)],
+                    ),
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        ids.push(id);
+    }
+    ids
+}
+
+async fn isolation_under_concurrent_traffic(backend: Backend) {
+    let sandbox = Arc::new(Sandbox::start(backend).await);
+    let ids = setup_canaries(&sandbox, 20).await;
+    let leaks = cross_tenant_leaks(&sandbox, &ids, 60).await;
+    assert!(leaks.is_empty(), "cross-tenant responses: {leaks:?}");
+}
+
+/// Shows the isolation check can fail: with one tenant's route deliberately pointing at
+/// another tenant's database, the same check reports leaks.
+async fn isolation_check_catches_a_wrong_route(backend: Backend) {
+    let sandbox = Arc::new(
+        Sandbox::start_with(
+            backend,
+            SandboxOptions {
+                // No refresh during the test, so the wrong route stays.
+                route_refresh_interval_ms: Some(600_000),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let ids = setup_canaries(&sandbox, 3).await;
+    let router = sandbox.data_plane().router.clone();
+    let victim = tenantry_shared::TenantId::parse(&ids[0]).unwrap_or_else(|e| panic!("{e}"));
+    let neighbour = tenantry_shared::TenantId::parse(&ids[1]).unwrap_or_else(|e| panic!("{e}"));
+    let wrong = router
+        .cached(&neighbour)
+        .unwrap_or_else(|| panic!("route of {neighbour} not cached"));
+    router.insert_route_for_tests(victim, wrong);
+    let leaks = cross_tenant_leaks(&sandbox, &ids, 12).await;
+    assert!(
+        !leaks.is_empty(),
+        "a wrong route went unnoticed by the isolation check"
+    );
+}
+
+async fn list_is_paged_and_filtered(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let mut created = Vec::new();
+    for n in 0..5 {
+        let id = sandbox.tid(&format!("list{n}"));
+        sandbox.create(&id).await;
+        created.push(id);
+    }
+    sandbox
+        .tenants()
+        .suspend_tenant(cp::SuspendTenantRequest {
+            tenant_id: created[0].clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = sandbox
+            .tenants()
+            .list_tenants(cp::ListTenantsRequest {
+                page_size: 2,
+                page_token,
+                state: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner();
+        assert!(page.tenants.len() <= 2);
+        seen.extend(page.tenants.into_iter().map(|t| t.tenant_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, created);
+    let suspended = sandbox
+        .tenants()
+        .list_tenants(cp::ListTenantsRequest {
+            page_size: 0,
+            page_token: String::new(),
+            state: cp::TenantState::Suspended as i32,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(suspended.tenants.len(), 1);
+    let bad = sandbox
+        .tenants()
+        .list_tenants(cp::ListTenantsRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(bad, Some(Code::InvalidArgument));
+    let servers = sandbox
+        .servers()
+        .list_database_servers(cp::ListDatabaseServersRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner()
+        .servers;
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0].tenant_count, 5);
+    assert!(!servers[0].location.contains("password"));
+}
+
+async fn health_and_reflection_are_served(backend: Backend) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let sandbox = Sandbox::start(backend).await;
+    for channel in [
+        sandbox.control_plane_channel.clone(),
+        sandbox.data_plane_channel.clone(),
+    ] {
+        let status = HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32);
+    }
+    // Registering the same server again is a no-op; another location is refused.
+    let again = sandbox.register_server("main").await;
+    assert_eq!(again.name, "main");
+    let conflict = sandbox
+        .servers()
+        .register_database_server(cp::RegisterDatabaseServerRequest {
+            name: "main".into(),
+            location: Some(
+                cp::register_database_server_request::Location::SqliteDirectory(
+                    sandbox.temp.path().join("elsewhere").display().to_string(),
+                ),
+            ),
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(conflict, Some(Code::AlreadyExists));
+}
