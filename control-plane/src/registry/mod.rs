@@ -116,6 +116,10 @@ pub struct TenantChange<'a> {
 #[derive(Clone)]
 pub struct Registry {
     db: DatabaseConnection,
+    /// Serializes this process's write transactions. SQLite (WAL) lets readers run
+    /// beside a writer but fails a deferred transaction that tries to write after another
+    /// writer committed ("database is locked"), so writers take turns here.
+    write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Registry {
@@ -154,7 +158,10 @@ impl Registry {
             ControlPlaneError::Unavailable(format!("cannot open the registry: {error}"))
         })?;
         migration::Migrator::up(&db, None).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            write_lock: Default::default(),
+        })
     }
 
     pub async fn close(self) {
@@ -206,6 +213,7 @@ impl Registry {
         new: NewTenant,
         actor: &str,
     ) -> Result<Option<tenant::Model>> {
+        let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
         let exists = tenant::Entity::find_by_id(new.tenant_id.clone())
             .count(&txn)
@@ -263,6 +271,7 @@ impl Registry {
     where
         F: FnOnce(&tenant::Model, &mut tenant::ActiveModel) -> Result<()>,
     {
+        let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
         let current = tenant::Entity::find_by_id(tenant_id.to_owned())
             .one(&txn)
@@ -314,6 +323,7 @@ impl Registry {
         location: &str,
         actor: &str,
     ) -> Result<Option<database_server::Model>> {
+        let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
         if database_server::Entity::find_by_id(name.to_owned())
             .count(&txn)

@@ -226,9 +226,11 @@ pub async fn batch(
 ) -> Result<Vec<pb::ExecuteResponse>> {
     let mut session = session(pool, call).await?;
     let outcome = async {
+        // IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
+        // batch that reads before it writes cannot fail on a concurrent writer.
         let mut transaction = session
             .connection
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|error| from_sqlx(error, call.tenant))?;
         let mut results = Vec::with_capacity(statements.len());
