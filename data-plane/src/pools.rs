@@ -114,6 +114,9 @@ impl PoolManager {
                     .username(username)
                     .password(password)
                     .application_name("tenantry-data-plane")
+                    // The session reset's ROLLBACK warns when no transaction is open;
+                    // notices are not passed to callers, so do not send them at all.
+                    .options([("client_min_messages", "error")])
                     .disable_statement_logging();
                 TenantPool::Postgres(
                     PgPoolOptions::new()
@@ -122,13 +125,7 @@ impl PoolManager {
                         .acquire_timeout(self.options.acquire_timeout)
                         .idle_timeout(self.options.idle_timeout)
                         .after_release(|connection, _| {
-                            Box::pin(async move {
-                                // A connection that cannot be cleaned is closed, never reused.
-                                Ok(sqlx::raw_sql(POSTGRES_SESSION_RESET)
-                                    .execute(connection)
-                                    .await
-                                    .is_ok())
-                            })
+                            Box::pin(async move { Ok(queue_session_reset(connection)) })
                         })
                         .connect_lazy_with(connect),
                 )
@@ -199,6 +196,19 @@ impl PoolManager {
     pub fn open_pools(&self) -> usize {
         self.pools.len()
     }
+}
+
+/// Queues the session reset on a PostgreSQL connection that is going back to its pool,
+/// without waiting for the answer: sqlx's release check (a Sync round trip) that follows
+/// flushes it and drains its result, so reset and check share one round trip, and no
+/// request can use the connection before the reset has run. Returns false (close the
+/// connection) if the reset could not even be queued.
+fn queue_session_reset(connection: &mut sqlx::PgConnection) -> bool {
+    use futures::FutureExt;
+    let reset = sqlx::raw_sql(POSTGRES_SESSION_RESET).execute(connection);
+    // The first poll writes the query and counts its pending ReadyForQuery; dropping the
+    // future after that is how sqlx expects cancellation, and the next use drains it.
+    !matches!(reset.now_or_never(), Some(Err(_)))
 }
 
 /// Pragmas that take an argument but only read (e.g. `PRAGMA table_info(t)`).

@@ -1,0 +1,535 @@
+//! Tenantry benchmarks (`cargo bench --bench platform`). Every figure is reported with
+//! its baseline from the same run:
+//!
+//! 1. layers: per-request cost of the tenant layer plus a router lookup for a cached
+//!    tenant, against the same inner service without the layer;
+//! 2. create: time to create a tenant (p50, p99) on SQLite and PostgreSQL;
+//! 3. point selects through SqlService: a baseline tonic service on one pre-opened pool
+//!    with no tenant layers, vs the routed data plane with 1 tenant and with many tenants
+//!    (1,000 on SQLite, 50 on PostgreSQL), traffic spread uniformly.
+//!
+//! `TENANTRY_BENCH_SECONDS` (default 3) sets the length of each measured round; rounds
+//! of the scenarios are interleaved three times and the median round is reported.
+
+#[path = "../tests/common/postgres.rs"]
+mod test_postgres;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tenantry_control_plane::ControlPlaneConfig;
+use tenantry_data_plane::DataPlaneConfig;
+use tenantry_data_plane::router::{Route, RouteState, Router, RouterOptions, Target};
+use tenantry_data_plane::tenant_layer::TenantLayer;
+use tenantry_proto::controlplane::v1 as cp;
+use tenantry_proto::controlplane::v1::database_server_service_client::DatabaseServerServiceClient;
+use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient;
+use tenantry_proto::dataplane::v1 as dp;
+use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_proto::dataplane::v1::sql_service_server::{SqlService, SqlServiceServer};
+use tenantry_shared::TenantId;
+use tonic::transport::Channel;
+use tower::{Layer, Service, ServiceExt};
+
+const CONCURRENCY: usize = 32;
+const CHANNELS: usize = 4;
+const ROWS_PER_TENANT: i64 = 100;
+const ROUNDS: usize = 3;
+
+fn seconds_per_round() -> Duration {
+    let seconds = std::env::var("TENANTRY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(3.0);
+    Duration::from_secs_f64(seconds)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        // `cargo test --benches` probes bench binaries; nothing to test here.
+        return Ok(());
+    }
+    println!("# Tenantry benchmarks\n");
+    layers().await?;
+    let sqlite = end_to_end(Backend::Sqlite, 1000).await?;
+    let postgres = end_to_end(Backend::Postgres, 50).await?;
+    println!("\n## Summary\n");
+    println!("| backend | scenario | throughput (req/s) | p50 | p99 | ratio |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (backend, results) in [("SQLite", &sqlite), ("PostgreSQL", &postgres)] {
+        for line in results {
+            println!("| {backend} | {line} |");
+        }
+    }
+    Ok(())
+}
+
+/// 1. The tenant layer and router lookup, against the bare inner service.
+async fn layers() -> anyhow::Result<()> {
+    let router = Arc::new(
+        Router::new(
+            "http://127.0.0.1:9",
+            RouterOptions {
+                refresh_interval: Duration::from_secs(3600),
+                unknown_tenant_ttl: Duration::from_secs(1),
+                control_plane_timeout: Duration::from_secs(1),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let tenant = TenantId::parse("acme")?;
+    router.insert_route_for_tests(
+        tenant,
+        Arc::new(Route {
+            state: RouteState::Active,
+            reason: String::new(),
+            version: 1,
+            target: Some(Target::Sqlite {
+                path: "/nonexistent".into(),
+                incarnation: 1,
+            }),
+        }),
+    );
+    let inner = tower::service_fn(|_request: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+    });
+    let request = || {
+        http::Request::builder()
+            .uri("/tenantry.dataplane.v1.SqlService/Query")
+            .header("x-tenant-id", "acme")
+            .body(tonic::body::Body::empty())
+            .unwrap_or_default()
+    };
+    let iterations = 300_000;
+    let mut bare = inner;
+    let started = Instant::now();
+    for _ in 0..iterations {
+        let response = bare.ready().await?.call(request()).await?;
+        std::hint::black_box(response);
+    }
+    let bare_time = started.elapsed();
+    let mut layered = TenantLayer::new(router.clone()).layer(inner);
+    let started = Instant::now();
+    for _ in 0..iterations {
+        let response = layered.ready().await?.call(request()).await?;
+        std::hint::black_box(response);
+    }
+    let layered_time = started.elapsed();
+    let per = |d: Duration| d.as_nanos() as f64 / iterations as f64;
+    println!("## Tenant layer + router lookup (cached tenant), {iterations} calls\n");
+    println!("| service | ns per request |");
+    println!("| --- | --- |");
+    println!("| inner service alone (baseline) | {:.0} |", per(bare_time));
+    println!(
+        "| tenant layer + router lookup + inner | {:.0} |",
+        per(layered_time)
+    );
+    println!(
+        "| added by the layer | {:.0} |\n",
+        per(layered_time) - per(bare_time)
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The baseline: SqlService.Query on one pre-opened pool, no tenant layers.
+#[derive(Clone)]
+enum BaselinePool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+struct Baseline {
+    pool: BaselinePool,
+}
+
+fn to_value_i64(v: i64) -> dp::Value {
+    dp::Value {
+        kind: Some(dp::value::Kind::Int64(v)),
+    }
+}
+
+#[tonic::async_trait]
+impl SqlService for Baseline {
+    async fn execute(
+        &self,
+        _request: tonic::Request<dp::ExecuteRequest>,
+    ) -> Result<tonic::Response<dp::ExecuteResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline serves Query only"))
+    }
+
+    async fn query(
+        &self,
+        request: tonic::Request<dp::QueryRequest>,
+    ) -> Result<tonic::Response<dp::QueryResponse>, tonic::Status> {
+        let statement = request.into_inner().statement.unwrap_or_default();
+        let id = match statement.params.first().and_then(|p| p.kind.clone()) {
+            Some(dp::value::Kind::Int64(id)) => id,
+            _ => 0,
+        };
+        let sql = sqlx::AssertSqlSafe(statement.sql);
+        let row: (String,) = match &self.pool {
+            BaselinePool::Sqlite(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await,
+            BaselinePool::Postgres(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await,
+        }
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(dp::QueryResponse {
+            columns: vec!["v".into()],
+            rows: vec![dp::Row {
+                values: vec![dp::Value {
+                    kind: Some(dp::value::Kind::Text(row.0)),
+                }],
+            }],
+        }))
+    }
+
+    async fn batch(
+        &self,
+        _request: tonic::Request<dp::BatchRequest>,
+    ) -> Result<tonic::Response<dp::BatchResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline serves Query only"))
+    }
+}
+
+struct Measured {
+    throughput: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+}
+
+/// Runs point selects from CONCURRENCY tasks for one round against `tenants`.
+async fn run_load(channels: &[Channel], tenants: Arc<Vec<String>>, placeholder: &str) -> Measured {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sql = Arc::new(format!("SELECT v FROM kv WHERE id = {placeholder}"));
+    let mut tasks = Vec::new();
+    for worker in 0..CONCURRENCY {
+        let mut client = SqlServiceClient::new(channels[worker % channels.len()].clone());
+        let tenants = tenants.clone();
+        let stop = stop.clone();
+        let sql = sql.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut errors = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (tenant, id) = {
+                    let mut rng = rand::rng();
+                    (
+                        &tenants[rng.random_range(0..tenants.len())],
+                        rng.random_range(1..=ROWS_PER_TENANT),
+                    )
+                };
+                let mut request = tonic::Request::new(dp::QueryRequest {
+                    statement: Some(dp::Statement {
+                        sql: sql.as_str().to_owned(),
+                        params: vec![to_value_i64(id)],
+                    }),
+                });
+                if let Ok(value) = tenant.parse() {
+                    request.metadata_mut().insert("x-tenant-id", value);
+                }
+                let started = Instant::now();
+                match client.query(request).await {
+                    Ok(_) => latencies.push(started.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let round = seconds_per_round();
+    tokio::time::sleep(round).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        if let Ok((mut l, e)) = task.await {
+            latencies.append(&mut l);
+            errors += e;
+        }
+    }
+    latencies.sort();
+    Measured {
+        throughput: latencies.len() as f64 / round.as_secs_f64(),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        errors,
+    }
+}
+
+async fn channels(url: &str) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        channels.push(
+            Channel::from_shared(url.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
+/// 2 and 3 for one backend; returns summary table lines.
+async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>> {
+    let name = match backend {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
+    };
+    let run_id: String = {
+        let mut rng = rand::rng();
+        (0..6)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect()
+    };
+    let temp = tempfile::tempdir()?;
+    let admin_url = match backend {
+        Backend::Postgres => Some(test_postgres::admin_url().await),
+        Backend::Sqlite => None,
+    };
+    let control_plane_config = ControlPlaneConfig {
+        listen_addr: "127.0.0.1:0".parse()?,
+        registry_url: temp.path().join("registry.db").display().to_string(),
+        ..ControlPlaneConfig::default()
+    };
+    let control_plane = tenantry_control_plane::start(
+        &control_plane_config,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        Default::default(),
+    )
+    .await?;
+    // Same connection count for the baseline pool and each tenant's pool. PostgreSQL here
+    // allows 100 connections, so 50 tenants get 1 each (budgets come with issue 3).
+    let connections_per_pool = match backend {
+        Backend::Sqlite => 4,
+        Backend::Postgres => 1,
+    };
+    let data_plane = tenantry_data_plane::start(
+        &DataPlaneConfig {
+            listen_addr: "127.0.0.1:0".parse()?,
+            control_plane_url: control_plane.url(),
+            max_connections_per_tenant: connections_per_pool,
+            ..DataPlaneConfig::default()
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    )
+    .await?;
+    let control_channel = Channel::from_shared(control_plane.url())?.connect().await?;
+    let location = match &admin_url {
+        Some(url) => cp::register_database_server_request::Location::PostgresAdminUrl(url.clone()),
+        None => cp::register_database_server_request::Location::SqliteDirectory(
+            temp.path().join("tenants").display().to_string(),
+        ),
+    };
+    DatabaseServerServiceClient::new(control_channel.clone())
+        .register_database_server(cp::RegisterDatabaseServerRequest {
+            name: "main".into(),
+            location: Some(location),
+        })
+        .await?;
+
+    // 2. Create tenants, timing each create.
+    let mut tenants_client = TenantServiceClient::new(control_channel.clone());
+    let mut create_times = Vec::new();
+    let mut tenant_ids = Vec::new();
+    for n in 0..many {
+        let tenant_id = format!("b{n}-{run_id}");
+        let started = Instant::now();
+        tenants_client
+            .create_tenant(cp::CreateTenantRequest {
+                tenant_id: tenant_id.clone(),
+                ..Default::default()
+            })
+            .await?;
+        create_times.push(started.elapsed());
+        tenant_ids.push(tenant_id);
+    }
+    create_times.sort();
+    println!("## {name}: time to create a tenant ({many} tenants)\n");
+    println!("| p50 | p99 |");
+    println!("| --- | --- |");
+    println!(
+        "| {} | {} |\n",
+        ms(percentile(&create_times, 0.5)),
+        ms(percentile(&create_times, 0.99))
+    );
+
+    // Schema and rows in every tenant, through the data plane.
+    let data_channels = channels(&data_plane.server.url()).await?;
+    let mut sql_client = SqlServiceClient::new(data_channels[0].clone());
+    let placeholder = match backend {
+        Backend::Postgres => "$1",
+        Backend::Sqlite => "?",
+    };
+    for tenant_id in &tenant_ids {
+        let mut statements = vec![dp::Statement {
+            sql: "CREATE TABLE kv (id BIGINT PRIMARY KEY, v TEXT NOT NULL)".into(),
+            params: vec![],
+        }];
+        statements.push(dp::Statement {
+            sql: match backend {
+                Backend::Postgres => format!(
+                    "INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM generate_series(1, {ROWS_PER_TENANT}) AS n"
+                ),
+                Backend::Sqlite => format!(
+                    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {ROWS_PER_TENANT}) \
+                     INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM c"
+                ),
+            },
+            params: vec![],
+        });
+        let mut request = tonic::Request::new(dp::BatchRequest { statements });
+        request
+            .metadata_mut()
+            .insert("x-tenant-id", tenant_id.parse()?);
+        sql_client.batch(request).await?;
+    }
+
+    // The baseline server: the first tenant's database on one pre-opened pool.
+    let first = tenants_client
+        .get_tenant(cp::GetTenantRequest {
+            tenant_id: tenant_ids[0].clone(),
+        })
+        .await?
+        .into_inner();
+    let baseline_pool = match &admin_url {
+        Some(url) => {
+            let mut parsed = url::Url::parse(url)?;
+            parsed.set_path(&format!("/{}", first.database_name));
+            BaselinePool::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(connections_per_pool)
+                    .connect(parsed.as_str())
+                    .await?,
+            )
+        }
+        None => BaselinePool::Sqlite(
+            sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(connections_per_pool)
+                .connect_with(
+                    sqlx::sqlite::SqliteConnectOptions::new()
+                        .filename(temp.path().join("tenants").join(&first.database_name)),
+                )
+                .await?,
+        ),
+    };
+    let baseline_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let baseline_addr = baseline_listener.local_addr()?;
+    let baseline_service = SqlServiceServer::new(Baseline {
+        pool: baseline_pool.clone(),
+    });
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(baseline_service)
+            .serve_with_incoming(tenantry_shared::grpc::incoming(baseline_listener))
+            .await;
+    });
+    let baseline_channels = channels(&format!("http://{baseline_addr}")).await?;
+
+    let one = Arc::new(vec![tenant_ids[0].clone()]);
+    let all = Arc::new(tenant_ids.clone());
+    // Warm every tenant's pool once.
+    for tenant_id in all.iter() {
+        let mut request = tonic::Request::new(dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: format!("SELECT v FROM kv WHERE id = {placeholder}"),
+                params: vec![to_value_i64(1)],
+            }),
+        });
+        request
+            .metadata_mut()
+            .insert("x-tenant-id", tenant_id.parse()?);
+        sql_client.query(request).await?;
+    }
+    let scenarios = [
+        "baseline (1 pool, no tenant layers)",
+        "routed, 1 tenant",
+        "routed, many tenants",
+    ];
+    let mut rounds: Vec<Vec<Measured>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        rounds[0].push(run_load(&baseline_channels, one.clone(), placeholder).await);
+        rounds[1].push(run_load(&data_channels, one.clone(), placeholder).await);
+        rounds[2].push(run_load(&data_channels, all.clone(), placeholder).await);
+    }
+    let median: Vec<Measured> = rounds
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+            r.swap_remove(r.len() / 2)
+        })
+        .collect();
+    println!(
+        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connection(s) per pool, median of {ROUNDS} rounds of {:?})\n",
+        seconds_per_round()
+    );
+    println!("| scenario | throughput (req/s) | p50 | p99 | errors |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut summary = Vec::new();
+    for (n, (scenario, m)) in scenarios.iter().zip(&median).enumerate() {
+        let label = if n == 2 {
+            format!("routed, {many} tenants")
+        } else {
+            (*scenario).to_owned()
+        };
+        println!(
+            "| {label} | {:.0} | {} | {} | {} |",
+            m.throughput,
+            ms(m.p50),
+            ms(m.p99),
+            m.errors
+        );
+        let ratio = match n {
+            0 => "1.00 (baseline)".to_owned(),
+            1 => format!("{:.2} of baseline", m.throughput / median[0].throughput),
+            _ => format!(
+                "{:.2} of baseline, {:.2} of 1 tenant",
+                m.throughput / median[0].throughput,
+                m.throughput / median[1].throughput
+            ),
+        };
+        summary.push(format!(
+            "{label} | {:.0} | {} | {} | {ratio}",
+            m.throughput,
+            ms(m.p50),
+            ms(m.p99)
+        ));
+    }
+    println!();
+
+    // Clean up: delete every tenant (drops PostgreSQL databases and roles).
+    match baseline_pool {
+        BaselinePool::Sqlite(pool) => pool.close().await,
+        BaselinePool::Postgres(pool) => pool.close().await,
+    }
+    data_plane.server.shutdown().await?;
+    for tenant_id in &tenant_ids {
+        tenants_client
+            .delete_tenant(cp::DeleteTenantRequest {
+                tenant_id: tenant_id.clone(),
+            })
+            .await?;
+    }
+    control_plane.shutdown().await?;
+    Ok(summary)
+}
