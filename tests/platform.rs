@@ -469,6 +469,13 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
                     .map(|s| s.code());
                 assert_eq!(status, Some(Code::InvalidArgument), "{statement}");
             }
+            // Named parameters are refused with a message that names the supported forms.
+            let named = sandbox.query(&id, "SELECT :name", vec![int(1)]).await.err();
+            assert_eq!(
+                named.as_ref().map(|s| s.code()),
+                Some(Code::InvalidArgument)
+            );
+            assert!(named.is_some_and(|s| s.message().contains("?NNN")));
             // Reading PRAGMAs is fine.
             sandbox
                 .query(&id, "PRAGMA journal_mode", vec![])

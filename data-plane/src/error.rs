@@ -74,6 +74,12 @@ pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
         sqlx::Error::PoolClosed => DataPlaneError::Unavailable(format!(
             "the connection pool of tenant {tenant} was closed (route changed); retry"
         )),
+        // sqlx-sqlite refuses named parameters (:name, @name) this way.
+        sqlx::Error::Protocol(message) if message.contains("parameter") => {
+            DataPlaneError::InvalidArgument(format!(
+                "{message}; SQLite statements take ?, ?NNN or $NNN placeholders"
+            ))
+        }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)

@@ -120,24 +120,58 @@ fn bind<'q>(
     query
 }
 
+/// Parameter counts by SQL text. A statement's placeholders depend on its text alone, so
+/// the count is learned once per text (one extra trip to the connection's worker
+/// thread) and the statement then runs in a single trip like any sqlx query.
+static PARAMETER_COUNTS: std::sync::LazyLock<dashmap::DashMap<String, usize>> =
+    std::sync::LazyLock::new(dashmap::DashMap::new);
+const MAX_REMEMBERED_STATEMENTS: usize = 10_000;
+
+/// Refuses a request whose parameter count does not match its statement (SQLite itself
+/// would bind missing parameters as NULL).
+async fn check_parameter_count(
+    connection: &mut sqlx::SqliteConnection,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<()> {
+    let expected = match PARAMETER_COUNTS.get(&statement.sql) {
+        Some(count) => *count,
+        None => {
+            let prepared = prepare(connection, statement, call).await?;
+            let count = match prepared.parameters() {
+                Some(sqlx::Either::Left(types)) => types.len(),
+                Some(sqlx::Either::Right(count)) => count,
+                None => statement.params.len(),
+            };
+            if PARAMETER_COUNTS.len() >= MAX_REMEMBERED_STATEMENTS {
+                PARAMETER_COUNTS.clear();
+            }
+            PARAMETER_COUNTS.insert(statement.sql.clone(), count);
+            count
+        }
+    };
+    if expected != statement.params.len() {
+        return Err(parameter_count_error(expected, statement.params.len()));
+    }
+    Ok(())
+}
+
 async fn prepare(
     connection: &mut sqlx::SqliteConnection,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<sqlx::sqlite::SqliteStatement> {
-    let prepared = connection
+    connection
         .prepare(AssertSqlSafe(statement.sql.clone()).into_sql_str())
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
-    let expected = match prepared.parameters() {
-        Some(sqlx::Either::Left(types)) => types.len(),
-        Some(sqlx::Either::Right(count)) => count,
-        None => statement.params.len(),
-    };
-    if expected != statement.params.len() {
-        return Err(parameter_count_error(expected, statement.params.len()));
-    }
-    Ok(prepared)
+        .map_err(|error| from_sqlx(error, call.tenant))
+}
+
+fn query_of(statement: &pb::Statement) -> Query<'_, Sqlite, SqliteArguments> {
+    bind(
+        sqlx::query(AssertSqlSafe(statement.sql.as_str())),
+        &statement.params,
+    )
 }
 
 async fn execute_on(
@@ -145,8 +179,8 @@ async fn execute_on(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
-    let prepared = prepare(connection, statement, call).await?;
-    let result = bind(prepared.query(), &statement.params)
+    check_parameter_count(connection, statement, call).await?;
+    let result = query_of(statement)
         .execute(&mut *connection)
         .await
         .map_err(|error| from_sqlx(error, call.tenant))?;
@@ -197,24 +231,30 @@ async fn query_on(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
-    let prepared = prepare(connection, statement, call).await?;
-    let columns: Vec<String> = prepared
-        .columns()
-        .iter()
-        .map(|c| c.name().to_owned())
-        .collect();
-    let mut response = pb::QueryResponse {
-        columns,
-        rows: Vec::new(),
-    };
+    check_parameter_count(connection, statement, call).await?;
+    let mut response = pb::QueryResponse::default();
     let mut size = 0;
-    let mut rows = bind(prepared.query(), &statement.params).fetch(&mut *connection);
-    while let Some(row) = rows
-        .try_next()
-        .await
-        .map_err(|error| from_sqlx(error, call.tenant))?
     {
-        push_row(&mut response, &mut size, decode_row(&row)?, call)?;
+        let mut rows = query_of(statement).fetch(&mut *connection);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|error| from_sqlx(error, call.tenant))?
+        {
+            if response.columns.is_empty() {
+                response.columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
+            }
+            push_row(&mut response, &mut size, decode_row(&row)?, call)?;
+        }
+    }
+    if response.rows.is_empty() {
+        // No row to read the column names from: ask the prepared statement.
+        let prepared = prepare(connection, statement, call).await?;
+        response.columns = prepared
+            .columns()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect();
     }
     Ok(response)
 }
