@@ -419,6 +419,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             BaselinePool::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(connections_per_pool)
+                    .test_before_acquire(false)
                     .connect(parsed.as_str())
                     .await?,
             )
@@ -426,6 +427,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         None => BaselinePool::Sqlite(
             sqlx::sqlite::SqlitePoolOptions::new()
                 .max_connections(connections_per_pool)
+                .test_before_acquire(false)
                 .connect_with(
                     sqlx::sqlite::SqliteConnectOptions::new()
                         .filename(temp.path().join("tenants").join(&first.database_name)),

@@ -124,6 +124,9 @@ impl PoolManager {
                         .min_connections(0)
                         .acquire_timeout(self.options.acquire_timeout)
                         .idle_timeout(self.options.idle_timeout)
+                        // Connections are checked when they are released (sqlx pings them
+                        // then); a second check on every acquire would cost a round trip.
+                        .test_before_acquire(false)
                         .after_release(|connection, _| {
                             Box::pin(async move { Ok(queue_session_reset(connection)) })
                         })
@@ -144,6 +147,7 @@ impl PoolManager {
                         .min_connections(0)
                         .acquire_timeout(self.options.acquire_timeout)
                         .idle_timeout(self.options.idle_timeout)
+                        .test_before_acquire(false)
                         .after_connect(|connection, _| {
                             Box::pin(async move {
                                 let mut handle = connection.lock_handle().await?;
