@@ -382,7 +382,8 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| parse_param(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut client = SqlServiceClient::new(channel(&args.data_plane, "data plane").await?);
+    let mut client = SqlServiceClient::new(channel(&args.data_plane, "data plane").await?)
+        .max_decoding_message_size(64 * 1024 * 1024);
     let statement = Some(dp::Statement {
         sql: args.sql.clone(),
         params,

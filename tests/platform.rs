@@ -67,6 +67,22 @@ async fn tenant_lifecycle(backend: Backend) {
         inserted.last_insert_id.is_some(),
         backend == Backend::Sqlite
     );
+    // A statement that changes nothing reports nothing, whatever ran before it.
+    let select = sandbox
+        .execute(&id, "SELECT 1", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // (PostgreSQL's command tag counts the rows a SELECT returned.)
+    let selected = if backend == Backend::Postgres { 1 } else { 0 };
+    assert_eq!(
+        (select.rows_affected, select.last_insert_id),
+        (selected, None)
+    );
+    let updated = sandbox
+        .execute(&id, "UPDATE notes SET body = body", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((updated.rows_affected, updated.last_insert_id), (1, None));
     let rows = sandbox
         .query(&id, "SELECT id, body FROM notes", vec![])
         .await
@@ -1271,6 +1287,38 @@ async fn health_and_reflection_are_served(backend: Backend) {
             .status;
         assert_eq!(status, ServingStatus::Serving as i32);
     }
+    // Reflection lists each plane's own services (v1 and v1alpha both answer).
+    let control_services = reflected_services(sandbox.control_plane_channel.clone()).await;
+    assert!(control_services.contains(&"tenantry.controlplane.v1.TenantService".to_owned()));
+    assert!(!control_services.contains(&"tenantry.dataplane.v1.SqlService".to_owned()));
+    let data_services = reflected_services(sandbox.data_plane_channel.clone()).await;
+    assert!(data_services.contains(&"tenantry.dataplane.v1.SqlService".to_owned()));
+    assert!(data_services.contains(&"grpc.health.v1.Health".to_owned()));
+    assert!(!data_services.contains(&"tenantry.controlplane.v1.RoutingService".to_owned()));
+    let mut v1alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            sandbox.data_plane_channel.clone(),
+        );
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut answers = v1alpha
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert!(
+        answers
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
     // Registering the same server again is a no-op; another location is refused.
     let again = sandbox.register_server("main").await;
     assert_eq!(again.name, "main");
@@ -1288,4 +1336,29 @@ async fn health_and_reflection_are_served(backend: Backend) {
         .err()
         .map(|s| s.code());
     assert_eq!(conflict, Some(Code::AlreadyExists));
+}
+
+async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    match answers.message().await.unwrap_or_else(|e| panic!("{e}")) {
+        Some(answer) => match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        },
+        None => panic!("no reflection answer"),
+    }
 }

@@ -115,7 +115,14 @@ pub async fn start(
     .add_service(RoutingServiceServer::new(service::routing::RoutingApi {
         registry: registry.clone(),
     }));
-    let (routes, health) = with_health_and_reflection(routes)?;
+    let (routes, health) = with_health_and_reflection(
+        routes,
+        &[
+            "tenantry.controlplane.v1.TenantService",
+            "tenantry.controlplane.v1.DatabaseServerService",
+            "tenantry.controlplane.v1.RoutingService",
+        ],
+    )?;
     ServerHandle::spawn(listener, move |listener, shutdown| async move {
         let served = tonic::transport::Server::builder()
             .add_routes(routes)

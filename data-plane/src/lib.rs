@@ -126,7 +126,8 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(config.max_response_bytes + 64 * 1024),
     );
-    let (routes, health) = with_health_and_reflection(routes)?;
+    let (routes, health) =
+        with_health_and_reflection(routes, &["tenantry.dataplane.v1.SqlService"])?;
     let layer = TenantLayer::new(router.clone());
     let server_pools = pools.clone();
     let server = ServerHandle::spawn(listener, move |listener, shutdown| async move {

@@ -132,7 +132,8 @@ impl Route {
                 "tenant {tenant_id} is still being provisioned; retry shortly"
             ))),
             RouteState::Failed => Err(DataPlaneError::Unavailable(format!(
-                "tenant {tenant_id} is unavailable: its provisioning failed"
+                "tenant {tenant_id} is unavailable: {}",
+                self.reason
             ))),
             RouteState::Deleting | RouteState::Deleted => Err(DataPlaneError::NotFound(format!(
                 "tenant {tenant_id} does not exist (deleted)"

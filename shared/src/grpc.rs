@@ -11,17 +11,26 @@ use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
 /// Adds `grpc.health.v1.Health` and server reflection (v1 and v1alpha, so that older
-/// grpcurl versions work) to a plane's routes. The returned reporter starts SERVING.
-pub fn with_health_and_reflection(routes: Routes) -> anyhow::Result<(Routes, HealthReporter)> {
+/// grpcurl versions work) to a plane's routes. Reflection lists `service_names` (the
+/// plane's own services) and health. The returned reporter starts SERVING.
+pub fn with_health_and_reflection(
+    routes: Routes,
+    service_names: &[&str],
+) -> anyhow::Result<(Routes, HealthReporter)> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tenantry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tenantry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let builder = || {
+        service_names
+            .iter()
+            .chain(["grpc.health.v1.Health"].iter())
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tenantry_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(*name),
+            )
+    };
+    let reflection_v1 = builder().build_v1()?;
+    let reflection_v1alpha = builder().build_v1alpha()?;
     let routes = routes
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -126,11 +126,15 @@ impl Registry {
     /// Opens (creating if needed) and migrates the registry at `url`: `postgres://...`,
     /// `sqlite://PATH`, or a plain file path for SQLite.
     pub async fn open(url: &str) -> Result<Self> {
-        let url = if url.starts_with("postgres://")
-            || url.starts_with("postgresql://")
-            || url.starts_with("sqlite:")
-        {
+        let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             url.to_owned()
+        } else if url.starts_with("sqlite:") {
+            // Create the file if it is missing unless the URL says otherwise.
+            match (url.contains("mode="), url.contains('?')) {
+                (true, _) => url.to_owned(),
+                (false, true) => format!("{url}&mode=rwc"),
+                (false, false) => format!("{url}?mode=rwc"),
+            }
         } else {
             let path = std::path::Path::new(url);
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

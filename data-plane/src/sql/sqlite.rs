@@ -174,19 +174,47 @@ fn query_of(statement: &pb::Statement) -> Query<'_, Sqlite, SqliteArguments> {
     )
 }
 
+/// SQLite's change counters of a connection: total changes and last inserted rowid.
+async fn change_counters(
+    connection: &mut sqlx::SqliteConnection,
+    call: &Call<'_>,
+) -> Result<(i64, i64)> {
+    let mut handle = connection
+        .lock_handle()
+        .await
+        .map_err(|error| from_sqlx(error, call.tenant))?;
+    let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: the worker is locked out while `handle` lives.
+    Ok(unsafe {
+        (
+            libsqlite3_sys::sqlite3_total_changes64(db),
+            libsqlite3_sys::sqlite3_last_insert_rowid(db),
+        )
+    })
+}
+
 async fn execute_on(
     connection: &mut sqlx::SqliteConnection,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
     check_parameter_count(connection, statement, call).await?;
+    // sqlite3_changes() and last_insert_rowid() keep the values of the last statement that
+    // changed something, on this connection; compare counters so that a statement that
+    // changed nothing reports 0 and no insert id.
+    let (changes_before, rowid_before) = change_counters(connection, call).await?;
     let result = query_of(statement)
         .execute(&mut *connection)
         .await
         .map_err(|error| from_sqlx(error, call.tenant))?;
+    let (changes_after, rowid_after) = change_counters(connection, call).await?;
     Ok(pb::ExecuteResponse {
-        rows_affected: result.rows_affected(),
-        last_insert_id: Some(result.last_insert_rowid()),
+        rows_affected: if changes_after == changes_before {
+            0
+        } else {
+            result.rows_affected()
+        },
+        last_insert_id: (rowid_after != rowid_before).then_some(rowid_after),
     })
 }
 
