@@ -33,6 +33,7 @@ backend_tests!(
     isolation_check_catches_a_wrong_route,
     list_is_paged_and_filtered,
     health_and_reflection_are_served,
+    concurrent_misses_make_one_route_call,
 );
 
 async fn tenant_lifecycle(backend: Backend) {
@@ -1361,4 +1362,65 @@ async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
         },
         None => panic!("no reflection answer"),
     }
+}
+
+async fn concurrent_misses_make_one_route_call(backend: Backend) {
+    let sandbox = Arc::new(Sandbox::start(backend).await);
+    let id = sandbox.tid("flight");
+    // Created through the control plane only: the data plane has never seen it.
+    sandbox.create(&id).await;
+    let router = sandbox.data_plane().router.clone();
+    let before = router.route_fetches();
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let sandbox = sandbox.clone();
+            let id = id.clone();
+            tokio::spawn(async move { sandbox.query(&id, "SELECT 1", vec![]).await.map(|_| ()) })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        router.route_fetches() - before,
+        1,
+        "50 concurrent misses, one GetRoute"
+    );
+
+    // An unknown id asked for 50 times at once, then again: one GetRoute, answered from
+    // the negative cache after that.
+    let ghost = sandbox.tid("ghost");
+    let before = router.route_fetches();
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let sandbox = sandbox.clone();
+            let ghost = ghost.clone();
+            tokio::spawn(async move {
+                sandbox
+                    .query(&ghost, "SELECT 1", vec![])
+                    .await
+                    .err()
+                    .map(|s| s.code())
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(
+            call.await.unwrap_or_else(|e| panic!("{e}")),
+            Some(Code::NotFound)
+        );
+    }
+    let status = sandbox
+        .query(&ghost, "SELECT 1", vec![])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(status, Some(Code::NotFound));
+    assert_eq!(
+        router.route_fetches() - before,
+        1,
+        "unknown ids are remembered"
+    );
 }

@@ -157,6 +157,8 @@ pub struct Router {
     miss_slots: Semaphore,
     client: RoutingServiceClient<Channel>,
     options: RouterOptions,
+    /// `GetRoute` calls made so far (misses that reached the control plane).
+    route_fetches: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -179,6 +181,7 @@ impl Router {
             miss_slots: Semaphore::new(MAX_CONCURRENT_MISSES),
             client: RoutingServiceClient::new(channel),
             options,
+            route_fetches: Default::default(),
         })
     }
 
@@ -219,6 +222,8 @@ impl Router {
             self.miss_slots.acquire().await.map_err(|_| {
                 DataPlaneError::Unavailable("data plane is shutting down".to_owned())
             })?;
+        self.route_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut client = self.client.clone();
         let request = pb::GetRouteRequest {
             tenant_id: tenant_id.to_string(),
@@ -330,6 +335,12 @@ impl Router {
     #[doc(hidden)]
     pub fn insert_route_for_tests(&self, tenant_id: TenantId, route: Arc<Route>) {
         self.routes.insert(tenant_id, route);
+    }
+
+    /// How many `GetRoute` calls this router has made.
+    pub fn route_fetches(&self) -> u64 {
+        self.route_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
