@@ -211,6 +211,9 @@ impl SqlService for Baseline {
     }
 }
 
+/// A load scenario: its label, where it sends requests, and which tenants it uses.
+type Scenario<'a> = (String, &'a [Channel], Arc<Vec<String>>);
+
 struct Measured {
     throughput: f64,
     p50: Duration,
@@ -463,16 +466,53 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             .insert("x-tenant-id", tenant_id.parse()?);
         sql_client.query(request).await?;
     }
-    let scenarios = [
-        "baseline (1 pool, no tenant layers)",
-        "routed, 1 tenant",
-        "routed, many tenants",
+    // On PostgreSQL, a second data plane with the session reset off shows what the
+    // reset costs apart from the tenant layers and routing.
+    let no_reset_plane = match backend {
+        Backend::Postgres => Some(
+            tenantry_data_plane::start(
+                &DataPlaneConfig {
+                    listen_addr: "127.0.0.1:0".parse()?,
+                    control_plane_url: control_plane.url(),
+                    max_connections_per_tenant: connections_per_pool,
+                    postgres_session_reset: false,
+                    ..DataPlaneConfig::default()
+                },
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            )
+            .await?,
+        ),
+        Backend::Sqlite => None,
+    };
+    let no_reset_channels = match &no_reset_plane {
+        Some(plane) => Some(channels(&plane.server.url()).await?),
+        None => None,
+    };
+    let mut scenarios: Vec<Scenario<'_>> = vec![
+        (
+            "baseline (1 pool, no tenant layers)".to_owned(),
+            &baseline_channels,
+            one.clone(),
+        ),
+        ("routed, 1 tenant".to_owned(), &data_channels, one.clone()),
+        (
+            format!("routed, {many} tenants"),
+            &data_channels,
+            all.clone(),
+        ),
     ];
-    let mut rounds: Vec<Vec<Measured>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
+    if let Some(no_reset) = &no_reset_channels {
+        scenarios.push((
+            "routed, 1 tenant, session reset off".to_owned(),
+            no_reset,
+            one.clone(),
+        ));
+    }
+    let mut rounds: Vec<Vec<Measured>> = scenarios.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        rounds[0].push(run_load(&baseline_channels, one.clone(), placeholder).await);
-        rounds[1].push(run_load(&data_channels, one.clone(), placeholder).await);
-        rounds[2].push(run_load(&data_channels, all.clone(), placeholder).await);
+        for (n, (_, scenario_channels, tenants)) in scenarios.iter().enumerate() {
+            rounds[n].push(run_load(scenario_channels, tenants.clone(), placeholder).await);
+        }
     }
     let median: Vec<Measured> = rounds
         .into_iter()
@@ -488,12 +528,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     println!("| scenario | throughput (req/s) | p50 | p99 | errors |");
     println!("| --- | --- | --- | --- | --- |");
     let mut summary = Vec::new();
-    for (n, (scenario, m)) in scenarios.iter().zip(&median).enumerate() {
-        let label = if n == 2 {
-            format!("routed, {many} tenants")
-        } else {
-            (*scenario).to_owned()
-        };
+    for (n, ((label, _, _), m)) in scenarios.iter().zip(&median).enumerate() {
         println!(
             "| {label} | {:.0} | {} | {} | {} |",
             m.throughput,
@@ -503,12 +538,12 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         );
         let ratio = match n {
             0 => "1.00 (baseline)".to_owned(),
-            1 => format!("{:.2} of baseline", m.throughput / median[0].throughput),
-            _ => format!(
+            2 => format!(
                 "{:.2} of baseline, {:.2} of 1 tenant",
                 m.throughput / median[0].throughput,
                 m.throughput / median[1].throughput
             ),
+            _ => format!("{:.2} of baseline", m.throughput / median[0].throughput),
         };
         summary.push(format!(
             "{label} | {:.0} | {} | {} | {ratio}",
@@ -516,6 +551,9 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             ms(m.p50),
             ms(m.p99)
         ));
+    }
+    if let Some(plane) = no_reset_plane {
+        plane.server.shutdown().await?;
     }
     println!();
 

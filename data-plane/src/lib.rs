@@ -50,6 +50,11 @@ pub struct DataPlaneConfig {
     pub pool_idle_timeout_ms: u64,
     /// Largest Query response, in bytes.
     pub max_response_bytes: usize,
+    /// Reset a PostgreSQL connection's session state (open transaction, SET, temporary
+    /// tables, cursors, LISTEN, advisory locks) before another request may use it. Off
+    /// saves PostgreSQL work on every request but lets one request's session state reach
+    /// later requests of the same tenant (never another tenant's: pools are per tenant).
+    pub postgres_session_reset: bool,
 }
 
 impl Default for DataPlaneConfig {
@@ -64,6 +69,7 @@ impl Default for DataPlaneConfig {
             pool_acquire_timeout_ms: 5000,
             pool_idle_timeout_ms: 60_000,
             max_response_bytes: 4 * 1024 * 1024 - 64 * 1024,
+            postgres_session_reset: true,
         }
     }
 }
@@ -96,6 +102,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         max_connections_per_tenant: config.max_connections_per_tenant.max(1),
         acquire_timeout: Duration::from_millis(config.pool_acquire_timeout_ms),
         idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
+        postgres_session_reset: config.postgres_session_reset,
     }));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {

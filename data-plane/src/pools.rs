@@ -49,6 +49,8 @@ pub struct PoolOptions {
     pub max_connections_per_tenant: u32,
     pub acquire_timeout: Duration,
     pub idle_timeout: Duration,
+    /// See `DataPlaneConfig::postgres_session_reset`.
+    pub postgres_session_reset: bool,
 }
 
 struct PoolEntry {
@@ -118,20 +120,22 @@ impl PoolManager {
                     // notices are not passed to callers, so do not send them at all.
                     .options([("client_min_messages", "error")])
                     .disable_statement_logging();
-                TenantPool::Postgres(
-                    PgPoolOptions::new()
-                        .max_connections(self.options.max_connections_per_tenant)
-                        .min_connections(0)
-                        .acquire_timeout(self.options.acquire_timeout)
-                        .idle_timeout(self.options.idle_timeout)
-                        // Connections are checked when they are released (sqlx pings them
-                        // then); a second check on every acquire would cost a round trip.
-                        .test_before_acquire(false)
-                        .after_release(|connection, _| {
-                            Box::pin(async move { Ok(queue_session_reset(connection)) })
-                        })
-                        .connect_lazy_with(connect),
-                )
+                let options = PgPoolOptions::new()
+                    .max_connections(self.options.max_connections_per_tenant)
+                    .min_connections(0)
+                    .acquire_timeout(self.options.acquire_timeout)
+                    .idle_timeout(self.options.idle_timeout)
+                    // Connections are checked when they are released (sqlx pings them
+                    // then); a second check on every acquire would cost a round trip.
+                    .test_before_acquire(false);
+                let options = if self.options.postgres_session_reset {
+                    options.after_release(|connection, _| {
+                        Box::pin(async move { Ok(queue_session_reset(connection)) })
+                    })
+                } else {
+                    options
+                };
+                TenantPool::Postgres(options.connect_lazy_with(connect))
             }
             Target::Sqlite { path, .. } => {
                 let connect = SqliteConnectOptions::new()
