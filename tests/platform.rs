@@ -949,18 +949,7 @@ async fn provisioning_resumes_after_a_crash(backend: Backend) {
         sandbox
             .restart_control_plane(FaultInjection::default())
             .await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let tenant = loop {
-            let tenant = sandbox.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
-            if tenant.state == cp::TenantState::Active as i32 {
-                break tenant;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not resumed: {tenant:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let tenant = sandbox.wait_for_state(&id, cp::TenantState::Active).await;
         assert!(sandbox.database_exists(&tenant).await);
         sandbox.wait_for_code(&id, Code::Ok).await;
         // A retried create after the restart returns the same tenant.
@@ -987,15 +976,7 @@ async fn provisioning_resumes_after_a_crash(backend: Backend) {
         sandbox
             .restart_control_plane(FaultInjection::default())
             .await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let state = sandbox.get(&id).await.map(|t| t.state).unwrap_or_default();
-            if state == cp::TenantState::Deleted as i32 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "delete not resumed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        sandbox.wait_for_state(&id, cp::TenantState::Deleted).await;
         assert!(!sandbox.database_exists(&tenant).await);
     }
 }

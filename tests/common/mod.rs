@@ -358,6 +358,22 @@ impl Sandbox {
         }
     }
 
+    /// Waits until the registry shows the tenant in `state`, and returns it.
+    pub async fn wait_for_state(&self, tenant_id: &str, state: cp::TenantState) -> cp::Tenant {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let tenant = self.get(tenant_id).await.unwrap_or_else(|e| panic!("{e}"));
+            if tenant.state == state as i32 {
+                return tenant;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{tenant_id} never became {state:?}: {tenant:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Does the tenant's database still exist (PostgreSQL database or SQLite file)?
     pub async fn database_exists(&self, tenant: &cp::Tenant) -> bool {
         match &self.pg_admin_url {

@@ -65,6 +65,36 @@ pub struct FaultInjection {
     pub fail_step: Option<Step>,
 }
 
+/// The two step sequences, for messages and the audit log.
+#[derive(Clone, Copy)]
+enum Sequence {
+    Provisioning,
+    Deletion,
+}
+
+impl Sequence {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Deletion => "deletion",
+        }
+    }
+
+    fn failed_action(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning failed",
+            Self::Deletion => "deletion failed",
+        }
+    }
+
+    fn retry_hint(self) -> &'static str {
+        match self {
+            Self::Provisioning => "retry CreateTenant, or DeleteTenant to clean up",
+            Self::Deletion => "retry DeleteTenant",
+        }
+    }
+}
+
 /// Why a run of steps stopped.
 enum StepError {
     /// The process "died" (fault injection): leave the registry as it is.
@@ -150,12 +180,11 @@ impl Provisioner {
     /// ends: ACTIVE, or FAILED with the reason.
     pub async fn provision(&self, tenant_id: &TenantId, actor: &str) -> Result<tenant::Model> {
         let _guard = self.lock_tenant(tenant_id.as_str()).await;
-        let mut current = self.get(tenant_id).await?;
+        let current = self.get(tenant_id).await?;
         match TenantState::parse(&current.state)? {
             TenantState::Provisioning => {}
             TenantState::Failed => {
-                current = self
-                    .registry
+                self.registry
                     .update_tenant(
                         tenant_id.as_str(),
                         TenantChange {
@@ -173,38 +202,64 @@ impl Provisioner {
             }
             _ => return Ok(current),
         }
+        self.with_retries(tenant_id, actor, Sequence::Provisioning, || async {
+            let current = self
+                .get(tenant_id)
+                .await
+                .map_err(failed_registry(Step::Place))?;
+            self.run_provision_steps(current, actor).await
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds, up to `attempts` times with a doubling pause.
+    /// An injected crash stops at once and leaves the registry as it is; a sequence that
+    /// keeps failing leaves the tenant FAILED with the step and the error as its reason.
+    async fn with_retries<F, Fut>(
+        &self,
+        tenant_id: &TenantId,
+        actor: &str,
+        sequence: Sequence,
+        mut attempt: F,
+    ) -> Result<tenant::Model>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tenant::Model, StepError>>,
+    {
+        let attempts = self.options.attempts.max(1);
         let mut delay = self.options.retry_delay;
         let mut last_failure = None;
-        for attempt in 1..=self.options.attempts.max(1) {
-            match self.run_provision_steps(current.clone(), actor).await {
-                Ok(active) => return Ok(active),
+        for attempt_number in 1..=attempts {
+            match attempt().await {
+                Ok(done) => return Ok(done),
                 Err(StepError::Crashed(step)) => {
                     return Err(ControlPlaneError::Unavailable(format!(
-                        "provisioning of tenant {tenant_id} stopped before step '{step}' (injected crash)"
+                        "{} of tenant {tenant_id} stopped before step '{step}' (injected crash)",
+                        sequence.noun()
                     )));
                 }
                 Err(StepError::Failed { step, message }) => {
-                    tracing::warn!(tenant.id = %tenant_id, %step, attempt, error = %message, "provisioning step failed");
+                    tracing::warn!(tenant.id = %tenant_id, %step, attempt = attempt_number, error = %message, "{} step failed", sequence.noun());
                     last_failure = Some((step, message));
-                    if attempt < self.options.attempts {
+                    if attempt_number < attempts {
                         tokio::time::sleep(delay).await;
                         delay *= 2;
                     }
-                    current = self.get(tenant_id).await?;
                 }
             }
         }
         let (step, message) = last_failure.unwrap_or((Step::Place, "no attempt ran".to_owned()));
         let reason = format!(
-            "provisioning step '{step}' failed {} times: {message}",
-            self.options.attempts.max(1)
+            "{} step '{step}' failed {attempts} times: {message}; {}",
+            sequence.noun(),
+            sequence.retry_hint()
         );
         self.registry
             .update_tenant(
                 tenant_id.as_str(),
                 TenantChange {
                     actor,
-                    action: "provisioning failed",
+                    action: sequence.failed_action(),
                     detail: reason.clone(),
                     to_state: Some(TenantState::Failed),
                 },
@@ -441,47 +496,10 @@ impl Provisioner {
                     .await?;
             }
         }
-        let mut delay = self.options.retry_delay;
-        let mut last_failure = None;
-        for attempt in 1..=self.options.attempts.max(1) {
-            match self.run_delete_steps(&current, actor).await {
-                Ok(deleted) => return Ok(deleted),
-                Err(StepError::Crashed(step)) => {
-                    return Err(ControlPlaneError::Unavailable(format!(
-                        "deletion of tenant {tenant_id} stopped before step '{step}' (injected crash)"
-                    )));
-                }
-                Err(StepError::Failed { step, message }) => {
-                    tracing::warn!(tenant.id = %tenant_id, %step, attempt, error = %message, "deletion step failed");
-                    last_failure = Some((step, message));
-                    if attempt < self.options.attempts {
-                        tokio::time::sleep(delay).await;
-                        delay *= 2;
-                    }
-                }
-            }
-        }
-        let (step, message) =
-            last_failure.unwrap_or((Step::DropDatabase, "no attempt ran".to_owned()));
-        let reason = format!(
-            "deletion step '{step}' failed {} times: {message}; retry DeleteTenant",
-            self.options.attempts.max(1)
-        );
-        self.registry
-            .update_tenant(
-                tenant_id.as_str(),
-                TenantChange {
-                    actor,
-                    action: "deletion failed",
-                    detail: reason.clone(),
-                    to_state: Some(TenantState::Failed),
-                },
-                |_, row| {
-                    row.reason = Set(reason.clone());
-                    Ok(())
-                },
-            )
-            .await
+        self.with_retries(tenant_id, actor, Sequence::Deletion, || {
+            self.run_delete_steps(&current, actor)
+        })
+        .await
     }
 
     async fn run_delete_steps(

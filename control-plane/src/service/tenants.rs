@@ -30,7 +30,7 @@ fn parse_tenant_id(raw: &str) -> Result<TenantId, Status> {
 /// The response for a provisioning or deletion run that ended FAILED.
 fn failed_status(tenant: &pb::Tenant, what: &str) -> Status {
     Status::unavailable(format!(
-        "tenant {} is FAILED after {what}: {}; retry the call to resume, or delete the tenant",
+        "tenant {} is FAILED after {what}: {}",
         tenant.tenant_id, tenant.reason
     ))
 }
