@@ -34,6 +34,7 @@ backend_tests!(
     list_is_paged_and_filtered,
     health_and_reflection_are_served,
     concurrent_misses_make_one_route_call,
+    placement_spreads_tenants_and_honours_pins,
 );
 
 async fn tenant_lifecycle(backend: Backend) {
@@ -165,6 +166,31 @@ async fn tenant_lifecycle(backend: Backend) {
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
     assert_eq!(deleted_again.route_version, deleted.route_version);
+
+    // Every change is in the audit log, in order, and each one's id is a route version.
+    let registry = tenantry_control_plane::registry::Registry::open(
+        &sandbox.control_plane_config.registry_url,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let events = registry
+        .audit_events(&id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            "create", "place", "activate", "suspend", "resume", "delete", "deleted"
+        ]
+    );
+    assert!(
+        events.iter().all(|e| e.actor.starts_with("api:")),
+        "{events:?}"
+    );
+    assert_eq!(events.last().map(|e| e.id), Some(deleted.route_version));
+    assert_eq!(events[3].detail, "unpaid invoice");
+    registry.close().await;
 }
 
 async fn create_is_idempotent_and_conflicts_are_refused(backend: Backend) {
@@ -1404,4 +1430,40 @@ async fn concurrent_misses_make_one_route_call(backend: Backend) {
         1,
         "unknown ids are remembered"
     );
+}
+
+async fn placement_spreads_tenants_and_honours_pins(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    sandbox.register_server("second").await;
+    let mut placed = std::collections::HashMap::new();
+    for n in 0..4 {
+        let tenant = sandbox.create(&sandbox.tid(&format!("place{n}"))).await;
+        *placed.entry(tenant.database_server).or_insert(0) += 1;
+    }
+    assert_eq!(placed.get("main"), Some(&2), "{placed:?}");
+    assert_eq!(placed.get("second"), Some(&2), "{placed:?}");
+    let pinned = sandbox
+        .tenants()
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: sandbox.tid("pinned"),
+            database_server: "second".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(pinned.database_server, "second");
+    let counts: std::collections::HashMap<String, i64> = sandbox
+        .servers()
+        .list_database_servers(cp::ListDatabaseServersRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner()
+        .servers
+        .into_iter()
+        .map(|s| (s.name, s.tenant_count))
+        .collect();
+    assert_eq!(counts.get("second"), Some(&3));
+    assert_eq!(counts.get("main"), Some(&2));
+    sandbox.wait_for_code(&pinned.tenant_id, Code::Ok).await;
 }

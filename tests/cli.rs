@@ -1,0 +1,274 @@
+//! The `tenantry` binary: `dev` starts and prints working endpoints, and the client
+//! commands (`servers`, `tenants`, `sql`) print results, or the status code and message
+//! with a non-zero exit.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Backend, Sandbox};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
+
+struct Output {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn tenantry(args: &[&str], control_plane: &str, data_plane: &str) -> Output {
+    let output = Command::new(BIN)
+        .args(args)
+        .env("TENANTRY_CONTROL_PLANE", control_plane)
+        .env("TENANTRY_DATA_PLANE", data_plane)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+    Output {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_print_results_and_errors() {
+    let sandbox = Sandbox::start(Backend::Sqlite).await;
+    let control_plane = format!("http://{}", sandbox.control_plane_config.listen_addr);
+    let data_plane = sandbox.data_plane().server.url();
+    let id = sandbox.tid("cli");
+    let run = |args: &[&str]| {
+        let control_plane = control_plane.clone();
+        let data_plane = data_plane.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tenantry(&args, &control_plane, &data_plane)
+        })
+    };
+
+    let servers = run(&["servers", "list"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(servers.success, "{}", servers.stderr);
+    assert!(servers.stdout.contains("main") && servers.stdout.contains("sqlite"));
+
+    let created = run(&["tenants", "create", &id])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(created.success, "{}", created.stderr);
+    assert!(created.stdout.contains("ACTIVE"), "{}", created.stdout);
+
+    let table = run(&[
+        "sql",
+        "--tenant",
+        &id,
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, n REAL, b BLOB)",
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(table.success, "{}", table.stderr);
+    let inserted = run(&[
+        "sql",
+        "--tenant",
+        &id,
+        "INSERT INTO notes (body, n, b) VALUES (?, ?, ?)",
+        "--param",
+        "text:hello",
+        "--param",
+        "float:1.5",
+        "--param",
+        "bytes:CAFE",
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(inserted.success, "{}", inserted.stderr);
+    assert!(
+        inserted
+            .stdout
+            .contains("1 row(s) affected, last insert id 1"),
+        "{}",
+        inserted.stdout
+    );
+
+    let json = run(&[
+        "sql",
+        "--tenant",
+        &id,
+        "SELECT id, body, n, b FROM notes",
+        "--output",
+        "json",
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(json.success, "{}", json.stderr);
+    let parsed: serde_json::Value =
+        serde_json::from_str(json.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", json.stdout));
+    assert_eq!(
+        parsed["columns"],
+        serde_json::json!(["id", "body", "n", "b"])
+    );
+    assert_eq!(parsed["rows"][0]["body"], "hello");
+    assert_eq!(parsed["rows"][0]["n"], 1.5);
+    assert_eq!(parsed["rows"][0]["b"], "cafe");
+
+    let shown = run(&["sql", "--tenant", &id, "SELECT body FROM notes"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        shown.stdout.contains("hello") && shown.stdout.contains("(1 row)"),
+        "{}",
+        shown.stdout
+    );
+
+    // Errors: status code and message on stderr, non-zero exit.
+    let syntax = run(&["sql", "--tenant", &id, "SELEC 1"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!syntax.success);
+    assert!(
+        syntax.stderr.contains("InvalidArgument") && syntax.stderr.contains("syntax error"),
+        "{}",
+        syntax.stderr
+    );
+    let unknown = run(&["sql", "--tenant", &sandbox.tid("nobody"), "SELECT 1"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!unknown.success);
+    assert!(unknown.stderr.contains("NotFound"), "{}", unknown.stderr);
+    let bad_param = run(&["sql", "--tenant", &id, "SELECT ?", "--param", "int:x"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!bad_param.success);
+    assert!(
+        bad_param.stderr.contains("not an integer"),
+        "{}",
+        bad_param.stderr
+    );
+
+    let suspended = run(&["tenants", "suspend", &id, "--reason", "audit"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        suspended.success && suspended.stdout.contains("SUSPENDED"),
+        "{}",
+        suspended.stdout
+    );
+    let listed = run(&["tenants", "list", "--state", "suspended"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(listed.stdout.contains(&id), "{}", listed.stdout);
+    let deleted = run(&["tenants", "delete", &id])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        deleted.success && deleted.stdout.contains("DELETED"),
+        "{}",
+        deleted.stdout
+    );
+    let again = run(&["tenants", "create", &id])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !again.success && again.stderr.contains("AlreadyExists"),
+        "{}",
+        again.stderr
+    );
+
+    let unreachable = tokio::task::spawn_blocking(|| {
+        tenantry(
+            &["tenants", "list"],
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !unreachable.success
+            && unreachable
+                .stderr
+                .contains("cannot reach the control plane"),
+        "{}",
+        unreachable.stderr
+    );
+}
+
+/// `tenantry dev` comes up, prints its endpoints, serves them, and stops on SIGTERM.
+#[test]
+fn dev_mode_serves_and_stops() {
+    let data_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(BIN)
+        .args([
+            "dev",
+            "--control-plane-addr",
+            "127.0.0.1:0",
+            "--data-plane-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN} dev: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let mut endpoint = |label: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "dev printed no {label} line");
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("dev exited before printing {label}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            if let Some(rest) = line.trim().strip_prefix(label) {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+        }
+    };
+    let control_plane = endpoint("control plane:");
+    let data_plane = endpoint("data plane:");
+    let created = tenantry(
+        &["tenants", "create", "devcheck"],
+        &control_plane,
+        &data_plane,
+    );
+    assert!(created.success, "{}", created.stderr);
+    let queried = tenantry(
+        &["sql", "--tenant", "devcheck", "SELECT 41 + 1 AS answer"],
+        &control_plane,
+        &data_plane,
+    );
+    assert!(
+        queried.success && queried.stdout.contains("42"),
+        "{} {}",
+        queried.stdout,
+        queried.stderr
+    );
+    assert!(
+        data_dir
+            .path()
+            .join("tenants")
+            .join("devcheck.sqlite3")
+            .exists()
+    );
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "dev exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
