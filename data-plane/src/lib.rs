@@ -8,6 +8,7 @@ pub mod error;
 pub mod pools;
 pub mod router;
 pub mod sql;
+pub mod sqlite_pool;
 pub mod tenant_layer;
 
 use std::net::SocketAddr;

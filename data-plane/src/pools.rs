@@ -20,10 +20,11 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use tenantry_shared::TenantId;
 
 use crate::router::{Router, Target};
+use crate::sqlite_pool::{SqlitePool, SqlitePoolOptions};
 
 /// What a PostgreSQL connection runs when it goes back to its pool.
 const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *; \
@@ -145,22 +146,15 @@ impl PoolManager {
                     .busy_timeout(Duration::from_secs(5))
                     .foreign_keys(true)
                     .disable_statement_logging();
-                TenantPool::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(self.options.max_connections_per_tenant)
-                        .min_connections(0)
-                        .acquire_timeout(self.options.acquire_timeout)
-                        .idle_timeout(self.options.idle_timeout)
-                        .test_before_acquire(false)
-                        .after_connect(|connection, _| {
-                            Box::pin(async move {
-                                let mut handle = connection.lock_handle().await?;
-                                harden_sqlite(handle.as_raw_handle().as_ptr());
-                                Ok(())
-                            })
-                        })
-                        .connect_lazy_with(connect),
-                )
+                TenantPool::Sqlite(SqlitePool::new_lazy(
+                    connect,
+                    SqlitePoolOptions {
+                        max_connections: self.options.max_connections_per_tenant,
+                        acquire_timeout: self.options.acquire_timeout,
+                        idle_timeout: self.options.idle_timeout,
+                    },
+                    harden_connection,
+                ))
             }
         };
         PoolEntry {
@@ -170,8 +164,20 @@ impl PoolManager {
     }
 
     /// Closes the pools of tenants whose route is gone, no longer serving, or points
-    /// elsewhere.
+    /// elsewhere, and SQLite connections idle past the idle timeout (sqlx pools close
+    /// their own).
     pub async fn close_stale(&self, router: &Router) {
+        let sqlite_pools: Vec<SqlitePool> = self
+            .pools
+            .iter()
+            .filter_map(|entry| match &entry.value().pool {
+                TenantPool::Sqlite(pool) => Some(pool.clone()),
+                TenantPool::Postgres(_) => None,
+            })
+            .collect();
+        for pool in sqlite_pools {
+            pool.close_expired_idle().await;
+        }
         let stale: Vec<TenantId> = self
             .pools
             .iter()
@@ -279,6 +285,17 @@ unsafe extern "C" fn tenant_authorizer(
         }
         _ => ffi::SQLITE_OK,
     }
+}
+
+/// Runs on every new SQLite tenant connection.
+fn harden_connection(
+    connection: &mut SqliteConnection,
+) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let mut handle = connection.lock_handle().await?;
+        harden_sqlite(handle.as_raw_handle().as_ptr());
+        Ok(())
+    })
 }
 
 fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3) {

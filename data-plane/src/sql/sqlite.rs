@@ -6,9 +6,8 @@
 //! transaction it left open, so the next request starts clean.
 
 use futures::TryStreamExt;
-use sqlx::pool::PoolConnection;
 use sqlx::query::Query;
-use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow, SqliteValueRef};
+use sqlx::sqlite::{SqliteArguments, SqliteRow, SqliteValueRef};
 use sqlx::{
     AssertSqlSafe, Column, Connection, Decode, Executor, Row, SqlSafeStr, Sqlite, Statement,
     TypeInfo, ValueRef,
@@ -18,6 +17,7 @@ use tenantry_proto::dataplane::v1::value::Kind;
 
 use super::{Call, at_statement, null_value, parameter_count_error, push_row};
 use crate::error::{DataPlaneError, Result, from_sqlx};
+use crate::sqlite_pool::{PooledSqlite, SqlitePool};
 
 /// The raw handle of a connection this request holds, for `sqlite3_interrupt`.
 struct RawHandle(*mut libsqlite3_sys::sqlite3);
@@ -30,7 +30,7 @@ unsafe impl Sync for RawHandle {}
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
 struct Session {
-    connection: PoolConnection<Sqlite>,
+    connection: PooledSqlite,
     interrupt: Option<RawHandle>,
     finished: bool,
 }
