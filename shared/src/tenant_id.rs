@@ -12,6 +12,16 @@ use std::sync::Arc;
 pub const MAX_TENANT_ID_LEN: usize = 48;
 
 /// A validated tenant id. Cheap to clone.
+///
+/// ```
+/// use tenantry_shared::TenantId;
+///
+/// let acme = TenantId::parse("acme-eu").expect("a valid id");
+/// assert_eq!(acme.as_str(), "acme-eu");
+/// assert_eq!(acme.as_identifier_part(), "acme_eu");
+/// assert!(TenantId::parse("Acme").is_err());
+/// assert!(TenantId::parse("acme-").is_err());
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TenantId(Arc<str>);
 
