@@ -564,6 +564,36 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
                 other => panic!("connecting to another tenant's database must fail, got {other:?}"),
             };
             assert_eq!(code.as_deref(), Some("42501"), "insufficient_privilege");
+            // The server stores a SCRAM verifier of exactly the route's password: the
+            // password itself never reached it.
+            let stored: String = {
+                use sqlx::Connection;
+                let admin = sandbox.pg_admin_url.clone().unwrap_or_default();
+                let mut connection = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+                    .bind(&pg.username)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            };
+            let salt_b64 = stored
+                .split(['$', ':'])
+                .nth(2)
+                .unwrap_or_else(|| panic!("not a SCRAM verifier: {stored}"));
+            let salt = {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(salt_b64)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            };
+            let expected = tenantry_control_plane::provisioner::postgres::scram_sha256_verifier(
+                &pg.password,
+                &salt,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(stored, expected);
             // And it is not a superuser and cannot create roles or databases.
             let flags: (bool, bool, bool) = sandbox
                 .query(&id, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user", vec![])

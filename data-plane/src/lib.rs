@@ -110,13 +110,12 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         let router = router.clone();
         let pools = pools.clone();
         let mut stop = stop_rx.clone();
+        // Refresh and sweep run apart, so a slow pool close never delays route updates.
+        tokio::spawn(router.clone().run_refresh_loop(stop_rx));
         tokio::spawn(async move {
-            let refresh = router.clone().run_refresh_loop(stop_rx);
-            tokio::pin!(refresh);
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = &mut refresh => return,
                     _ = stop.changed() => return,
                     _ = sweep.tick() => pools.close_stale(&router).await,
                 }

@@ -178,7 +178,7 @@ impl PoolManager {
         for pool in sqlite_pools {
             pool.close_expired_idle().await;
         }
-        let stale: Vec<TenantId> = self
+        let stale: Vec<(TenantId, Arc<PoolEntry>)> = self
             .pools
             .iter()
             .filter(|entry| {
@@ -187,12 +187,17 @@ impl PoolManager {
                         || route.target.as_ref() != Some(&entry.value().target)
                 })
             })
-            .map(|entry| entry.key().clone())
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
             .collect();
-        for tenant_id in stale {
-            if let Some((_, entry)) = self.pools.remove(&tenant_id) {
+        for (tenant_id, stale_entry) in stale {
+            // Only the entry that was found stale: a fresh pool put in meanwhile stays.
+            let removed = self
+                .pools
+                .remove_if(&tenant_id, |_, current| Arc::ptr_eq(current, &stale_entry));
+            if let Some((_, entry)) = removed {
                 tracing::debug!(tenant.id = %tenant_id, "closing pool of a tenant that no longer serves here");
-                entry.pool.close().await;
+                // Closing waits for connections in use; never hold up the sweep for that.
+                tokio::spawn(async move { entry.pool.close().await });
             }
         }
     }

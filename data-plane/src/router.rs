@@ -203,9 +203,12 @@ impl Router {
             return Ok(route);
         }
         self.check_unknown(tenant_id)?;
-        let fetched = self.fetch(tenant_id).await;
-        self.inflight.remove(tenant_id);
-        fetched
+        // Removed even if this request is cancelled half-way, so the map stays bounded.
+        let _forget_flight = ForgetFlight {
+            inflight: &self.inflight,
+            tenant_id,
+        };
+        self.fetch(tenant_id).await
     }
 
     fn check_unknown(&self, tenant_id: &TenantId) -> Result<(), DataPlaneError> {
@@ -349,6 +352,18 @@ impl Router {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+}
+
+/// Removes a tenant's single-flight entry when the fetching request ends, however it ends.
+struct ForgetFlight<'a> {
+    inflight: &'a DashMap<TenantId, Arc<Mutex<()>>>,
+    tenant_id: &'a TenantId,
+}
+
+impl Drop for ForgetFlight<'_> {
+    fn drop(&mut self) {
+        self.inflight.remove(self.tenant_id);
     }
 }
 

@@ -33,16 +33,108 @@ pub fn host_port(admin_url: &str) -> Result<HostPort, String> {
     })
 }
 
-/// The admin URL with its password replaced by `****`, for display.
+/// The admin URL with its password (in the user part or a `password=` parameter)
+/// replaced by `****`, for display.
 pub fn mask_password(admin_url: &str) -> String {
     match url::Url::parse(admin_url) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
             }
+            let masked_query: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if key.eq_ignore_ascii_case("password") {
+                        "****".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            if !masked_query.is_empty() {
+                url.query_pairs_mut().clear().extend_pairs(masked_query);
+            }
             url.to_string()
         }
         Err(_) => "<invalid URL>".to_owned(),
+    }
+}
+
+/// Iterations of PBKDF2 in tenant password verifiers (PostgreSQL's default).
+const SCRAM_ITERATIONS: u32 = 4096;
+
+fn random_salt() -> [u8; 16] {
+    let mut salt = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut salt);
+    salt
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
+        .map_err(|error| error.to_string())?;
+    mac.update(data);
+    Ok(mac.finalize().into_bytes().to_vec())
+}
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802, RFC 7677):
+/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`. Passwords here are ASCII
+/// letters and digits, which SASLprep leaves as they are.
+pub fn scram_sha256_verifier(password: &str, salt: &[u8]) -> Result<String, String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    // SaltedPassword = Hi(password, salt, i), i.e. PBKDF2-HMAC-SHA-256 with one block.
+    let mut block = salt.to_vec();
+    block.extend_from_slice(&1u32.to_be_bytes());
+    let mut u = hmac_sha256(password.as_bytes(), &block)?;
+    let mut salted = u.clone();
+    for _ in 1..SCRAM_ITERATIONS {
+        u = hmac_sha256(password.as_bytes(), &u)?;
+        for (acc, byte) in salted.iter_mut().zip(&u) {
+            *acc ^= byte;
+        }
+    }
+    let client_key = hmac_sha256(&salted, b"Client Key")?;
+    let stored_key = sha2::Sha256::digest(&client_key).to_vec();
+    let server_key = hmac_sha256(&salted, b"Server Key")?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(format!(
+        "SCRAM-SHA-256${SCRAM_ITERATIONS}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key),
+        b64.encode(server_key)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scram_verifier_matches_rfc_7677_example() -> Result<(), String> {
+        // Password "pencil", salt "W22ZaJ0SNY7soEsUEjb6gQ==", 4096 iterations (RFC 7677's
+        // example); the expected keys were computed apart with Python's hashlib and hmac.
+        use base64::Engine as _;
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+            .map_err(|e| e.to_string())?;
+        let verifier = scram_sha256_verifier("pencil", &salt)?;
+        assert_eq!(
+            verifier,
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn masks_passwords_in_user_part_and_parameters() {
+        assert_eq!(
+            mask_password(
+                "postgres://admin:secret@db:5432/postgres?password=other&sslmode=require"
+            ),
+            "postgres://admin:****@db:5432/postgres?password=****&sslmode=require"
+        );
     }
 }
 
@@ -87,12 +179,15 @@ impl PostgresServer {
     }
 
     /// Creates the tenant's login role, or resets its password and attributes if it
-    /// exists (so the step can be re-run).
+    /// exists (so the step can be re-run). The server receives a SCRAM-SHA-256 verifier,
+    /// never the password itself, so not even its own logs can show it.
     pub async fn ensure_role(&self, role: &str, password: &str) -> Result<(), sqlx::Error> {
-        debug_assert!(password.chars().all(|c| c.is_ascii_alphanumeric()));
+        let verifier = scram_sha256_verifier(password, &random_salt()).map_err(|error| {
+            sqlx::Error::Protocol(format!("cannot hash the tenant password: {error}"))
+        })?;
         let attributes = format!(
             "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
-             CONNECTION LIMIT -1 PASSWORD '{password}'"
+             CONNECTION LIMIT -1 PASSWORD '{verifier}'"
         );
         let exists = self.role_exists(role).await?;
         if !exists {

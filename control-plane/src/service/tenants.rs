@@ -136,7 +136,15 @@ impl TenantService for TenantApi {
                 )));
             }
         }
-        let provisioned = self.provisioner.provision(&tenant_id, &actor).await?;
+        // In a task of its own: a caller that gives up must not stop provisioning half-way.
+        let provisioner = self.provisioner.clone();
+        let provisioned = tokio::spawn({
+            let tenant_id = tenant_id.clone();
+            let actor = actor.clone();
+            async move { provisioner.provision(&tenant_id, &actor).await }
+        })
+        .await
+        .map_err(|error| Status::internal(format!("provisioning task failed: {error}")))??;
         let tenant = tenant_to_proto(&provisioned)?;
         if provisioned.state == TenantState::Failed.as_str() {
             return Err(failed_status(&tenant, "provisioning"));
@@ -255,7 +263,14 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::Tenant>, Status> {
         let actor = actor(&request);
         let tenant_id = parse_tenant_id(&request.get_ref().tenant_id)?;
-        let deleted = self.provisioner.delete(&tenant_id, &actor).await?;
+        // In a task of its own: a caller that gives up must not stop deletion half-way.
+        let provisioner = self.provisioner.clone();
+        let deleted = tokio::spawn({
+            let tenant_id = tenant_id.clone();
+            async move { provisioner.delete(&tenant_id, &actor).await }
+        })
+        .await
+        .map_err(|error| Status::internal(format!("deletion task failed: {error}")))??;
         let tenant = tenant_to_proto(&deleted)?;
         if deleted.state == TenantState::Failed.as_str() {
             return Err(failed_status(&tenant, "deletion"));
