@@ -107,37 +107,6 @@ pub fn scram_sha256_verifier(password: &str, salt: &[u8]) -> Result<String, Stri
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scram_verifier_matches_rfc_7677_example() -> Result<(), String> {
-        // Password "pencil", salt "W22ZaJ0SNY7soEsUEjb6gQ==", 4096 iterations (RFC 7677's
-        // example); the expected keys were computed apart with Python's hashlib and hmac.
-        use base64::Engine as _;
-        let salt = base64::engine::general_purpose::STANDARD
-            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
-            .map_err(|e| e.to_string())?;
-        let verifier = scram_sha256_verifier("pencil", &salt)?;
-        assert_eq!(
-            verifier,
-            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn masks_passwords_in_user_part_and_parameters() {
-        assert_eq!(
-            mask_password(
-                "postgres://admin:secret@db:5432/postgres?password=other&sslmode=require"
-            ),
-            "postgres://admin:****@db:5432/postgres?password=****&sslmode=require"
-        );
-    }
-}
-
 /// Quotes a PostgreSQL identifier.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -298,5 +267,36 @@ impl PostgresServer {
 
     pub async fn close(&self) {
         self.admin_pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scram_verifier_matches_rfc_7677_example() -> Result<(), String> {
+        // Password "pencil", salt "W22ZaJ0SNY7soEsUEjb6gQ==", 4096 iterations (RFC 7677's
+        // example); the expected keys were computed apart with Python's hashlib and hmac.
+        use base64::Engine as _;
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+            .map_err(|e| e.to_string())?;
+        let verifier = scram_sha256_verifier("pencil", &salt)?;
+        assert_eq!(
+            verifier,
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn masks_passwords_in_user_part_and_parameters() {
+        assert_eq!(
+            mask_password(
+                "postgres://admin:secret@db:5432/postgres?password=other&sslmode=require"
+            ),
+            "postgres://admin:****@db:5432/postgres?password=****&sslmode=require"
+        );
     }
 }
