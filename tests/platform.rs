@@ -759,6 +759,32 @@ async fn batch_is_all_or_nothing(backend: Backend) {
     );
     let empty = sandbox.batch(&id, &[]).await.err().map(|s| s.code());
     assert_eq!(empty, Some(Code::InvalidArgument));
+    // Transaction control inside a batch is refused and nothing before it stays.
+    for control in ["COMMIT", "ROLLBACK", "SAVEPOINT s", "BEGIN"] {
+        let refused = sandbox
+            .batch(
+                &id,
+                &[(&insert, vec![int(10), text("x")]), (control, vec![])],
+            )
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(refused, Some(Code::InvalidArgument), "{control}");
+    }
+    let count = sandbox
+        .query(&id, "SELECT count(*) FROM items", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        count.rows[0].values[0],
+        int(2),
+        "a refused batch left rows behind"
+    );
+    // The connection still works for batches afterwards.
+    sandbox
+        .batch(&id, &[(&insert, vec![int(11), text("y")])])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn session_state_does_not_leak(backend: Backend) {
@@ -791,36 +817,36 @@ async fn session_state_does_not_leak(backend: Backend) {
                 before.rows, after.rows,
                 "SET search_path leaked into the next request"
             );
-            // A transaction left open by one request: SAVEPOINT works only inside one.
+            // set_config() from a SELECT (what a function could do as well).
             sandbox
-                .execute(&id, "BEGIN", vec![])
+                .query(
+                    &id,
+                    "SELECT set_config('search_path', 'elsewhere', false)",
+                    vec![],
+                )
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
+            let after_config = sandbox
+                .query(&id, "SELECT current_setting('search_path') AS p", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                before.rows, after_config.rows,
+                "set_config() leaked into the next request"
+            );
+            // Transactions cannot be left open: transaction control is refused.
+            let begin = sandbox.execute(&id, "BEGIN", vec![]).await.err();
+            assert_eq!(
+                begin.as_ref().map(|s| s.code()),
+                Some(Code::InvalidArgument)
+            );
+            assert!(begin.is_some_and(|s| s.message().contains("Batch")));
             let savepoint = sandbox
                 .execute(&id, "SAVEPOINT probe", vec![])
                 .await
                 .err()
                 .map(|s| s.code());
-            assert_eq!(
-                savepoint,
-                Some(Code::InvalidArgument),
-                "a transaction outlived its request"
-            );
-            // A transaction left open and broken by an error.
-            sandbox
-                .execute(&id, "BEGIN", vec![])
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let broken = sandbox
-                .query(&id, "SELECT 1 / 0", vec![])
-                .await
-                .err()
-                .map(|s| s.code());
-            assert_eq!(broken, Some(Code::InvalidArgument));
-            sandbox
-                .query(&id, "SELECT 1", vec![])
-                .await
-                .unwrap_or_else(|e| panic!("an aborted transaction outlived its request: {e}"));
+            assert_eq!(savepoint, Some(Code::InvalidArgument));
             sandbox
                 .execute(&id, "CREATE TEMP TABLE scratch (x int)", vec![])
                 .await

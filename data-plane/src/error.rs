@@ -130,7 +130,8 @@ fn from_sqlite_code(code: &str, message: &str, tenant: &str) -> DataPlaneError {
         )),
         SQLITE_AUTH => DataPlaneError::InvalidArgument(format!(
             "{full}: statements on a tenant database may not ATTACH or DETACH databases, \
-             load extensions or change PRAGMA settings"
+             load extensions, change PRAGMA settings, create temporary objects or control \
+             transactions (Batch runs its statements in one transaction)"
         )),
         SQLITE_BUSY | SQLITE_LOCKED => DataPlaneError::Unavailable(format!(
             "the database of tenant {tenant} is busy; retry ({full})"

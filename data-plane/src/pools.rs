@@ -8,9 +8,9 @@
 //!   (what `DISCARD ALL` does, minus dropping sqlx's cached prepared statements) before
 //!   the next request can take it.
 //! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
-//!   settings and `load_extension()`, and extension loading is switched off; a transaction
-//!   left open by a request is rolled back before the connection is released (see
-//!   `sql::sqlite`).
+//!   settings, `load_extension()` and transaction control (only Batch's own BEGIN and
+//!   COMMIT/ROLLBACK pass), and extension loading is switched off, so no statement can
+//!   leave state on the connection.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use tenantry_shared::TenantId;
 
 use crate::router::{Router, Target};
-use crate::sqlite_pool::{SqlitePool, SqlitePoolOptions};
+use crate::sqlite_pool::{ConnectionControls, SqlitePool, SqlitePoolOptions};
 
 /// What a PostgreSQL connection runs when it goes back to its pool.
 const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *; \
@@ -247,7 +247,7 @@ const READ_ONLY_PRAGMAS_WITH_ARGUMENT: &[&str] = &[
 /// Refuses what would let a statement reach outside the tenant's file or leave state
 /// behind on the connection.
 unsafe extern "C" fn tenant_authorizer(
-    _user_data: *mut c_void,
+    user_data: *mut c_void,
     action: c_int,
     arg1: *const c_char,
     arg2: *const c_char,
@@ -256,6 +256,16 @@ unsafe extern "C" fn tenant_authorizer(
 ) -> c_int {
     use libsqlite3_sys as ffi;
     match action {
+        ffi::SQLITE_TRANSACTION | ffi::SQLITE_SAVEPOINT => {
+            // SAFETY: `user_data` points at the connection's controls, kept alive by the
+            // connection's progress handler (see `harden_connection`).
+            let controls = unsafe { &*(user_data as *const ConnectionControls) };
+            if controls.transaction_control_allowed() {
+                ffi::SQLITE_OK
+            } else {
+                ffi::SQLITE_DENY
+            }
+        }
         ffi::SQLITE_ATTACH
         | ffi::SQLITE_DETACH
         | ffi::SQLITE_CREATE_TEMP_INDEX
@@ -292,18 +302,29 @@ unsafe extern "C" fn tenant_authorizer(
     }
 }
 
-/// Runs on every new SQLite tenant connection.
+/// Runs on every new SQLite tenant connection: the progress handler interrupts statements
+/// past their request's deadline, the authorizer reads the same controls.
 fn harden_connection(
     connection: &mut SqliteConnection,
+    controls: Arc<ConnectionControls>,
 ) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
     Box::pin(async move {
         let mut handle = connection.lock_handle().await?;
-        harden_sqlite(handle.as_raw_handle().as_ptr());
+        // The handler keeps `controls` alive for as long as the handle can prepare or run
+        // statements, which is what the authorizer's pointer below relies on.
+        let for_progress = controls.clone();
+        handle.set_progress_handler(PROGRESS_CHECK_EVERY_OPS, move || {
+            for_progress.may_continue()
+        });
+        harden_sqlite(handle.as_raw_handle().as_ptr(), Arc::as_ptr(&controls));
         Ok(())
     })
 }
 
-fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3) {
+/// SQLite VM instructions between deadline checks.
+const PROGRESS_CHECK_EVERY_OPS: i32 = 10_000;
+
+fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3, controls: *const ConnectionControls) {
     use libsqlite3_sys as ffi;
     // SAFETY: `db` is the open handle of a connection whose worker is locked out by the
     // caller for the duration of these calls.
@@ -315,6 +336,6 @@ fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3) {
             std::ptr::null_mut::<c_int>(),
         );
         ffi::sqlite3_limit(db, ffi::SQLITE_LIMIT_ATTACHED, 0);
-        ffi::sqlite3_set_authorizer(db, Some(tenant_authorizer), std::ptr::null_mut());
+        ffi::sqlite3_set_authorizer(db, Some(tenant_authorizer), controls as *mut c_void);
     }
 }

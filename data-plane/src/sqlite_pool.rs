@@ -8,14 +8,60 @@
 //! of every new connection, and an awaitable `close()`.
 
 use std::mem::ManuallyDrop;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
+/// handler) read. Set from the request's task without a trip to the worker thread.
+#[derive(Default)]
+pub struct ConnectionControls {
+    /// Lets BEGIN/COMMIT/ROLLBACK/SAVEPOINT through the authorizer (Batch sets it around
+    /// its own transaction statements; tenant statements never get it).
+    pub allow_transaction_control: AtomicBool,
+    /// Statements running past this instant (microseconds since `CLOCK_EPOCH`; 0 = no
+    /// deadline) are interrupted.
+    deadline_micros: AtomicU64,
+}
+
+static CLOCK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn micros_since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*CLOCK_EPOCH).as_micros()).unwrap_or(u64::MAX)
+}
+
+impl ConnectionControls {
+    /// Interrupt statements still running at `deadline` (None: never).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        let micros = deadline.map_or(0, |at| micros_since_epoch(at).max(1));
+        self.deadline_micros.store(micros, Ordering::Release);
+    }
+
+    /// Interrupt whatever runs now.
+    pub fn interrupt_now(&self) {
+        self.deadline_micros.store(1, Ordering::Release);
+    }
+
+    /// For the progress handler: may the running statement go on?
+    pub fn may_continue(&self) -> bool {
+        let deadline = self.deadline_micros.load(Ordering::Acquire);
+        deadline == 0 || micros_since_epoch(Instant::now()) < deadline
+    }
+
+    pub fn transaction_control_allowed(&self) -> bool {
+        self.allow_transaction_control.load(Ordering::Acquire)
+    }
+}
+
+/// Sets up a new connection with its controls (authorizer, progress handler, limits).
+pub type Harden = for<'c> fn(
+    &'c mut SqliteConnection,
+    Arc<ConnectionControls>,
+) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
 
 pub struct SqlitePoolOptions {
     pub max_connections: u32,
@@ -25,13 +71,14 @@ pub struct SqlitePoolOptions {
 
 struct Idle {
     connection: SqliteConnection,
+    controls: Arc<ConnectionControls>,
     since: Instant,
 }
 
 struct Inner {
     connect: SqliteConnectOptions,
     options: SqlitePoolOptions,
-    harden: fn(&mut SqliteConnection) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>>,
+    harden: Harden,
     idle: Mutex<Vec<Idle>>,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
@@ -48,6 +95,7 @@ pub struct SqlitePool {
 pub struct PooledSqlite {
     /// Taken out exactly once, in `drop`.
     connection: ManuallyDrop<SqliteConnection>,
+    controls: Arc<ConnectionControls>,
     pool: Arc<Inner>,
     close: bool,
     _permit: OwnedSemaphorePermit,
@@ -58,9 +106,7 @@ impl SqlitePool {
     pub fn new_lazy(
         connect: SqliteConnectOptions,
         options: SqlitePoolOptions,
-        harden: fn(
-            &mut SqliteConnection,
-        ) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>>,
+        harden: Harden,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_connections.max(1) as usize));
         Self {
@@ -94,16 +140,18 @@ impl SqlitePool {
                 let _ = stale.close().await;
             });
         }
-        let connection = match reused {
-            Some(connection) => connection,
+        let (connection, controls) = match reused {
+            Some(idle) => (idle.connection, idle.controls),
             None => {
                 let mut connection = SqliteConnection::connect_with(&self.inner.connect).await?;
-                (self.inner.harden)(&mut connection).await?;
-                connection
+                let controls = Arc::new(ConnectionControls::default());
+                (self.inner.harden)(&mut connection, controls.clone()).await?;
+                (connection, controls)
             }
         };
         Ok(PooledSqlite {
             connection: ManuallyDrop::new(connection),
+            controls,
             pool: self.inner.clone(),
             close: false,
             _permit: permit,
@@ -111,7 +159,7 @@ impl SqlitePool {
     }
 
     /// The most recently used idle connection, and the idle ones past the idle timeout.
-    fn take_idle(&self) -> (Option<SqliteConnection>, Vec<SqliteConnection>) {
+    fn take_idle(&self) -> (Option<Idle>, Vec<SqliteConnection>) {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
         };
@@ -126,7 +174,7 @@ impl SqlitePool {
                 index += 1;
             }
         }
-        (idle.pop().map(|idle| idle.connection), expired)
+        (idle.pop(), expired)
     }
 
     /// Closes idle connections past the idle timeout (called periodically).
@@ -167,6 +215,15 @@ impl PooledSqlite {
     pub fn close_on_drop(&mut self) {
         self.close = true;
     }
+
+    pub fn controls(&self) -> &ConnectionControls {
+        &self.controls
+    }
+
+    /// The controls, for use while the connection itself is borrowed (a transaction).
+    pub fn shared_controls(&self) -> Arc<ConnectionControls> {
+        self.controls.clone()
+    }
 }
 
 impl std::ops::Deref for PooledSqlite {
@@ -186,18 +243,26 @@ impl Drop for PooledSqlite {
     fn drop(&mut self) {
         // SAFETY: `drop` runs once and nothing uses `self.connection` after this.
         let connection = unsafe { ManuallyDrop::take(&mut self.connection) };
-        if self.close || self.pool.closed.load(Ordering::Acquire) {
-            tokio::spawn(async move {
-                let _ = connection.close().await;
-            });
-            return;
+        let controls = self.controls.clone();
+        controls
+            .allow_transaction_control
+            .store(false, Ordering::Release);
+        if !self.close {
+            controls.set_deadline(None);
+            if let Ok(mut idle) = self.pool.idle.lock()
+                && !self.pool.closed.load(Ordering::Acquire)
+            {
+                idle.push(Idle {
+                    connection,
+                    controls,
+                    since: Instant::now(),
+                });
+                return;
+            }
         }
-        if let Ok(mut idle) = self.pool.idle.lock() {
-            idle.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
-        }
+        tokio::spawn(async move {
+            let _ = connection.close().await;
+        });
         // The permit is released after this, when `_permit` drops.
     }
 }

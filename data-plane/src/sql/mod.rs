@@ -116,6 +116,69 @@ fn required_statement(statement: Option<pb::Statement>) -> Result<pb::Statement>
     Ok(statement)
 }
 
+/// Leading words of a statement, skipping whitespace and comments (upper-cased).
+fn leading_words(sql: &str, count: usize) -> Vec<String> {
+    let bytes = sql.as_bytes();
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() && words.len() < count {
+        match bytes[i] {
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                while i < bytes.len() {
+                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            byte if byte.is_ascii_alphabetic() => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                words.push(sql[start..i].to_ascii_uppercase());
+            }
+            byte if byte.is_ascii_whitespace() => i += 1,
+            _ => break,
+        }
+    }
+    words
+}
+
+/// Refuses transaction control in a tenant statement: every call is its own session,
+/// and Batch is the one way to run statements in a transaction. (On PostgreSQL such a
+/// statement is always a top-level command, so its first words tell.)
+pub fn refuse_transaction_control(sql: &str) -> Result<()> {
+    let words = leading_words(sql, 2);
+    let first = words.first().map(String::as_str).unwrap_or("");
+    let second = words.get(1).map(String::as_str).unwrap_or("");
+    let controls_transaction = matches!(
+        first,
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE"
+    ) || (first == "PREPARE" && second == "TRANSACTION");
+    if controls_transaction {
+        return Err(DataPlaneError::InvalidArgument(format!(
+            "{first} is refused: each call runs on its own; use Batch to run several \
+             statements in one transaction"
+        )));
+    }
+    Ok(())
+}
+
 /// The refusal for a wrong number of parameters.
 pub fn parameter_count_error(expected: usize, given: usize) -> DataPlaneError {
     DataPlaneError::InvalidArgument(format!(
@@ -268,5 +331,35 @@ pub fn at_statement(position: usize) -> impl FnOnce(DataPlaneError) -> DataPlane
             DataPlaneError::InvalidArgument(format!("statement {position}: {message}"))
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_transaction_control_behind_comments() {
+        for sql in [
+            "BEGIN",
+            "  begin;",
+            "-- x\nCOMMIT",
+            "/* a /* b */ */ rollback to s",
+            "PREPARE TRANSACTION 'x'",
+            "start transaction",
+            "end",
+        ] {
+            assert!(refuse_transaction_control(sql).is_err(), "{sql:?}");
+        }
+        for sql in [
+            "SELECT 'BEGIN'",
+            "INSERT INTO t VALUES (1)",
+            "PREPARE q AS SELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "",
+            "(SELECT 1)",
+        ] {
+            assert!(refuse_transaction_control(sql).is_ok(), "{sql:?}");
+        }
     }
 }

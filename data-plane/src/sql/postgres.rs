@@ -16,7 +16,10 @@ use sqlx::{
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
-use super::{Call, at_statement, null_value, parameter_count_error, push_row, unsupported_column};
+use super::{
+    Call, at_statement, null_value, parameter_count_error, push_row, refuse_transaction_control,
+    unsupported_column,
+};
 use crate::error::{DataPlaneError, Result, from_sqlx};
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
@@ -41,7 +44,8 @@ async fn session(pool: &PgPool, call: &Call<'_>) -> Result<Session> {
         .map_err(|error| from_sqlx(error, call.tenant))?;
     if let Some(remaining) = call.remaining() {
         // Reset with the rest of the session state when the connection is released.
-        let millis = remaining.as_millis().max(1).to_string();
+        // statement_timeout is an int of milliseconds.
+        let millis = remaining.as_millis().clamp(1, i32::MAX as u128).to_string();
         sqlx::query("SELECT set_config('statement_timeout', $1, false)")
             .bind(millis)
             .execute(&mut *connection)
@@ -109,6 +113,7 @@ async fn prepare(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<sqlx::postgres::PgStatement> {
+    refuse_transaction_control(&statement.sql)?;
     let types: Vec<PgTypeInfo> = statement.params.iter().map(type_of).collect();
     let prepared = connection
         .prepare_with(AssertSqlSafe(keyed_sql(statement)).into_sql_str(), &types)
@@ -151,7 +156,9 @@ pub async fn execute(
 ) -> Result<pb::ExecuteResponse> {
     let mut session = session(pool, call).await?;
     let response = execute_on(&mut session.connection, statement, call).await;
-    session.finished = true;
+    // After an error sqlx may still owe the server's ReadyForQuery, and then the session
+    // reset cannot be queued: close such connections rather than reuse them.
+    session.finished = response.is_ok();
     response
 }
 

@@ -1,9 +1,9 @@
 //! Statements on a SQLite tenant database.
 //!
-//! Values map by storage class. A request with a deadline arms `sqlite3_interrupt` for
-//! when it is abandoned. A statement that can open a transaction (its text contains
-//! BEGIN or SAVEPOINT; no other statement can) is followed by a check that rolls back a
-//! transaction it left open, so the next request starts clean.
+//! Values map by storage class. A request's deadline is enforced by the connection's
+//! progress handler (see `sqlite_pool::ConnectionControls`), and the connection's
+//! authorizer refuses transaction control from tenant statements, so no request can
+//! leave a transaction open for the next one. Batch alone opens and ends transactions.
 
 use futures::TryStreamExt;
 use sqlx::query::Query;
@@ -19,88 +19,32 @@ use super::{Call, at_statement, null_value, parameter_count_error, push_row};
 use crate::error::{DataPlaneError, Result, from_sqlx};
 use crate::sqlite_pool::{PooledSqlite, SqlitePool};
 
-/// The raw handle of a connection this request holds, for `sqlite3_interrupt`.
-struct RawHandle(*mut libsqlite3_sys::sqlite3);
-
-// SAFETY: sqlite3_interrupt may be called from any thread, and the handle is used only
-// while the request still holds the connection (see `Session::drop`).
-unsafe impl Send for RawHandle {}
-unsafe impl Sync for RawHandle {}
-
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
 struct Session {
     connection: PooledSqlite,
-    interrupt: Option<RawHandle>,
     finished: bool,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.finished {
-            return;
+        if !self.finished {
+            self.connection.controls().interrupt_now();
+            self.connection.close_on_drop();
         }
-        if let Some(handle) = &self.interrupt {
-            // SAFETY: the connection (and so the handle) is alive: it is dropped after this.
-            unsafe { libsqlite3_sys::sqlite3_interrupt(handle.0) };
-        }
-        self.connection.close_on_drop();
     }
 }
 
 async fn session(pool: &SqlitePool, call: &Call<'_>) -> Result<Session> {
-    let mut connection = pool
+    let connection = pool
         .acquire()
         .await
         .map_err(|error| from_sqlx(error, call.tenant))?;
-    let interrupt = match call.deadline {
-        Some(_) => {
-            let mut handle = connection
-                .lock_handle()
-                .await
-                .map_err(|error| from_sqlx(error, call.tenant))?;
-            Some(RawHandle(handle.as_raw_handle().as_ptr()))
-        }
-        None => None,
-    };
+    connection.controls().set_deadline(call.deadline);
     Ok(Session {
         connection,
-        interrupt,
         finished: false,
     })
-}
-
-/// True if the statement text could open a transaction.
-fn may_open_transaction(sql: &str) -> bool {
-    let lower = sql.to_ascii_lowercase();
-    lower.contains("begin") || lower.contains("savepoint")
-}
-
-/// Rolls back a transaction the request left open.
-async fn close_open_transaction(
-    connection: &mut sqlx::SqliteConnection,
-    call: &Call<'_>,
-) -> Result<()> {
-    let in_transaction = {
-        let mut handle = connection
-            .lock_handle()
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?;
-        // SAFETY: the worker is locked out while `handle` lives.
-        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0 }
-    };
-    if in_transaction {
-        sqlx::raw_sql("ROLLBACK")
-            .execute(&mut *connection)
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?;
-        return Err(DataPlaneError::InvalidArgument(
-            "the statement left a transaction open; it was rolled back. Use Batch to run several \
-             statements in one transaction"
-                .to_owned(),
-        ));
-    }
-    Ok(())
 }
 
 fn bind<'q>(
@@ -225,7 +169,8 @@ pub async fn execute(
 ) -> Result<pb::ExecuteResponse> {
     let mut session = session(pool, call).await?;
     let response = execute_on(&mut session.connection, statement, call).await;
-    finish(session, &statement.sql, response, call).await
+    session.finished = true;
+    response
 }
 
 pub async fn query(
@@ -235,23 +180,8 @@ pub async fn query(
 ) -> Result<pb::QueryResponse> {
     let mut session = session(pool, call).await?;
     let response = query_on(&mut session.connection, statement, call).await;
-    finish(session, &statement.sql, response, call).await
-}
-
-/// Ends a one-statement call: a transaction the statement left open is rolled back
-/// (and reported), then the connection goes back to the pool.
-async fn finish<T>(
-    mut session: Session,
-    sql: &str,
-    response: Result<T>,
-    call: &Call<'_>,
-) -> Result<T> {
-    let closed = match may_open_transaction(sql) {
-        true => close_open_transaction(&mut session.connection, call).await,
-        false => Ok(()),
-    };
     session.finished = true;
-    closed.and(response)
+    response
 }
 
 async fn query_on(
@@ -293,37 +223,42 @@ pub async fn batch(
     call: &Call<'_>,
 ) -> Result<Vec<pb::ExecuteResponse>> {
     let mut session = session(pool, call).await?;
-    let outcome = async {
-        // IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
-        // batch that reads before it writes cannot fail on a concurrent writer.
-        let mut transaction = session
-            .connection
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?;
-        let mut results = Vec::with_capacity(statements.len());
-        for (position, statement) in statements.iter().enumerate() {
-            let result = execute_on(&mut transaction, statement, call)
-                .await
-                .map_err(at_statement(position))?;
-            results.push(result);
+    let controls = session.connection.shared_controls();
+    let allow = |allowed: bool| {
+        controls
+            .allow_transaction_control
+            .store(allowed, std::sync::atomic::Ordering::Release)
+    };
+    // IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
+    // batch that reads before it writes cannot fail on a concurrent writer.
+    allow(true);
+    let begun = session.connection.begin_with("BEGIN IMMEDIATE").await;
+    allow(false);
+    let mut transaction = begun.map_err(|error| from_sqlx(error, call.tenant))?;
+    let mut results = Vec::with_capacity(statements.len());
+    let mut failure = None;
+    for (position, statement) in statements.iter().enumerate() {
+        match execute_on(&mut transaction, statement, call).await {
+            Ok(result) => results.push(result),
+            Err(error) => {
+                failure = Some(at_statement(position)(error));
+                break;
+            }
         }
-        transaction
-            .commit()
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?;
-        Ok::<_, DataPlaneError>(results)
     }
-    .await;
-    // A statement of the batch may itself have said COMMIT or BEGIN.
-    if statements
-        .iter()
-        .any(|s| may_open_transaction(&s.sql) || s.sql.to_ascii_lowercase().contains("commit"))
-    {
-        let _ = close_open_transaction(&mut session.connection, call).await;
+    allow(true);
+    let ended = match failure {
+        None => transaction.commit().await,
+        Some(_) => transaction.rollback().await,
+    };
+    allow(false);
+    // A connection whose transaction could not be ended is closed, never reused.
+    session.finished = ended.is_ok();
+    if let Some(error) = failure {
+        return Err(error);
     }
-    session.finished = true;
-    outcome
+    ended.map_err(|error| from_sqlx(error, call.tenant))?;
+    Ok(results)
 }
 
 fn decode_row(row: &SqliteRow) -> Result<pb::Row> {
