@@ -900,14 +900,20 @@ async fn deadline_cancels_the_statement(backend: Backend) {
     .await;
     let id = sandbox.tid("slow");
     sandbox.create(&id).await;
+    sandbox
+        .execute(&id, "CREATE TABLE sink (x BIGINT)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A write that would run for a long time (forever, on SQLite) and holds its locks.
     let slow = match backend {
-        Backend::Postgres => "SELECT pg_sleep(30)",
+        Backend::Postgres => "INSERT INTO sink SELECT 1 FROM pg_sleep(60)",
         Backend::Sqlite => {
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+            "INSERT INTO sink WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+             SELECT x FROM c"
         }
     };
     let mut request = with_tenant(
-        dp::QueryRequest {
+        dp::ExecuteRequest {
             statement: Some(dp::Statement {
                 sql: slow.into(),
                 params: vec![],
@@ -916,27 +922,54 @@ async fn deadline_cancels_the_statement(backend: Backend) {
         &id,
     );
     request.set_timeout(Duration::from_millis(300));
-    let status = sandbox.sql().query(request).await.err().map(|s| s.code());
+    let status = sandbox.sql().execute(request).await.err().map(|s| s.code());
     assert!(
         matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),
         "got {status:?}"
     );
-    // The single connection is usable again: the statement did not keep running.
-    let mut next = with_tenant(
-        dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: "SELECT 1".into(),
-                params: vec![],
-            }),
-        },
-        &id,
-    );
-    next.set_timeout(Duration::from_secs(10));
-    sandbox
-        .sql()
-        .query(next)
+    // The statement itself stopped: a write needing the same table's lock goes through
+    // (SQLite: the write lock; PostgreSQL: nothing of the tenant is still running).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let still_running = match backend {
+            Backend::Postgres => {
+                let rows = sandbox
+                    .query(
+                        &id,
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND pid <> pg_backend_pid() AND query LIKE 'INSERT INTO sink%' AND state = 'active'",
+                        vec![],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                rows.rows[0].values[0] != int(0)
+            }
+            Backend::Sqlite => sandbox
+                .batch(&id, &[("INSERT INTO sink VALUES (1)", vec![])])
+                .await
+                .is_err(),
+        };
+        if !still_running {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled statement kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = sandbox
+        .query(&id, "SELECT count(*) FROM sink", vec![])
         .await
         .unwrap_or_else(|e| panic!("after a cancelled statement: {e}"));
+    let expected = match backend {
+        Backend::Postgres => int(0),
+        Backend::Sqlite => int(1),
+    };
+    assert_eq!(
+        rows.rows[0].values[0], expected,
+        "the cancelled insert wrote nothing"
+    );
 }
 
 async fn oversized_result_is_refused(backend: Backend) {
