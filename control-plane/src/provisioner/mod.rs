@@ -176,6 +176,49 @@ impl Provisioner {
         lock.lock_owned().await
     }
 
+    /// Turns a DELETED tombstone back into a fresh PROVISIONING tenant (reuse of a
+    /// deleted id on purpose). Under the tenant's lock and only from DELETED, so two
+    /// concurrent reuses or a late delete cannot undo each other's work.
+    pub async fn reset_deleted_for_reuse(
+        &self,
+        tenant_id: &TenantId,
+        actor: &str,
+        display_name: &str,
+        requested_server: &str,
+    ) -> Result<tenant::Model> {
+        let _guard = self.lock_tenant(tenant_id.as_str()).await;
+        self.registry
+            .update_tenant(
+                tenant_id.as_str(),
+                TenantChange {
+                    actor,
+                    action: "create (reusing deleted id)",
+                    detail: format!("display name {display_name:?}"),
+                    to_state: Some(TenantState::Provisioning),
+                },
+                |row_now, row| {
+                    if row_now.state != TenantState::Deleted.as_str() {
+                        return Err(ControlPlaneError::FailedPrecondition(format!(
+                            "tenant {} is {}, no longer DELETED; retry the call",
+                            row_now.tenant_id, row_now.state
+                        )));
+                    }
+                    row.display_name = Set(display_name.to_owned());
+                    row.requested_server = Set(requested_server.to_owned());
+                    row.reason = Set(String::new());
+                    row.database_server = Set(None);
+                    row.backend = Set(None);
+                    row.database_name = Set(None);
+                    row.db_username = Set(None);
+                    row.db_password = Set(None);
+                    row.schema_version = Set(0);
+                    row.create_time = Set(chrono::Utc::now());
+                    Ok(())
+                },
+            )
+            .await
+    }
+
     /// Drives a tenant from PROVISIONING (or FAILED) to ACTIVE. Returns the tenant as it
     /// ends: ACTIVE, or FAILED with the reason.
     pub async fn provision(&self, tenant_id: &TenantId, actor: &str) -> Result<tenant::Model> {

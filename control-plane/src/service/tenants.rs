@@ -98,29 +98,12 @@ impl TenantService for TenantApi {
                         existing.update_time.format("%Y-%m-%d %H:%M:%S UTC")
                     )));
                 }
-                let requested_server = request.database_server.clone();
-                self.registry
-                    .update_tenant(
-                        tenant_id.as_str(),
-                        TenantChange {
-                            actor: &actor,
-                            action: "create (reusing deleted id)",
-                            detail: format!("display name {display_name:?}"),
-                            to_state: Some(TenantState::Provisioning),
-                        },
-                        |_, row| {
-                            row.display_name = Set(display_name.clone());
-                            row.requested_server = Set(requested_server.clone());
-                            row.reason = Set(String::new());
-                            row.database_server = Set(None);
-                            row.backend = Set(None);
-                            row.database_name = Set(None);
-                            row.db_username = Set(None);
-                            row.db_password = Set(None);
-                            row.schema_version = Set(0);
-                            row.create_time = Set(chrono::Utc::now());
-                            Ok(())
-                        },
+                self.provisioner
+                    .reset_deleted_for_reuse(
+                        &tenant_id,
+                        &actor,
+                        &display_name,
+                        &request.database_server,
                     )
                     .await?;
             } else if existing.display_name != display_name

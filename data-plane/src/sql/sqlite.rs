@@ -70,6 +70,8 @@ fn bind<'q>(
 static PARAMETER_COUNTS: std::sync::LazyLock<dashmap::DashMap<String, usize>> =
     std::sync::LazyLock::new(dashmap::DashMap::new);
 const MAX_REMEMBERED_STATEMENTS: usize = 10_000;
+/// Longest SQL text remembered (at most 10,000 x 4 KiB = 40 MiB in all).
+const MAX_REMEMBERED_SQL_LEN: usize = 4096;
 
 /// Refuses a request whose parameter count does not match its statement (SQLite itself
 /// would bind missing parameters as NULL).
@@ -87,10 +89,13 @@ async fn check_parameter_count(
                 Some(sqlx::Either::Right(count)) => count,
                 None => statement.params.len(),
             };
-            if PARAMETER_COUNTS.len() >= MAX_REMEMBERED_STATEMENTS {
-                PARAMETER_COUNTS.clear();
+            // Long texts are not remembered, so the cache stays small whatever callers send.
+            if statement.sql.len() <= MAX_REMEMBERED_SQL_LEN {
+                if PARAMETER_COUNTS.len() >= MAX_REMEMBERED_STATEMENTS {
+                    PARAMETER_COUNTS.clear();
+                }
+                PARAMETER_COUNTS.insert(statement.sql.clone(), count);
             }
-            PARAMETER_COUNTS.insert(statement.sql.clone(), count);
             count
         }
     };
