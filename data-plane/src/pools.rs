@@ -56,6 +56,8 @@ pub struct PoolOptions {
 
 struct PoolEntry {
     target: Target,
+    /// Version of the route the pool was opened for.
+    route_version: i64,
     pool: TenantPool,
 }
 
@@ -72,20 +74,23 @@ impl PoolManager {
         }
     }
 
-    /// The tenant's pool for `target`, opened (lazily) if there is none or if the
-    /// tenant's connection details changed; a replaced pool is closed in the background.
-    pub fn pool(&self, tenant_id: &TenantId, target: &Target) -> TenantPool {
+    /// The tenant's pool for `target` (from a route of `route_version`), opened lazily if
+    /// there is none or if a newer route changed the connection details; a replaced pool
+    /// is closed in the background. A request still holding an older route than the pool
+    /// was opened for gets the newer pool: it never brings old details back.
+    pub fn pool(&self, tenant_id: &TenantId, target: &Target, route_version: i64) -> TenantPool {
         if let Some(entry) = self.pools.get(tenant_id)
-            && entry.target == *target
+            && (entry.target == *target || entry.route_version >= route_version)
         {
             return entry.pool.clone();
         }
         match self.pools.entry(tenant_id.clone()) {
             Entry::Occupied(mut occupied) => {
-                if occupied.get().target == *target {
-                    return occupied.get().pool.clone();
+                let current = occupied.get();
+                if current.target == *target || current.route_version >= route_version {
+                    return current.pool.clone();
                 }
-                let fresh = Arc::new(self.open(target));
+                let fresh = Arc::new(self.open(target, route_version));
                 let pool = fresh.pool.clone();
                 let replaced = occupied.insert(fresh);
                 tracing::info!(tenant.id = %tenant_id, "tenant connection details changed; closing the old pool");
@@ -93,7 +98,7 @@ impl PoolManager {
                 pool
             }
             Entry::Vacant(vacant) => {
-                let fresh = Arc::new(self.open(target));
+                let fresh = Arc::new(self.open(target, route_version));
                 let pool = fresh.pool.clone();
                 vacant.insert(fresh);
                 pool
@@ -101,7 +106,7 @@ impl PoolManager {
         }
     }
 
-    fn open(&self, target: &Target) -> PoolEntry {
+    fn open(&self, target: &Target, route_version: i64) -> PoolEntry {
         let pool = match target {
             Target::Postgres {
                 host,
@@ -159,6 +164,7 @@ impl PoolManager {
         };
         PoolEntry {
             target: target.clone(),
+            route_version,
             pool,
         }
     }

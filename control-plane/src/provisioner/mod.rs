@@ -612,7 +612,13 @@ impl Provisioner {
     }
 
     pub async fn close(&self) {
-        for server in self.postgres_servers.iter() {
+        // Collected first: no map guard is held across an await.
+        let servers: Vec<Arc<PostgresServer>> = self
+            .postgres_servers
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
+        for server in servers {
             server.close().await;
         }
     }

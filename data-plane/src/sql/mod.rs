@@ -230,7 +230,9 @@ impl SqlApi {
                 context.tenant_id
             ))
         })?;
-        Ok(self.pools.pool(&context.tenant_id, target))
+        Ok(self
+            .pools
+            .pool(&context.tenant_id, target, context.route.version))
     }
 }
 
