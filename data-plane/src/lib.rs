@@ -3,12 +3,12 @@
 //! tenant's own pool from the pool manager. It talks to the control plane only over
 //! gRPC (`RoutingService`) and never links it.
 
+pub mod connection_pool;
 pub mod context;
 pub mod error;
 pub mod pools;
 pub mod router;
 pub mod sql;
-pub mod sqlite_pool;
 pub mod tenant_layer;
 
 use std::net::SocketAddr;

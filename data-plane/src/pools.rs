@@ -19,12 +19,19 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
+use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use tenantry_shared::TenantId;
 
+use crate::connection_pool::{
+    ConnectionControls, ConnectionPool, PoolOptions as ConnectionPoolOptions,
+};
 use crate::router::{Router, Target};
-use crate::sqlite_pool::{ConnectionControls, SqlitePool, SqlitePoolOptions};
+
+/// A PostgreSQL tenant's pool.
+pub type PgTenantPool = ConnectionPool<Postgres>;
+/// A SQLite tenant's pool.
+pub type SqliteTenantPool = ConnectionPool<Sqlite>;
 
 /// What a PostgreSQL connection runs when it goes back to its pool.
 const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *; \
@@ -32,8 +39,8 @@ const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *
 
 #[derive(Clone)]
 pub enum TenantPool {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
+    Postgres(PgTenantPool),
+    Sqlite(SqliteTenantPool),
 }
 
 impl TenantPool {
@@ -106,6 +113,14 @@ impl PoolManager {
         }
     }
 
+    fn connection_pool_options(&self) -> ConnectionPoolOptions {
+        ConnectionPoolOptions {
+            max_connections: self.options.max_connections_per_tenant,
+            acquire_timeout: self.options.acquire_timeout,
+            idle_timeout: self.options.idle_timeout,
+        }
+    }
+
     fn open(&self, target: &Target, route_version: i64) -> PoolEntry {
         let pool = match target {
             Target::Postgres {
@@ -126,22 +141,18 @@ impl PoolManager {
                     // notices are not passed to callers, so do not send them at all.
                     .options([("client_min_messages", "error")])
                     .disable_statement_logging();
-                let options = PgPoolOptions::new()
-                    .max_connections(self.options.max_connections_per_tenant)
-                    .min_connections(0)
-                    .acquire_timeout(self.options.acquire_timeout)
-                    .idle_timeout(self.options.idle_timeout)
-                    // Connections are checked when they are released (sqlx pings them
-                    // then); a second check on every acquire would cost a round trip.
-                    .test_before_acquire(false);
-                let options = if self.options.postgres_session_reset {
-                    options.after_release(|connection, _| {
-                        Box::pin(async move { Ok(queue_session_reset(connection)) })
-                    })
-                } else {
-                    options
-                };
-                TenantPool::Postgres(options.connect_lazy_with(connect))
+                let reset: Option<crate::connection_pool::Clean<Postgres>> =
+                    if self.options.postgres_session_reset {
+                        Some(reset_session)
+                    } else {
+                        None
+                    };
+                TenantPool::Postgres(PgTenantPool::new_lazy(
+                    connect,
+                    self.connection_pool_options(),
+                    nothing_to_harden,
+                    reset,
+                ))
             }
             Target::Sqlite { path, .. } => {
                 let connect = SqliteConnectOptions::new()
@@ -151,14 +162,11 @@ impl PoolManager {
                     .busy_timeout(Duration::from_secs(5))
                     .foreign_keys(true)
                     .disable_statement_logging();
-                TenantPool::Sqlite(SqlitePool::new_lazy(
+                TenantPool::Sqlite(SqliteTenantPool::new_lazy(
                     connect,
-                    SqlitePoolOptions {
-                        max_connections: self.options.max_connections_per_tenant,
-                        acquire_timeout: self.options.acquire_timeout,
-                        idle_timeout: self.options.idle_timeout,
-                    },
+                    self.connection_pool_options(),
                     harden_connection,
+                    None,
                 ))
             }
         };
@@ -173,16 +181,16 @@ impl PoolManager {
     /// elsewhere, and SQLite connections idle past the idle timeout (sqlx pools close
     /// their own).
     pub async fn close_stale(&self, router: &Router) {
-        let sqlite_pools: Vec<SqlitePool> = self
+        let pools: Vec<TenantPool> = self
             .pools
             .iter()
-            .filter_map(|entry| match &entry.value().pool {
-                TenantPool::Sqlite(pool) => Some(pool.clone()),
-                TenantPool::Postgres(_) => None,
-            })
+            .map(|entry| entry.value().pool.clone())
             .collect();
-        for pool in sqlite_pools {
-            pool.close_expired_idle().await;
+        for pool in pools {
+            match pool {
+                TenantPool::Postgres(pool) => pool.close_expired_idle().await,
+                TenantPool::Sqlite(pool) => pool.close_expired_idle().await,
+            }
         }
         let stale: Vec<(TenantId, Arc<PoolEntry>)> = self
             .pools
@@ -223,17 +231,23 @@ impl PoolManager {
     }
 }
 
-/// Queues the session reset on a PostgreSQL connection that is going back to its pool,
-/// without waiting for the answer: sqlx's release check (a Sync round trip) that follows
-/// flushes it and drains its result, so reset and check share one round trip, and no
-/// request can use the connection before the reset has run. Returns false (close the
-/// connection) if the reset could not even be queued.
-fn queue_session_reset(connection: &mut sqlx::PgConnection) -> bool {
-    use futures::FutureExt;
-    let reset = sqlx::raw_sql(POSTGRES_SESSION_RESET).execute(connection);
-    // The first poll writes the query and counts its pending ReadyForQuery; dropping the
-    // future after that is how sqlx expects cancellation, and the next use drains it.
-    !matches!(reset.now_or_never(), Some(Err(_)))
+/// Resets a PostgreSQL connection that comes back from a request. One round trip, which
+/// also tells that the connection still works (a failing one is closed).
+fn reset_session(connection: &mut PgConnection) -> futures::future::BoxFuture<'_, bool> {
+    Box::pin(async move {
+        sqlx::raw_sql(POSTGRES_SESSION_RESET)
+            .execute(connection)
+            .await
+            .is_ok()
+    })
+}
+
+/// PostgreSQL tenant connections need no set-up beyond their connect options.
+fn nothing_to_harden(
+    _connection: &mut PgConnection,
+    _controls: std::sync::Arc<ConnectionControls>,
+) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async { Ok(()) })
 }
 
 /// Pragmas that take an argument but only read (e.g. `PRAGMA table_info(t)`).

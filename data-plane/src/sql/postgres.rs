@@ -5,8 +5,7 @@
 //! other value kinds gets its own prepared statement instead of a binary-format error.
 
 use futures::TryStreamExt;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgPool, PgRow, PgTypeInfo, PgValueRef, Postgres};
+use sqlx::postgres::{PgArguments, PgRow, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::query::Query;
 use sqlx::types::chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use sqlx::{
@@ -20,12 +19,14 @@ use super::{
     Call, at_statement, null_value, parameter_count_error, push_row, refuse_transaction_control,
     unsupported_column,
 };
+use crate::connection_pool::PooledConnection;
 use crate::error::{DataPlaneError, Result, from_sqlx};
+use crate::pools::PgTenantPool;
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
 /// gone) before it finishes, the connection is closed instead of reused.
 struct Session {
-    connection: PoolConnection<Postgres>,
+    connection: PooledConnection<Postgres>,
     finished: bool,
 }
 
@@ -37,7 +38,7 @@ impl Drop for Session {
     }
 }
 
-async fn session(pool: &PgPool, call: &Call<'_>) -> Result<Session> {
+async fn session(pool: &PgTenantPool, call: &Call<'_>) -> Result<Session> {
     let mut connection = pool
         .acquire()
         .await
@@ -150,7 +151,7 @@ async fn execute_on(
 }
 
 pub async fn execute(
-    pool: &PgPool,
+    pool: &PgTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
@@ -163,7 +164,7 @@ pub async fn execute(
 }
 
 pub async fn query(
-    pool: &PgPool,
+    pool: &PgTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
@@ -195,7 +196,7 @@ pub async fn query(
 }
 
 pub async fn batch(
-    pool: &PgPool,
+    pool: &PgTenantPool,
     statements: &[pb::Statement],
     call: &Call<'_>,
 ) -> Result<Vec<pb::ExecuteResponse>> {

@@ -1,7 +1,7 @@
 //! Statements on a SQLite tenant database.
 //!
 //! Values map by storage class. A request's deadline is enforced by the connection's
-//! progress handler (see `sqlite_pool::ConnectionControls`), and the connection's
+//! progress handler (see `connection_pool::ConnectionControls`), and the connection's
 //! authorizer refuses transaction control from tenant statements, so no request can
 //! leave a transaction open for the next one. Batch alone opens and ends transactions.
 
@@ -16,13 +16,14 @@ use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
 use super::{Call, at_statement, null_value, parameter_count_error, push_row};
+use crate::connection_pool::PooledConnection;
 use crate::error::{DataPlaneError, Result, from_sqlx};
-use crate::sqlite_pool::{PooledSqlite, SqlitePool};
+use crate::pools::SqliteTenantPool;
 
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
 struct Session {
-    connection: PooledSqlite,
+    connection: PooledConnection<Sqlite>,
     finished: bool,
 }
 
@@ -35,7 +36,7 @@ impl Drop for Session {
     }
 }
 
-async fn session(pool: &SqlitePool, call: &Call<'_>) -> Result<Session> {
+async fn session(pool: &SqliteTenantPool, call: &Call<'_>) -> Result<Session> {
     let connection = pool
         .acquire()
         .await
@@ -168,7 +169,7 @@ async fn execute_on(
 }
 
 pub async fn execute(
-    pool: &SqlitePool,
+    pool: &SqliteTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
@@ -179,7 +180,7 @@ pub async fn execute(
 }
 
 pub async fn query(
-    pool: &SqlitePool,
+    pool: &SqliteTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
@@ -223,7 +224,7 @@ async fn query_on(
 }
 
 pub async fn batch(
-    pool: &SqlitePool,
+    pool: &SqliteTenantPool,
     statements: &[pb::Statement],
     call: &Call<'_>,
 ) -> Result<Vec<pb::ExecuteResponse>> {

@@ -1,19 +1,19 @@
-//! A small connection pool for SQLite tenant files.
+//! A small connection pool for tenant databases (SQLite and PostgreSQL).
 //!
-//! sqlx's pool checks every connection it gets back with a ping, which for SQLite is a
-//! round trip to the connection's worker thread on every request. SQLite connections are
-//! in-process: nothing can break them between requests, so this pool hands them back
-//! without a check. It keeps what the data plane needs of a pool: a maximum size, a
-//! bounded wait for a free connection, idle connections closed after a while, hardening
-//! of every new connection, and an awaitable `close()`.
+//! sqlx's pool checks every connection it gets back with a ping: a round trip to the
+//! server (PostgreSQL) or to the connection's worker thread (SQLite) on every request.
+//! This pool instead runs the backend's own clean-up when a connection comes back (the
+//! PostgreSQL session reset, which doubles as the liveness check; nothing for SQLite,
+//! which is in-process) and then hands it out again. It keeps what the data plane needs
+//! of a pool: a maximum size, a bounded wait for a free connection, idle connections
+//! closed after a while, hardening of every new connection, and an awaitable `close()`.
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::Connection;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, Database};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
@@ -58,55 +58,70 @@ impl ConnectionControls {
 }
 
 /// Sets up a new connection with its controls (authorizer, progress handler, limits).
-pub type Harden = for<'c> fn(
-    &'c mut SqliteConnection,
+pub type Harden<DB> = for<'c> fn(
+    &'c mut <DB as Database>::Connection,
     Arc<ConnectionControls>,
 ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
 
-pub struct SqlitePoolOptions {
+/// Cleans a connection that comes back from a request; false closes it instead.
+pub type Clean<DB> =
+    for<'c> fn(&'c mut <DB as Database>::Connection) -> futures::future::BoxFuture<'c, bool>;
+
+pub struct PoolOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
-struct Idle {
-    connection: SqliteConnection,
+struct Idle<DB: Database> {
+    connection: DB::Connection,
     controls: Arc<ConnectionControls>,
     since: Instant,
 }
 
-struct Inner {
-    connect: SqliteConnectOptions,
-    options: SqlitePoolOptions,
-    harden: Harden,
-    idle: Mutex<Vec<Idle>>,
+struct Inner<DB: Database> {
+    connect: <DB::Connection as Connection>::Options,
+    options: PoolOptions,
+    harden: Harden<DB>,
+    clean: Option<Clean<DB>>,
+    idle: Mutex<Vec<Idle<DB>>>,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
 }
 
 /// Cheap to clone; every clone is the same pool.
-#[derive(Clone)]
-pub struct SqlitePool {
-    inner: Arc<Inner>,
+pub struct ConnectionPool<DB: Database> {
+    inner: Arc<Inner<DB>>,
+}
+
+impl<DB: Database> Clone for ConnectionPool<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 /// A connection lent to one request. Dropping it gives the connection back, unless
 /// `close_on_drop` was called (the request was abandoned half-way) or the pool is closed.
-pub struct PooledSqlite {
+pub struct PooledConnection<DB: Database> {
     /// Taken out exactly once, in `drop`.
-    connection: ManuallyDrop<SqliteConnection>,
+    connection: ManuallyDrop<DB::Connection>,
     controls: Arc<ConnectionControls>,
-    pool: Arc<Inner>,
+    pool: Arc<Inner<DB>>,
     close: bool,
-    _permit: OwnedSemaphorePermit,
+    /// Held while the connection is lent (and while it is cleaned afterwards).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
-impl SqlitePool {
-    /// A pool that opens connections on first use; `harden` runs on each new connection.
+impl<DB: Database> ConnectionPool<DB> {
+    /// A pool that opens connections on first use; `harden` runs on each new connection,
+    /// `clean` on each one that comes back.
     pub fn new_lazy(
-        connect: SqliteConnectOptions,
-        options: SqlitePoolOptions,
-        harden: Harden,
+        connect: <DB::Connection as Connection>::Options,
+        options: PoolOptions,
+        harden: Harden<DB>,
+        clean: Option<Clean<DB>>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_connections.max(1) as usize));
         Self {
@@ -114,6 +129,7 @@ impl SqlitePool {
                 connect,
                 options,
                 harden,
+                clean,
                 idle: Mutex::new(Vec::new()),
                 permits,
                 closed: AtomicBool::new(false),
@@ -123,7 +139,7 @@ impl SqlitePool {
 
     /// A free connection: an idle one, or a new one while under the maximum. Waits at most
     /// the acquire timeout for one to come back.
-    pub async fn acquire(&self) -> Result<PooledSqlite, sqlx::Error> {
+    pub async fn acquire(&self) -> Result<PooledConnection<DB>, sqlx::Error> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(sqlx::Error::PoolClosed);
         }
@@ -143,23 +159,23 @@ impl SqlitePool {
         let (connection, controls) = match reused {
             Some(idle) => (idle.connection, idle.controls),
             None => {
-                let mut connection = SqliteConnection::connect_with(&self.inner.connect).await?;
+                let mut connection = self.inner.connect.connect().await?;
                 let controls = Arc::new(ConnectionControls::default());
                 (self.inner.harden)(&mut connection, controls.clone()).await?;
                 (connection, controls)
             }
         };
-        Ok(PooledSqlite {
+        Ok(PooledConnection {
             connection: ManuallyDrop::new(connection),
             controls,
             pool: self.inner.clone(),
             close: false,
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 
     /// The most recently used idle connection, and the idle ones past the idle timeout.
-    fn take_idle(&self) -> (Option<Idle>, Vec<SqliteConnection>) {
+    fn take_idle(&self) -> (Option<Idle<DB>>, Vec<DB::Connection>) {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
         };
@@ -179,11 +195,11 @@ impl SqlitePool {
 
     /// Closes idle connections past the idle timeout (called periodically).
     pub async fn close_expired_idle(&self) {
-        let expired: Vec<SqliteConnection> = match self.inner.idle.lock() {
+        let expired: Vec<DB::Connection> = match self.inner.idle.lock() {
             Ok(mut idle) => {
                 let now = Instant::now();
                 let idle_timeout = self.inner.options.idle_timeout;
-                let (expired, kept): (Vec<Idle>, Vec<Idle>) = idle
+                let (expired, kept): (Vec<Idle<DB>>, Vec<Idle<DB>>) = idle
                     .drain(..)
                     .partition(|entry| now.duration_since(entry.since) > idle_timeout);
                 *idle = kept;
@@ -200,7 +216,7 @@ impl SqlitePool {
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.permits.close();
-        let idle: Vec<Idle> = match self.inner.idle.lock() {
+        let idle: Vec<Idle<DB>> = match self.inner.idle.lock() {
             Ok(mut idle) => idle.drain(..).collect(),
             Err(_) => Vec::new(),
         };
@@ -210,7 +226,7 @@ impl SqlitePool {
     }
 }
 
-impl PooledSqlite {
+impl<DB: Database> PooledConnection<DB> {
     /// Close the connection instead of giving it back (its state is unknown).
     pub fn close_on_drop(&mut self) {
         self.close = true;
@@ -220,49 +236,81 @@ impl PooledSqlite {
         &self.controls
     }
 
+    fn take_permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.permit.take()
+    }
+
     /// The controls, for use while the connection itself is borrowed (a transaction).
     pub fn shared_controls(&self) -> Arc<ConnectionControls> {
         self.controls.clone()
     }
 }
 
-impl std::ops::Deref for PooledSqlite {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+impl<DB: Database> std::ops::Deref for PooledConnection<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
         &self.connection
     }
 }
 
-impl std::ops::DerefMut for PooledSqlite {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+impl<DB: Database> std::ops::DerefMut for PooledConnection<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
         &mut self.connection
     }
 }
 
-impl Drop for PooledSqlite {
+impl<DB: Database> Drop for PooledConnection<DB> {
     fn drop(&mut self) {
         // SAFETY: `drop` runs once and nothing uses `self.connection` after this.
-        let connection = unsafe { ManuallyDrop::take(&mut self.connection) };
+        let mut connection = unsafe { ManuallyDrop::take(&mut self.connection) };
         let controls = self.controls.clone();
         controls
             .allow_transaction_control
             .store(false, Ordering::Release);
-        if !self.close {
-            controls.set_deadline(None);
-            if let Ok(mut idle) = self.pool.idle.lock()
-                && !self.pool.closed.load(Ordering::Acquire)
-            {
-                idle.push(Idle {
-                    connection,
-                    controls,
-                    since: Instant::now(),
+        let pool = self.pool.clone();
+        if self.close || pool.closed.load(Ordering::Acquire) {
+            tokio::spawn(async move {
+                let _ = connection.close().await;
+            });
+            return;
+        }
+        controls.set_deadline(None);
+        match pool.clean {
+            None => give_back(&pool, connection, controls),
+            Some(clean) => {
+                // The permit goes with the task: nobody gets a connection slot before
+                // this one is clean again (or closed).
+                let permit = self.take_permit();
+                tokio::spawn(async move {
+                    if clean(&mut connection).await {
+                        give_back(&pool, connection, controls);
+                    } else {
+                        let _ = connection.close().await;
+                    }
+                    drop(permit);
                 });
-                return;
             }
         }
-        tokio::spawn(async move {
-            let _ = connection.close().await;
-        });
-        // The permit is released after this, when `_permit` drops.
     }
+}
+
+/// Puts a clean connection back among the idle ones (or closes it if the pool closed).
+fn give_back<DB: Database>(
+    pool: &Arc<Inner<DB>>,
+    connection: DB::Connection,
+    controls: Arc<ConnectionControls>,
+) {
+    if let Ok(mut idle) = pool.idle.lock()
+        && !pool.closed.load(Ordering::Acquire)
+    {
+        idle.push(Idle {
+            connection,
+            controls,
+            since: Instant::now(),
+        });
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = connection.close().await;
+    });
 }
