@@ -116,6 +116,37 @@ fn required_statement(statement: Option<pb::Statement>) -> Result<pb::Statement>
     Ok(statement)
 }
 
+/// If a SQL comment (`-- ...` to the end of the line, or a nested `/* ... */`) starts at
+/// byte `i`, the index just after it.
+pub(crate) fn comment_end(bytes: &[u8], i: usize) -> Option<usize> {
+    match (bytes.get(i), bytes.get(i + 1)) {
+        (Some(b'-'), Some(b'-')) => {
+            let mut end = i;
+            while end < bytes.len() && bytes[end] != b'\n' {
+                end += 1;
+            }
+            Some(end)
+        }
+        (Some(b'/'), Some(b'*')) => {
+            let mut depth = 1;
+            let mut end = i + 2;
+            while end < bytes.len() && depth > 0 {
+                if bytes[end] == b'/' && bytes.get(end + 1) == Some(&b'*') {
+                    depth += 1;
+                    end += 2;
+                } else if bytes[end] == b'*' && bytes.get(end + 1) == Some(&b'/') {
+                    depth -= 1;
+                    end += 2;
+                } else {
+                    end += 1;
+                }
+            }
+            Some(end)
+        }
+        _ => None,
+    }
+}
+
 /// Leading words of a statement, skipping whitespace and comments (upper-cased).
 fn leading_words(sql: &str, count: usize) -> Vec<String> {
     let bytes = sql.as_bytes();
@@ -123,27 +154,8 @@ fn leading_words(sql: &str, count: usize) -> Vec<String> {
     let mut i = 0;
     while i < bytes.len() && words.len() < count {
         match bytes[i] {
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0;
-                while i < bytes.len() {
-                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
+            b'-' | b'/' if comment_end(bytes, i).is_some() => {
+                i = comment_end(bytes, i).unwrap_or(bytes.len());
             }
             byte if byte.is_ascii_alphabetic() => {
                 let start = i;

@@ -16,8 +16,8 @@ use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
 use super::{
-    Call, at_statement, null_value, parameter_count_error, push_row, refuse_transaction_control,
-    unsupported_column,
+    Call, at_statement, comment_end, null_value, parameter_count_error, push_row,
+    refuse_transaction_control, unsupported_column,
 };
 use crate::connection_pool::PooledConnection;
 use crate::error::{DataPlaneError, Result, from_sqlx};
@@ -404,25 +404,8 @@ fn max_placeholder(sql: &str) -> usize {
                 }
                 i += 1;
             }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let mut depth = 1;
-                i += 2;
-                while i < bytes.len() && depth > 0 {
-                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
+            b'-' | b'/' if comment_end(bytes, i).is_some() => {
+                i = comment_end(bytes, i).unwrap_or(bytes.len());
             }
             b'$' => {
                 let start = i + 1;
