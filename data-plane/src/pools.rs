@@ -1,12 +1,12 @@
-//! The pool manager: one sqlx pool per tenant, opened lazily with the tenant's own
-//! credentials, replaced (and the old one closed) when the tenant's connection details
-//! change, closed when the tenant stops serving.
+//! The pool manager: one connection pool (`connection_pool`) per tenant, opened lazily
+//! with the tenant's own credentials, replaced (and the old one closed) when the tenant's
+//! connection details change, closed when the tenant stops serving.
 //!
 //! Connections are cleaned between requests so that no session state outlives the
 //! request that set it:
-//! - PostgreSQL: every connection returned to a pool runs `ROLLBACK; RESET ALL; ...`
+//! - PostgreSQL: every connection returned to a pool runs `RESET ALL; CLOSE ALL; ...`
 //!   (what `DISCARD ALL` does, minus dropping sqlx's cached prepared statements) before
-//!   the next request can take it.
+//!   the next request can take it; transaction control is refused in tenant statements.
 //! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
 //!   settings, `load_extension()` and transaction control (only Batch's own BEGIN and
 //!   COMMIT/ROLLBACK pass), and extension loading is switched off, so no statement can
@@ -34,7 +34,11 @@ pub type PgTenantPool = ConnectionPool<Postgres>;
 pub type SqliteTenantPool = ConnectionPool<Sqlite>;
 
 /// What a PostgreSQL connection runs when it goes back to its pool.
-const POSTGRES_SESSION_RESET: &str = "ROLLBACK; RESET ALL; CLOSE ALL; UNLISTEN *; \
+///
+/// No ROLLBACK: tenant statements cannot open a transaction (transaction control is
+/// refused), Batch ends its own, and a connection whose request failed or was abandoned
+/// is closed instead of reset.
+const POSTGRES_SESSION_RESET: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
 #[derive(Clone)]
