@@ -45,14 +45,19 @@ impl From<DataPlaneError> for Status {
 }
 
 /// SQLite primary result codes that are not the statement's fault.
+const SQLITE_PERM: i32 = 3;
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
+const SQLITE_NOMEM: i32 = 7;
+const SQLITE_READONLY: i32 = 8;
 const SQLITE_INTERRUPT: i32 = 9;
 const SQLITE_IOERR: i32 = 10;
 const SQLITE_CORRUPT: i32 = 11;
 const SQLITE_FULL: i32 = 13;
 const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_PROTOCOL: i32 = 15;
 const SQLITE_AUTH: i32 = 23;
+const SQLITE_NOTADB: i32 = 26;
 
 /// Maps an error from a tenant database. `tenant` names the tenant in messages.
 pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
@@ -136,7 +141,9 @@ fn from_sqlite_code(code: &str, message: &str, tenant: &str) -> DataPlaneError {
         SQLITE_BUSY | SQLITE_LOCKED => DataPlaneError::Unavailable(format!(
             "the database of tenant {tenant} is busy; retry ({full})"
         )),
-        SQLITE_IOERR | SQLITE_CORRUPT | SQLITE_FULL | SQLITE_CANTOPEN => {
+        // The file or the machine, not the statement.
+        SQLITE_PERM | SQLITE_NOMEM | SQLITE_READONLY | SQLITE_IOERR | SQLITE_CORRUPT
+        | SQLITE_FULL | SQLITE_CANTOPEN | SQLITE_PROTOCOL | SQLITE_NOTADB => {
             tracing::warn!(tenant.id = %tenant, code = extended, "tenant database unavailable");
             DataPlaneError::Unavailable(format!(
                 "the database of tenant {tenant} is unavailable ({full})"
