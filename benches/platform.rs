@@ -85,7 +85,6 @@ async fn layers() -> anyhow::Result<()> {
         Router::new(
             "http://127.0.0.1:9",
             RouterOptions {
-                refresh_interval: Duration::from_secs(3600),
                 unknown_tenant_ttl: Duration::from_secs(1),
                 control_plane_timeout: Duration::from_secs(1),
             },
@@ -103,6 +102,7 @@ async fn layers() -> anyhow::Result<()> {
                 path: "/nonexistent".into(),
                 incarnation: 1,
             }),
+            max_connections: 0,
         }),
     );
     let inner = tower::service_fn(|_request: http::Request<tonic::body::Body>| async {

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "tenantry/controlplane/v1/control_plane.proto",
         "tenantry/dataplane/v1/sql.proto",
+        "tenantry/dataplane/v1/pools.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

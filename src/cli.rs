@@ -36,6 +36,10 @@ pub enum TenantsCommand {
         /// Reuse the id of a DELETED tenant on purpose.
         #[arg(long)]
         reuse_deleted_id: bool,
+        /// Most connections one data plane opens to the tenant's database (default: the
+        /// data plane's max_connections_per_tenant).
+        #[arg(long, default_value_t = 0)]
+        max_connections: i32,
     },
     Get {
         tenant_id: String,
@@ -185,12 +189,14 @@ pub async fn tenants(
             display_name,
             server,
             reuse_deleted_id,
+            max_connections,
         } => client
             .create_tenant(cp::CreateTenantRequest {
                 tenant_id,
                 display_name,
                 database_server: server,
                 reuse_deleted_id,
+                max_connections,
             })
             .await,
         TenantsCommand::Get { tenant_id } => client.get_tenant(cp::GetTenantRequest { tenant_id }).await,

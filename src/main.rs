@@ -133,6 +133,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         registry_url: args.data_dir.join("registry.db").display().to_string(),
         tenant_migrations_dir: args.tenant_migrations,
         sqlite_directory: Some(args.data_dir.join("tenants")),
+        // One process on a developer's machine: no load balancer to tell.
+        shutdown_grace_ms: 0,
         ..ControlPlaneConfig::default()
     };
     let control_plane_listener = bind(args.control_plane_addr, "control plane").await?;
@@ -146,6 +148,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data_plane_config = DataPlaneConfig {
         listen_addr: args.data_plane_addr,
         control_plane_url: control_plane.url(),
+        shutdown_grace_ms: 0,
         ..DataPlaneConfig::default()
     };
     let data_plane = tenantry_data_plane::start(&data_plane_config, data_plane_listener).await?;

@@ -93,7 +93,7 @@ async fn tenant_lifecycle(backend: Backend) {
     assert_eq!(rows.rows.len(), 1);
     assert_eq!(rows.rows[0].values[1], text("hello"));
 
-    // Suspend: refused within the refresh interval; resume: served again.
+    // Suspend: refused once the route stream brings it; resume: served again.
     let suspended = sandbox
         .tenants()
         .suspend_tenant(cp::SuspendTenantRequest {
@@ -320,8 +320,8 @@ async fn deleted_id_is_reserved_until_reused_on_purpose(backend: Backend) {
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
     assert_eq!(reused.state, cp::TenantState::Active as i32);
-    // Within the route refresh interval the data plane serves the fresh, empty
-    // database: the old table is gone.
+    // Once the route stream brings the new route, the data plane serves the fresh,
+    // empty database: the old table is gone.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let old = sandbox
@@ -1270,17 +1270,9 @@ async fn isolation_under_concurrent_traffic(backend: Backend) {
 /// Shows the isolation check can fail: with one tenant's route deliberately pointing at
 /// another tenant's database, the same check reports leaks.
 async fn isolation_check_catches_a_wrong_route(backend: Backend) {
-    let sandbox = Arc::new(
-        Sandbox::start_with(
-            backend,
-            SandboxOptions {
-                // No refresh during the test, so the wrong route stays.
-                route_refresh_interval_ms: Some(600_000),
-                ..Default::default()
-            },
-        )
-        .await,
-    );
+    // Nothing changes these tenants during the test, so the route stream leaves the
+    // wrong route in place.
+    let sandbox = Arc::new(Sandbox::start(backend).await);
     let ids = setup_canaries(&sandbox, 3).await;
     let router = sandbox.data_plane().router.clone();
     let victim = tenantry_shared::TenantId::parse(&ids[0]).unwrap_or_else(|e| panic!("{e}"));
@@ -1463,9 +1455,12 @@ async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
 async fn concurrent_misses_make_one_route_call(backend: Backend) {
     let sandbox = Arc::new(Sandbox::start(backend).await);
     let id = sandbox.tid("flight");
-    // Created through the control plane only: the data plane has never seen it.
     sandbox.create(&id).await;
+    // The route stream brings the route; drop it again so every call below misses.
+    sandbox.wait_for_code(&id, Code::Ok).await;
     let router = sandbox.data_plane().router.clone();
+    let tenant = tenantry_shared::TenantId::parse(&id).unwrap_or_else(|e| panic!("{e}"));
+    router.forget_route_for_tests(&tenant);
     let before = router.route_fetches();
     let calls: Vec<_> = (0..50)
         .map(|_| {

@@ -58,6 +58,7 @@ pub fn tenant_to_proto(row: &tenant::Model) -> Result<pb::Tenant> {
         schema_version: row.schema_version,
         create_time: Some(timestamp(row.create_time)),
         update_time: Some(timestamp(row.update_time)),
+        max_connections: row.max_connections,
     })
 }
 

@@ -21,7 +21,9 @@ use tenantry_proto::controlplane::v1::register_database_server_request::Location
 use tenantry_proto::controlplane::v1::routing_service_server::RoutingServiceServer;
 use tenantry_proto::controlplane::v1::tenant_service_server::TenantServiceServer;
 use tenantry_shared::config::PlaneConfig;
-use tenantry_shared::grpc::{ServerHandle, incoming, shutdown_signal, with_health_and_reflection};
+use tenantry_shared::grpc::{
+    Drain, ServerHandle, incoming, serve_and_drain, with_health_and_reflection,
+};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -45,6 +47,10 @@ pub struct ControlPlaneConfig {
     pub provision_attempts: u32,
     /// Pause before the second attempt, doubling after each one.
     pub provision_retry_delay_ms: u64,
+    /// On shutdown, how long health reports NOT_SERVING before new calls are refused.
+    pub shutdown_grace_ms: u64,
+    /// On shutdown, how long calls in flight get to finish.
+    pub shutdown_drain_ms: u64,
 }
 
 impl Default for ControlPlaneConfig {
@@ -56,6 +62,8 @@ impl Default for ControlPlaneConfig {
             sqlite_directory: None,
             provision_attempts: 3,
             provision_retry_delay_ms: 200,
+            shutdown_grace_ms: 1000,
+            shutdown_drain_ms: 10_000,
         }
     }
 }
@@ -63,6 +71,12 @@ impl Default for ControlPlaneConfig {
 impl PlaneConfig for ControlPlaneConfig {
     const OPTIONAL_KEYS: &'static [&'static str] = &["tenant_migrations_dir", "sqlite_directory"];
 }
+
+const SERVICE_NAMES: &[&str] = &[
+    "tenantry.controlplane.v1.TenantService",
+    "tenantry.controlplane.v1.DatabaseServerService",
+    "tenantry.controlplane.v1.RoutingService",
+];
 
 /// Name of the SQLite server registered from `sqlite_directory`.
 pub const LOCAL_SQLITE_SERVER: &str = "local";
@@ -102,6 +116,8 @@ pub async fn start(
         provisioner.clone(),
     ));
 
+    let (streams_stop_tx, streams_stop_rx) = tokio::sync::watch::channel(false);
+    let watch_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi {
         registry: registry.clone(),
         provisioner: provisioner.clone(),
@@ -114,25 +130,33 @@ pub async fn start(
     ))
     .add_service(RoutingServiceServer::new(service::routing::RoutingApi {
         registry: registry.clone(),
+        shutdown: streams_stop_rx,
+        streams: watch_streams.clone(),
     }));
-    let (routes, health) = with_health_and_reflection(
-        routes,
-        &[
-            "tenantry.controlplane.v1.TenantService",
-            "tenantry.controlplane.v1.DatabaseServerService",
-            "tenantry.controlplane.v1.RoutingService",
-        ],
-    )?;
+    let (routes, health) = with_health_and_reflection(routes, SERVICE_NAMES)?;
+    let drain = Drain {
+        grace: Duration::from_millis(config.shutdown_grace_ms),
+        drain: Duration::from_millis(config.shutdown_drain_ms),
+    };
     ServerHandle::spawn(listener, move |listener, shutdown| async move {
-        let served = tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), async move {
-                shutdown_signal(shutdown).await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            })
-            .await;
+        let served = serve_and_drain(
+            |signal| {
+                tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming(listener), signal)
+            },
+            shutdown,
+            health,
+            SERVICE_NAMES,
+            drain,
+            // Route streams never end by themselves: end them, or the drain waits.
+            move || {
+                let _ = streams_stop_tx.send(true);
+            },
+        )
+        .await;
         provisioner.close().await;
         registry.close().await;
         served.context("control plane gRPC server failed")

@@ -7,14 +7,20 @@
 //! which is in-process) and then hands it out again. It keeps what the data plane needs
 //! of a pool: a maximum size, a bounded wait for a free connection, idle connections
 //! closed after a while, hardening of every new connection, and an awaitable `close()`.
+//!
+//! Pools of tenants on one PostgreSQL server share that server's `ServerBudget`: every
+//! open connection holds one of the budget's slots, so all pools together never hold
+//! more connections than the budget. When the budget is full, a pool that needs a new
+//! connection closes the server's least recently used idle connection (of any pool on the
+//! server) to make room, or waits, bounded, for one to come back.
 
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sqlx::{ConnectOptions, Connection, Database};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
 /// handler) read. Set from the request's task without a trip to the worker thread.
@@ -69,17 +75,176 @@ pub type Clean<DB> =
 
 pub struct PoolOptions {
     pub max_connections: u32,
+    /// How long `acquire` waits for a connection (free slot, budget, connect) in all.
     pub acquire_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+/// Why `acquire` gave no connection.
+#[derive(Debug)]
+pub enum AcquireError {
+    /// The pool was closed (its tenant's route changed or the plane is stopping).
+    Closed,
+    /// The tenant's own maximum of connections stayed in use for the whole wait.
+    TenantLimit {
+        max_connections: u32,
+        waited: Duration,
+    },
+    /// The server's connection budget stayed in use (by every tenant on it) for the wait.
+    Budget {
+        server: String,
+        budget: u32,
+        waited: Duration,
+    },
+    /// Connecting took longer than the wait.
+    ConnectTimeout { waited: Duration },
+    /// Connecting or setting up the connection failed.
+    Connect(sqlx::Error),
+}
+
+/// A connection budget shared by every pool of tenants on one database server.
+pub struct ServerBudget<DB: Database> {
+    server: String,
+    budget: u32,
+    slots: Arc<Semaphore>,
+    /// Woken whenever a connection goes idle somewhere on the server (so it can be
+    /// evicted) or a slot frees.
+    changed: Notify,
+    pools: Mutex<Vec<Weak<Inner<DB>>>>,
+    evictions: AtomicU64,
+}
+
+impl<DB: Database> ServerBudget<DB> {
+    pub fn new(server: String, budget: u32) -> Arc<Self> {
+        Arc::new(Self {
+            server,
+            budget: budget.max(1),
+            slots: Arc::new(Semaphore::new(budget.max(1) as usize)),
+            changed: Notify::new(),
+            pools: Mutex::new(Vec::new()),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn budget(&self) -> u32 {
+        self.budget
+    }
+
+    /// Connections open to the server now (slots taken).
+    pub fn open(&self) -> u32 {
+        self.budget
+            .saturating_sub(u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX))
+    }
+
+    /// Idle connections closed to make room, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Pools on this server that are still alive.
+    pub fn live_pools(&self) -> usize {
+        self.pools.lock().map_or(0, |pools| pools.len())
+    }
+
+    fn register(&self, pool: &Arc<Inner<DB>>) {
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|weak| weak.strong_count() > 0);
+            pools.push(Arc::downgrade(pool));
+        }
+    }
+
+    fn forget_closed(&self) {
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|weak| {
+                weak.upgrade()
+                    .is_some_and(|pool| !pool.closed.load(Ordering::Acquire))
+            });
+        }
+    }
+
+    /// A slot for a new connection, closing the least recently used idle connection on
+    /// the server to make room if the budget is full, waiting until `deadline` at most.
+    async fn slot(&self, deadline: tokio::time::Instant) -> Result<OwnedSemaphorePermit, ()> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+                return Ok(slot);
+            }
+            let evicting = self.evict_least_recently_used();
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => return slot.map_err(|_| ()),
+                _ = &mut changed, if !evicting => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(()),
+            }
+        }
+    }
+
+    /// Closes the idle connection (of any pool on this server) that has been idle
+    /// longest. Its slot frees once it is closed. False if no connection is idle.
+    fn evict_least_recently_used(&self) -> bool {
+        // Another request may take the chosen connection first; then look again.
+        for _ in 0..8 {
+            let pools: Vec<Arc<Inner<DB>>> = match self.pools.lock() {
+                Ok(pools) => pools.iter().filter_map(Weak::upgrade).collect(),
+                Err(_) => return false,
+            };
+            let oldest = pools
+                .iter()
+                .filter_map(|pool| {
+                    let idle = pool.idle.lock().ok()?;
+                    idle.first().map(|entry| (entry.since, pool.clone()))
+                })
+                .min_by_key(|(since, _)| *since);
+            let Some((_, pool)) = oldest else {
+                return false;
+            };
+            let evicted = match pool.idle.lock() {
+                Ok(mut idle) if !idle.is_empty() => idle.remove(0),
+                _ => continue,
+            };
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = evicted.connection.close().await;
+                drop(evicted.slot);
+            });
+            return true;
+        }
+        false
+    }
+}
+
+/// What an open connection holds: its place in the pool's count and, for a pool under a
+/// server budget, one of the budget's slots. Both free when the connection is closed.
+struct Slot<DB: Database> {
+    pool: Arc<Inner<DB>>,
+    server: Option<OwnedSemaphorePermit>,
+}
+
+impl<DB: Database> Drop for Slot<DB> {
+    fn drop(&mut self) {
+        self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(budget) = &self.pool.budget {
+            // Release the server slot before waking waiters.
+            drop(self.server.take());
+            budget.changed.notify_waiters();
+        }
+    }
 }
 
 struct Idle<DB: Database> {
     connection: DB::Connection,
     controls: Arc<ConnectionControls>,
     since: Instant,
+    slot: Slot<DB>,
 }
 
-struct Inner<DB: Database> {
+pub struct Inner<DB: Database> {
     connect: <DB::Connection as Connection>::Options,
     options: PoolOptions,
     harden: Harden<DB>,
@@ -87,6 +252,22 @@ struct Inner<DB: Database> {
     idle: Mutex<Vec<Idle<DB>>>,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
+    budget: Option<Arc<ServerBudget<DB>>>,
+    /// Connections open (idle, lent, or being cleaned).
+    open: AtomicU32,
+    /// Requests waiting in `acquire`.
+    waiting: AtomicU32,
+    /// When a connection was last handed out (micros since `CLOCK_EPOCH`).
+    last_used: AtomicU64,
+}
+
+/// Connection figures of one pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolFigures {
+    pub open: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    pub waiting: u32,
 }
 
 /// Cheap to clone; every clone is the same pool.
@@ -112,70 +293,142 @@ pub struct PooledConnection<DB: Database> {
     close: bool,
     /// Held while the connection is lent (and while it is cleaned afterwards).
     permit: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot<DB>>,
 }
 
 impl<DB: Database> ConnectionPool<DB> {
     /// A pool that opens connections on first use; `harden` runs on each new connection,
-    /// `clean` on each one that comes back.
+    /// `clean` on each one that comes back. With a `budget`, every connection takes one
+    /// of the server's slots.
     pub fn new_lazy(
         connect: <DB::Connection as Connection>::Options,
         options: PoolOptions,
         harden: Harden<DB>,
         clean: Option<Clean<DB>>,
+        budget: Option<Arc<ServerBudget<DB>>>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_connections.max(1) as usize));
-        Self {
-            inner: Arc::new(Inner {
-                connect,
-                options,
-                harden,
-                clean,
-                idle: Mutex::new(Vec::new()),
-                permits,
-                closed: AtomicBool::new(false),
-            }),
+        let inner = Arc::new(Inner {
+            connect,
+            options,
+            harden,
+            clean,
+            idle: Mutex::new(Vec::new()),
+            permits,
+            closed: AtomicBool::new(false),
+            budget,
+            open: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            last_used: AtomicU64::new(micros_since_epoch(Instant::now())),
+        });
+        if let Some(budget) = &inner.budget {
+            budget.register(&inner);
         }
+        Self { inner }
     }
 
-    /// A free connection: an idle one, or a new one while under the maximum. Waits at most
-    /// the acquire timeout for one to come back.
-    pub async fn acquire(&self) -> Result<PooledConnection<DB>, sqlx::Error> {
+    /// A free connection: an idle one, or a new one while under the tenant's maximum and
+    /// the server's budget. Waits at most the acquire timeout in all.
+    pub async fn acquire(&self) -> Result<PooledConnection<DB>, AcquireError> {
         if self.inner.closed.load(Ordering::Acquire) {
-            return Err(sqlx::Error::PoolClosed);
+            return Err(AcquireError::Closed);
         }
-        let permit = tokio::time::timeout(
-            self.inner.options.acquire_timeout,
-            self.inner.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)?
-        .map_err(|_| sqlx::Error::PoolClosed)?;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.inner.options.acquire_timeout;
+        self.inner.waiting.fetch_add(1, Ordering::AcqRel);
+        let waited = Waiting(&self.inner.waiting);
+        let permit = tokio::time::timeout_at(deadline, self.inner.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| AcquireError::TenantLimit {
+                max_connections: self.inner.options.max_connections,
+                waited: started.elapsed(),
+            })?
+            .map_err(|_| AcquireError::Closed)?;
+        self.inner
+            .last_used
+            .store(micros_since_epoch(Instant::now()), Ordering::Relaxed);
         let (reused, expired) = self.take_idle();
         for stale in expired {
             tokio::spawn(async move {
-                let _ = stale.close().await;
+                let _ = stale.connection.close().await;
+                drop(stale.slot);
             });
         }
-        let (connection, controls) = match reused {
-            Some(idle) => (idle.connection, idle.controls),
+        let (connection, controls, slot) = match reused {
+            Some(idle) => (idle.connection, idle.controls, idle.slot),
             None => {
-                let mut connection = self.inner.connect.connect().await?;
-                let controls = Arc::new(ConnectionControls::default());
-                (self.inner.harden)(&mut connection, controls.clone()).await?;
-                (connection, controls)
+                let server =
+                    match &self.inner.budget {
+                        Some(budget) => Some(budget.slot(deadline).await.map_err(|()| {
+                            AcquireError::Budget {
+                                server: budget.server.clone(),
+                                budget: budget.budget,
+                                waited: started.elapsed(),
+                            }
+                        })?),
+                        None => None,
+                    };
+                self.inner.open.fetch_add(1, Ordering::AcqRel);
+                let slot = Slot {
+                    pool: self.inner.clone(),
+                    server,
+                };
+                let connected = tokio::time::timeout_at(deadline, async {
+                    let mut connection = self.inner.connect.connect().await?;
+                    let controls = Arc::new(ConnectionControls::default());
+                    (self.inner.harden)(&mut connection, controls.clone()).await?;
+                    Ok::<_, sqlx::Error>((connection, controls))
+                })
+                .await
+                .map_err(|_| AcquireError::ConnectTimeout {
+                    waited: started.elapsed(),
+                })?
+                .map_err(AcquireError::Connect)?;
+                (connected.0, connected.1, slot)
             }
         };
+        drop(waited);
         Ok(PooledConnection {
             connection: ManuallyDrop::new(connection),
             controls,
             pool: self.inner.clone(),
             close: false,
             permit: Some(permit),
+            slot: Some(slot),
         })
     }
 
+    /// This pool's connection figures.
+    pub fn figures(&self) -> PoolFigures {
+        let open = self.inner.open.load(Ordering::Acquire);
+        let idle = self
+            .inner
+            .idle
+            .lock()
+            .map_or(0, |idle| u32::try_from(idle.len()).unwrap_or(u32::MAX));
+        PoolFigures {
+            open,
+            idle: idle.min(open),
+            in_use: open.saturating_sub(idle),
+            waiting: self.inner.waiting.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn max_connections(&self) -> u32 {
+        self.inner.options.max_connections
+    }
+
+    /// No connection open and none handed out for `idle_for`.
+    pub fn is_unused_for(&self, idle_for: Duration) -> bool {
+        let last_used = self.inner.last_used.load(Ordering::Relaxed);
+        self.inner.open.load(Ordering::Acquire) == 0
+            && self.inner.waiting.load(Ordering::Acquire) == 0
+            && micros_since_epoch(Instant::now()).saturating_sub(last_used)
+                > u64::try_from(idle_for.as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// The most recently used idle connection, and the idle ones past the idle timeout.
-    fn take_idle(&self) -> (Option<Idle<DB>>, Vec<DB::Connection>) {
+    fn take_idle(&self) -> (Option<Idle<DB>>, Vec<Idle<DB>>) {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
         };
@@ -185,7 +438,7 @@ impl<DB: Database> ConnectionPool<DB> {
         let mut index = 0;
         while index < idle.len() {
             if now.duration_since(idle[index].since) > idle_timeout {
-                expired.push(idle.swap_remove(index).connection);
+                expired.push(idle.remove(index));
             } else {
                 index += 1;
             }
@@ -195,7 +448,7 @@ impl<DB: Database> ConnectionPool<DB> {
 
     /// Closes idle connections past the idle timeout (called periodically).
     pub async fn close_expired_idle(&self) {
-        let expired: Vec<DB::Connection> = match self.inner.idle.lock() {
+        let expired: Vec<Idle<DB>> = match self.inner.idle.lock() {
             Ok(mut idle) => {
                 let now = Instant::now();
                 let idle_timeout = self.inner.options.idle_timeout;
@@ -203,25 +456,39 @@ impl<DB: Database> ConnectionPool<DB> {
                     .drain(..)
                     .partition(|entry| now.duration_since(entry.since) > idle_timeout);
                 *idle = kept;
-                expired.into_iter().map(|entry| entry.connection).collect()
+                expired
             }
             Err(_) => Vec::new(),
         };
-        for connection in expired {
-            let _ = connection.close().await;
+        for entry in expired {
+            let _ = entry.connection.close().await;
+            drop(entry.slot);
         }
     }
 
     /// Closes every idle connection now and every lent one when it comes back.
     pub async fn close(&self) {
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.permits.close();
+        self.mark_closed();
         let idle: Vec<Idle<DB>> = match self.inner.idle.lock() {
             Ok(mut idle) => idle.drain(..).collect(),
             Err(_) => Vec::new(),
         };
-        for Idle { connection, .. } in idle {
+        for Idle {
+            connection, slot, ..
+        } in idle
+        {
             let _ = connection.close().await;
+            drop(slot);
+        }
+    }
+
+    /// From now on nobody gets a connection from this pool (the first, synchronous part of
+    /// `close`).
+    pub fn mark_closed(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.permits.close();
+        if let Some(budget) = &self.inner.budget {
+            budget.forget_closed();
         }
     }
 }
@@ -268,24 +535,29 @@ impl<DB: Database> Drop for PooledConnection<DB> {
             .allow_transaction_control
             .store(false, Ordering::Release);
         let pool = self.pool.clone();
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
         if self.close || pool.closed.load(Ordering::Acquire) {
             tokio::spawn(async move {
                 let _ = connection.close().await;
+                drop(slot);
             });
             return;
         }
         controls.set_deadline(None);
         match pool.clean {
-            None => give_back(&pool, connection, controls),
+            None => give_back(&pool, connection, controls, slot),
             Some(clean) => {
                 // The permit goes with the task: nobody gets a connection slot before
                 // this one is clean again (or closed).
                 let permit = self.take_permit();
                 tokio::spawn(async move {
                     if clean(&mut connection).await {
-                        give_back(&pool, connection, controls);
+                        give_back(&pool, connection, controls, slot);
                     } else {
                         let _ = connection.close().await;
+                        drop(slot);
                     }
                     drop(permit);
                 });
@@ -299,7 +571,10 @@ fn give_back<DB: Database>(
     pool: &Arc<Inner<DB>>,
     connection: DB::Connection,
     controls: Arc<ConnectionControls>,
+    slot: Slot<DB>,
 ) {
+    // Checked under the lock: `close` marks the pool closed before it drains the idle
+    // list, so a connection pushed here is either drained by it or not pushed at all.
     if let Ok(mut idle) = pool.idle.lock()
         && !pool.closed.load(Ordering::Acquire)
     {
@@ -307,10 +582,26 @@ fn give_back<DB: Database>(
             connection,
             controls,
             since: Instant::now(),
+            slot,
         });
+        drop(idle);
+        if let Some(budget) = &pool.budget {
+            // A waiter on this server may evict it.
+            budget.changed.notify_waiters();
+        }
         return;
     }
     tokio::spawn(async move {
         let _ = connection.close().await;
+        drop(slot);
     });
+}
+
+/// Counts a request as waiting while it lives.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }

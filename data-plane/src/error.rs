@@ -1,6 +1,7 @@
 //! The data plane's error type, its mapping from database errors (by SQLSTATE or SQLite
 //! result code), and its one mapping to gRPC status codes.
 
+use crate::connection_pool::AcquireError;
 use tonic::Status;
 
 pub type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
@@ -58,6 +59,38 @@ const SQLITE_CANTOPEN: i32 = 14;
 const SQLITE_PROTOCOL: i32 = 15;
 const SQLITE_AUTH: i32 = 23;
 const SQLITE_NOTADB: i32 = 26;
+
+/// Maps a failure to get a connection for a tenant. All are UNAVAILABLE: the request
+/// did not reach the database and may be retried.
+pub fn from_acquire(error: AcquireError, tenant: &str) -> DataPlaneError {
+    match error {
+        AcquireError::Closed => DataPlaneError::Unavailable(format!(
+            "the connection pool of tenant {tenant} was closed (its route changed or the data plane is stopping); retry"
+        )),
+        AcquireError::TenantLimit {
+            max_connections,
+            waited,
+        } => DataPlaneError::Unavailable(format!(
+            "tenant {tenant} already uses all of its {max_connections} connections and none came back within {} ms; \
+             retry later, send fewer concurrent requests, or raise the tenant's max_connections",
+            waited.as_millis()
+        )),
+        AcquireError::Budget {
+            server,
+            budget,
+            waited,
+        } => DataPlaneError::Unavailable(format!(
+            "the connection budget of database server {server} ({budget} connections, shared by its tenants) \
+             stayed in use for {} ms; retry later, or raise postgres_connection_budget",
+            waited.as_millis()
+        )),
+        AcquireError::ConnectTimeout { waited } => DataPlaneError::Unavailable(format!(
+            "the database of tenant {tenant} did not accept a connection within {} ms; its server may be down",
+            waited.as_millis()
+        )),
+        AcquireError::Connect(error) => from_sqlx(error, tenant),
+    }
+}
 
 /// Maps an error from a tenant database. `tenant` names the tenant in messages.
 pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {

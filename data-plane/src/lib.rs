@@ -7,6 +7,7 @@ pub mod connection_pool;
 pub mod context;
 pub mod error;
 pub mod pools;
+pub mod route_stream;
 pub mod router;
 pub mod sql;
 pub mod tenant_layer;
@@ -17,13 +18,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use tenantry_proto::dataplane::v1::pool_service_server::PoolServiceServer;
 use tenantry_proto::dataplane::v1::sql_service_server::SqlServiceServer;
 use tenantry_shared::config::PlaneConfig;
-use tenantry_shared::grpc::{ServerHandle, incoming, shutdown_signal, with_health_and_reflection};
+use tenantry_shared::grpc::{
+    Drain, ServerHandle, incoming, serve_and_drain, with_health_and_reflection,
+};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 use pools::{PoolManager, PoolOptions};
+use route_stream::{ROUTE_STREAM_HEALTH_SERVICE, StreamStatus};
 use router::{Router, RouterOptions};
 use sql::{SqlApi, SqlLimits};
 use tenant_layer::TenantLayer;
@@ -34,20 +39,26 @@ use tenant_layer::TenantLayer;
 pub struct DataPlaneConfig {
     /// gRPC address internal services call.
     pub listen_addr: SocketAddr,
-    /// Where the control plane's RoutingService is.
+    /// Where the control plane's RoutingService is. The data plane holds a route stream
+    /// to it (`WatchRoutes`) and asks it for tenants it has not seen yet.
     pub control_plane_url: String,
-    /// How often cached routes are re-read from the control plane.
-    pub route_refresh_interval_ms: u64,
     /// How long an id the control plane does not know is answered NOT_FOUND without
     /// asking again.
     pub unknown_tenant_ttl_ms: u64,
     /// Deadline of one call to the control plane.
     pub control_plane_timeout_ms: u64,
-    /// Most connections one tenant's pool opens.
+    /// Most connections one tenant's pool opens, unless the tenant's record says
+    /// otherwise (`max_connections` at CreateTenant).
     pub max_connections_per_tenant: u32,
-    /// How long a request waits for a free connection before UNAVAILABLE.
+    /// Most connections this data plane holds to one PostgreSQL server, over all the
+    /// pools of tenants on it. Keep the sum over data planes under the server's
+    /// `max_connections`.
+    pub postgres_connection_budget: u32,
+    /// How long a request waits for a connection (a free one, room in the budget, and
+    /// connecting) before UNAVAILABLE.
     pub pool_acquire_timeout_ms: u64,
-    /// Idle connections are closed after this long.
+    /// Idle connections are closed after this long; a pool with no connection and no
+    /// request for this long is dropped.
     pub pool_idle_timeout_ms: u64,
     /// Largest Query response, in bytes.
     pub max_response_bytes: usize,
@@ -56,6 +67,10 @@ pub struct DataPlaneConfig {
     /// saves PostgreSQL work on every request but lets one request's session state reach
     /// later requests of the same tenant (never another tenant's: pools are per tenant).
     pub postgres_session_reset: bool,
+    /// On shutdown, how long health reports NOT_SERVING before new calls are refused.
+    pub shutdown_grace_ms: u64,
+    /// On shutdown, how long calls in flight get to finish.
+    pub shutdown_drain_ms: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -63,14 +78,16 @@ impl Default for DataPlaneConfig {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             control_plane_url: "http://127.0.0.1:50051".to_owned(),
-            route_refresh_interval_ms: 2000,
             unknown_tenant_ttl_ms: 2000,
             control_plane_timeout_ms: 3000,
             max_connections_per_tenant: 4,
-            pool_acquire_timeout_ms: 5000,
+            postgres_connection_budget: 32,
+            pool_acquire_timeout_ms: 3000,
             pool_idle_timeout_ms: 60_000,
             max_response_bytes: 4 * 1024 * 1024 - 64 * 1024,
             postgres_session_reset: true,
+            shutdown_grace_ms: 1000,
+            shutdown_drain_ms: 10_000,
         }
     }
 }
@@ -82,7 +99,13 @@ pub struct DataPlane {
     pub server: ServerHandle,
     pub router: Arc<Router>,
     pub pools: Arc<PoolManager>,
+    pub route_stream: Arc<StreamStatus>,
 }
+
+const SERVICE_NAMES: &[&str] = &[
+    "tenantry.dataplane.v1.SqlService",
+    "tenantry.dataplane.v1.PoolService",
+];
 
 /// Starts a data plane on `listener`.
 pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::Result<DataPlane> {
@@ -90,7 +113,6 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         Router::new(
             &config.control_plane_url,
             RouterOptions {
-                refresh_interval: Duration::from_millis(config.route_refresh_interval_ms.max(10)),
                 unknown_tenant_ttl: Duration::from_millis(config.unknown_tenant_ttl_ms),
                 control_plane_timeout: Duration::from_millis(
                     config.control_plane_timeout_ms.max(1),
@@ -101,17 +123,48 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
     );
     let pools = Arc::new(PoolManager::new(PoolOptions {
         max_connections_per_tenant: config.max_connections_per_tenant.max(1),
+        postgres_connection_budget: config.postgres_connection_budget.max(1),
         acquire_timeout: Duration::from_millis(config.pool_acquire_timeout_ms),
         idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
         postgres_session_reset: config.postgres_session_reset,
     }));
+    let sql = SqlApi {
+        router: router.clone(),
+        pools: pools.clone(),
+        limits: SqlLimits {
+            max_response_bytes: config.max_response_bytes,
+        },
+    };
+    let routes = Routes::new(
+        SqlServiceServer::new(sql)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(config.max_response_bytes + 64 * 1024),
+    )
+    .add_service(PoolServiceServer::new(pools::PoolApi {
+        pools: pools.clone(),
+    }));
+    let (routes, health) = with_health_and_reflection(routes, SERVICE_NAMES)?;
+    health
+        .set_service_status(
+            ROUTE_STREAM_HEALTH_SERVICE,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let route_stream = Arc::new(StreamStatus::default());
+    // The stream and the sweep run apart, so a slow pool close never delays routes.
+    tokio::spawn(route_stream::run(
+        router.clone(),
+        pools.clone(),
+        health.clone(),
+        route_stream.clone(),
+        stop_rx.clone(),
+    ));
     {
         let router = router.clone();
         let pools = pools.clone();
-        let mut stop = stop_rx.clone();
-        // Refresh and sweep run apart, so a slow pool close never delays route updates.
-        tokio::spawn(router.clone().run_refresh_loop(stop_rx));
+        let mut stop = stop_rx;
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -122,32 +175,27 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             }
         });
     }
-    let sql = SqlApi {
-        pools: pools.clone(),
-        limits: SqlLimits {
-            max_response_bytes: config.max_response_bytes,
-        },
-    };
-    let routes = Routes::new(
-        SqlServiceServer::new(sql)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(config.max_response_bytes + 64 * 1024),
-    );
-    let (routes, health) =
-        with_health_and_reflection(routes, &["tenantry.dataplane.v1.SqlService"])?;
     let layer = TenantLayer::new(router.clone());
     let server_pools = pools.clone();
+    let drain = Drain {
+        grace: Duration::from_millis(config.shutdown_grace_ms),
+        drain: Duration::from_millis(config.shutdown_drain_ms),
+    };
     let server = ServerHandle::spawn(listener, move |listener, shutdown| async move {
-        let served = tonic::transport::Server::builder()
-            .layer(layer)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), async move {
-                shutdown_signal(shutdown).await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            })
-            .await;
+        let served = serve_and_drain(
+            |signal| {
+                tonic::transport::Server::builder()
+                    .layer(layer)
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming(listener), signal)
+            },
+            shutdown,
+            health,
+            SERVICE_NAMES,
+            drain,
+            || {},
+        )
+        .await;
         let _ = stop_tx.send(true);
         server_pools.close_all().await;
         served.context("data plane gRPC server failed")
@@ -156,5 +204,6 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         server,
         router,
         pools,
+        route_stream,
     })
 }

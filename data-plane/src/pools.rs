@@ -21,12 +21,14 @@ use dashmap::mapref::entry::Entry;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use tenantry_proto::dataplane::v1 as pb;
 use tenantry_shared::TenantId;
 
 use crate::connection_pool::{
-    ConnectionControls, ConnectionPool, PoolOptions as ConnectionPoolOptions,
+    ConnectionControls, ConnectionPool, PoolFigures, PoolOptions as ConnectionPoolOptions,
+    ServerBudget,
 };
-use crate::router::{Router, Target};
+use crate::router::{Route, RouteState, Router, Target};
 
 /// A PostgreSQL tenant's pool.
 pub type PgTenantPool = ConnectionPool<Postgres>;
@@ -54,6 +56,41 @@ impl TenantPool {
             Self::Sqlite(pool) => pool.close().await,
         }
     }
+
+    fn mark_closed(&self) {
+        match self {
+            Self::Postgres(pool) => pool.mark_closed(),
+            Self::Sqlite(pool) => pool.mark_closed(),
+        }
+    }
+
+    pub fn figures(&self) -> PoolFigures {
+        match self {
+            Self::Postgres(pool) => pool.figures(),
+            Self::Sqlite(pool) => pool.figures(),
+        }
+    }
+
+    fn max_connections(&self) -> u32 {
+        match self {
+            Self::Postgres(pool) => pool.max_connections(),
+            Self::Sqlite(pool) => pool.max_connections(),
+        }
+    }
+
+    fn is_unused_for(&self, idle_for: Duration) -> bool {
+        match self {
+            Self::Postgres(pool) => pool.is_unused_for(idle_for),
+            Self::Sqlite(pool) => pool.is_unused_for(idle_for),
+        }
+    }
+
+    async fn close_expired_idle(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close_expired_idle().await,
+            Self::Sqlite(pool) => pool.close_expired_idle().await,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +100,27 @@ pub struct PoolOptions {
     pub idle_timeout: Duration,
     /// See `DataPlaneConfig::postgres_session_reset`.
     pub postgres_session_reset: bool,
+    /// Most connections to one PostgreSQL server, over all its tenants' pools.
+    pub postgres_connection_budget: u32,
+}
+
+/// Pool figures of one tenant.
+#[derive(Clone, Debug)]
+pub struct TenantPoolStats {
+    pub tenant_id: TenantId,
+    pub server: String,
+    pub max_connections: u32,
+    pub connections: PoolFigures,
+}
+
+/// Pool figures of one PostgreSQL server.
+#[derive(Clone, Debug)]
+pub struct ServerPoolStats {
+    pub server: String,
+    pub budget: u32,
+    pub connections: PoolFigures,
+    pub pools: u32,
+    pub evictions: u64,
 }
 
 struct PoolEntry {
@@ -74,6 +132,8 @@ struct PoolEntry {
 
 pub struct PoolManager {
     pools: DashMap<TenantId, Arc<PoolEntry>>,
+    /// Connection budgets of PostgreSQL servers, by `host:port`.
+    budgets: DashMap<String, Arc<ServerBudget<Postgres>>>,
     options: PoolOptions,
 }
 
@@ -81,7 +141,30 @@ impl PoolManager {
     pub fn new(options: PoolOptions) -> Self {
         Self {
             pools: DashMap::new(),
+            budgets: DashMap::new(),
             options,
+        }
+    }
+
+    /// The tenant's pool for a serving `route`: see `pool`.
+    pub fn pool_for(&self, tenant_id: &TenantId, route: &Route) -> Option<TenantPool> {
+        let target = route.target.as_ref()?;
+        Some(self.pool(tenant_id, target, route.version, route.max_connections))
+    }
+
+    /// Applies a route the data plane just learned: if the tenant's pool was opened for
+    /// other connection details, or the tenant no longer serves, the pool stops lending
+    /// connections at once and is closed (awaited in the background).
+    pub fn route_changed(&self, tenant_id: &TenantId, route: &Route) {
+        let stale = |entry: &Arc<PoolEntry>| {
+            entry.route_version < route.version
+                && (route.state != RouteState::Active
+                    || route.target.as_ref() != Some(&entry.target))
+        };
+        if let Some((_, entry)) = self.pools.remove_if(tenant_id, |_, current| stale(current)) {
+            tracing::info!(tenant.id = %tenant_id, "tenant route changed; closing its pool");
+            entry.pool.mark_closed();
+            tokio::spawn(async move { entry.pool.close().await });
         }
     }
 
@@ -89,7 +172,13 @@ impl PoolManager {
     /// there is none or if a newer route changed the connection details; a replaced pool
     /// is closed in the background. A request still holding an older route than the pool
     /// was opened for gets the newer pool: it never brings old details back.
-    pub fn pool(&self, tenant_id: &TenantId, target: &Target, route_version: i64) -> TenantPool {
+    pub fn pool(
+        &self,
+        tenant_id: &TenantId,
+        target: &Target,
+        route_version: i64,
+        max_connections: u32,
+    ) -> TenantPool {
         if let Some(entry) = self.pools.get(tenant_id)
             && (entry.target == *target || entry.route_version >= route_version)
         {
@@ -101,15 +190,16 @@ impl PoolManager {
                 if current.target == *target || current.route_version >= route_version {
                     return current.pool.clone();
                 }
-                let fresh = Arc::new(self.open(target, route_version));
+                let fresh = Arc::new(self.open(target, route_version, max_connections));
                 let pool = fresh.pool.clone();
                 let replaced = occupied.insert(fresh);
                 tracing::info!(tenant.id = %tenant_id, "tenant connection details changed; closing the old pool");
+                replaced.pool.mark_closed();
                 tokio::spawn(async move { replaced.pool.close().await });
                 pool
             }
             Entry::Vacant(vacant) => {
-                let fresh = Arc::new(self.open(target, route_version));
+                let fresh = Arc::new(self.open(target, route_version, max_connections));
                 let pool = fresh.pool.clone();
                 vacant.insert(fresh);
                 pool
@@ -117,15 +207,28 @@ impl PoolManager {
         }
     }
 
-    fn connection_pool_options(&self) -> ConnectionPoolOptions {
+    fn connection_pool_options(&self, max_connections: u32) -> ConnectionPoolOptions {
         ConnectionPoolOptions {
-            max_connections: self.options.max_connections_per_tenant,
+            max_connections: if max_connections == 0 {
+                self.options.max_connections_per_tenant
+            } else {
+                max_connections
+            }
+            .max(1),
             acquire_timeout: self.options.acquire_timeout,
             idle_timeout: self.options.idle_timeout,
         }
     }
 
-    fn open(&self, target: &Target, route_version: i64) -> PoolEntry {
+    fn budget(&self, host: &str, port: u16) -> Arc<ServerBudget<Postgres>> {
+        let server = format!("{host}:{port}");
+        self.budgets
+            .entry(server.clone())
+            .or_insert_with(|| ServerBudget::new(server, self.options.postgres_connection_budget))
+            .clone()
+    }
+
+    fn open(&self, target: &Target, route_version: i64, max_connections: u32) -> PoolEntry {
         let pool = match target {
             Target::Postgres {
                 host,
@@ -153,9 +256,10 @@ impl PoolManager {
                     };
                 TenantPool::Postgres(PgTenantPool::new_lazy(
                     connect,
-                    self.connection_pool_options(),
+                    self.connection_pool_options(max_connections),
                     nothing_to_harden,
                     reset,
+                    Some(self.budget(host, *port)),
                 ))
             }
             Target::Sqlite { path, .. } => {
@@ -168,8 +272,9 @@ impl PoolManager {
                     .disable_statement_logging();
                 TenantPool::Sqlite(SqliteTenantPool::new_lazy(
                     connect,
-                    self.connection_pool_options(),
+                    self.connection_pool_options(max_connections),
                     harden_connection,
+                    None,
                     None,
                 ))
             }
@@ -181,9 +286,9 @@ impl PoolManager {
         }
     }
 
-    /// Closes the pools of tenants whose route is gone, no longer serving, or points
-    /// elsewhere, and SQLite connections idle past the idle timeout (sqlx pools close
-    /// their own).
+    /// Closes idle connections past the idle timeout, the pools of tenants whose route
+    /// is gone, no longer serving, or points elsewhere, and pools unused (no connection
+    /// open, none handed out) for the idle timeout. Called periodically.
     pub async fn close_stale(&self, router: &Router) {
         let pools: Vec<TenantPool> = self
             .pools
@@ -191,19 +296,18 @@ impl PoolManager {
             .map(|entry| entry.value().pool.clone())
             .collect();
         for pool in pools {
-            match pool {
-                TenantPool::Postgres(pool) => pool.close_expired_idle().await,
-                TenantPool::Sqlite(pool) => pool.close_expired_idle().await,
-            }
+            pool.close_expired_idle().await;
         }
+        let idle_timeout = self.options.idle_timeout;
         let stale: Vec<(TenantId, Arc<PoolEntry>)> = self
             .pools
             .iter()
             .filter(|entry| {
-                router.cached(entry.key()).is_none_or(|route| {
-                    route.state != crate::router::RouteState::Active
-                        || route.target.as_ref() != Some(&entry.value().target)
-                })
+                entry.value().pool.is_unused_for(idle_timeout)
+                    || router.cached(entry.key()).is_none_or(|route| {
+                        route.state != RouteState::Active
+                            || route.target.as_ref() != Some(&entry.value().target)
+                    })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
             .collect();
@@ -213,11 +317,55 @@ impl PoolManager {
                 .pools
                 .remove_if(&tenant_id, |_, current| Arc::ptr_eq(current, &stale_entry));
             if let Some((_, entry)) = removed {
-                tracing::debug!(tenant.id = %tenant_id, "closing pool of a tenant that no longer serves here");
+                tracing::debug!(tenant.id = %tenant_id, "closing an unused pool, or one of a tenant that no longer serves here");
+                entry.pool.mark_closed();
                 // Closing waits for connections in use; never hold up the sweep for that.
                 tokio::spawn(async move { entry.pool.close().await });
             }
         }
+    }
+
+    /// Figures per PostgreSQL server and per tenant pool, sorted.
+    pub fn stats(&self) -> (Vec<ServerPoolStats>, Vec<TenantPoolStats>) {
+        let mut tenants: Vec<TenantPoolStats> = self
+            .pools
+            .iter()
+            .map(|entry| TenantPoolStats {
+                tenant_id: entry.key().clone(),
+                server: match &entry.value().target {
+                    Target::Postgres { host, port, .. } => format!("{host}:{port}"),
+                    Target::Sqlite { path, .. } => path.clone(),
+                },
+                max_connections: entry.value().pool.max_connections(),
+                connections: entry.value().pool.figures(),
+            })
+            .collect();
+        tenants.sort_by(|a, b| a.tenant_id.as_str().cmp(b.tenant_id.as_str()));
+        let mut servers: Vec<ServerPoolStats> = self
+            .budgets
+            .iter()
+            .map(|budget| {
+                let mut connections = PoolFigures::default();
+                for tenant in tenants.iter().filter(|t| t.server == budget.server()) {
+                    connections.idle += tenant.connections.idle;
+                    connections.waiting += tenant.connections.waiting;
+                }
+                // Open counts slots, which also covers connections of closed pools that
+                // are still closing.
+                connections.open = budget.open();
+                connections.idle = connections.idle.min(connections.open);
+                connections.in_use = connections.open - connections.idle;
+                ServerPoolStats {
+                    server: budget.server().to_owned(),
+                    budget: budget.budget(),
+                    connections,
+                    pools: u32::try_from(budget.live_pools()).unwrap_or(u32::MAX),
+                    evictions: budget.evictions(),
+                }
+            })
+            .collect();
+        servers.sort_by(|a, b| a.server.cmp(&b.server));
+        (servers, tenants)
     }
 
     pub async fn close_all(&self) {
@@ -232,6 +380,51 @@ impl PoolManager {
 
     pub fn open_pools(&self) -> usize {
         self.pools.len()
+    }
+}
+
+/// `PoolService`: the pool figures of this data plane.
+pub struct PoolApi {
+    pub pools: Arc<PoolManager>,
+}
+
+fn figures_to_proto(figures: PoolFigures) -> pb::PoolFigures {
+    pb::PoolFigures {
+        open: figures.open,
+        idle: figures.idle,
+        in_use: figures.in_use,
+        waiting: figures.waiting,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::pool_service_server::PoolService for PoolApi {
+    async fn get_pool_stats(
+        &self,
+        _request: tonic::Request<pb::GetPoolStatsRequest>,
+    ) -> Result<tonic::Response<pb::GetPoolStatsResponse>, tonic::Status> {
+        let (servers, tenants) = self.pools.stats();
+        Ok(tonic::Response::new(pb::GetPoolStatsResponse {
+            servers: servers
+                .into_iter()
+                .map(|server| pb::ServerPoolStats {
+                    server: server.server,
+                    budget: server.budget,
+                    connections: Some(figures_to_proto(server.connections)),
+                    pools: server.pools,
+                    evictions: server.evictions,
+                })
+                .collect(),
+            tenants: tenants
+                .into_iter()
+                .map(|tenant| pb::TenantPoolStats {
+                    tenant_id: tenant.tenant_id.to_string(),
+                    server: tenant.server,
+                    max_connections: tenant.max_connections,
+                    connections: Some(figures_to_proto(tenant.connections)),
+                })
+                .collect(),
+        }))
     }
 }
 

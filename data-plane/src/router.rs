@@ -4,8 +4,9 @@
 //! requests miss at the same time (single flight), and at most `MAX_CONCURRENT_MISSES`
 //! tenants at a time. Ids the control plane does not know are remembered for a short
 //! while, so a stream of requests for unknown ids does not turn into a stream of calls.
-//! Cached routes are refreshed in batches (`GetRoutes`) every `refresh_interval`, so a
-//! suspend, resume or delete takes effect within that interval.
+//! Routes are kept fresh by the route stream (`route_stream`): every change the control
+//! plane commits is applied here (`apply`) within milliseconds, and a route learned from
+//! the stream also clears a remembered "unknown".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,6 @@ use crate::error::DataPlaneError;
 
 const MAX_CONCURRENT_MISSES: usize = 32;
 const MAX_REMEMBERED_UNKNOWN: usize = 100_000;
-const ROUTES_PER_REFRESH_CALL: usize = 1000;
 
 /// Serving state of a tenant, as the data plane sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,10 +74,12 @@ pub struct Route {
     pub reason: String,
     pub version: i64,
     pub target: Option<Target>,
+    /// Most connections the tenant's pool opens (0: the data plane's default).
+    pub max_connections: u32,
 }
 
 impl Route {
-    fn from_proto(route: pb::Route) -> Result<Self, DataPlaneError> {
+    pub fn from_proto(route: pb::Route) -> Result<Self, DataPlaneError> {
         let state = match pb::TenantState::try_from(route.state) {
             Ok(pb::TenantState::Provisioning) => RouteState::Provisioning,
             Ok(pb::TenantState::Active) => RouteState::Active,
@@ -113,6 +115,7 @@ impl Route {
             reason: route.reason,
             version: route.route_version,
             target,
+            max_connections: u32::try_from(route.max_connections).unwrap_or(0),
         })
     }
 
@@ -144,7 +147,6 @@ impl Route {
 
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
-    pub refresh_interval: Duration,
     pub unknown_tenant_ttl: Duration,
     /// Deadline of one call to the control plane.
     pub control_plane_timeout: Duration,
@@ -156,6 +158,9 @@ pub struct Router {
     inflight: DashMap<TenantId, Arc<Mutex<()>>>,
     miss_slots: Semaphore,
     client: RoutingServiceClient<Channel>,
+    /// For the route stream: same control plane, no per-call timeout (the stream lives
+    /// for as long as the connection), HTTP/2 pings to notice a dead peer.
+    stream_client: RoutingServiceClient<Channel>,
     options: RouterOptions,
     /// `GetRoute` calls made so far (misses that reached the control plane).
     route_fetches: std::sync::atomic::AtomicU64,
@@ -164,15 +169,22 @@ pub struct Router {
 impl Router {
     /// A router that reaches the control plane at `control_plane_url` (connects lazily).
     pub fn new(control_plane_url: &str, options: RouterOptions) -> Result<Self, DataPlaneError> {
-        let channel = Channel::from_shared(control_plane_url.to_owned())
+        let endpoint = Channel::from_shared(control_plane_url.to_owned())
             .map_err(|error| {
                 DataPlaneError::InvalidArgument(format!(
                     "control_plane_url {control_plane_url:?} is not a valid URL: {error}"
                 ))
             })?
             .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .clone()
             .timeout(options.control_plane_timeout)
-            .tcp_nodelay(true)
+            .connect_lazy();
+        let stream_channel = endpoint
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Self {
             routes: DashMap::new(),
@@ -180,6 +192,8 @@ impl Router {
             inflight: DashMap::new(),
             miss_slots: Semaphore::new(MAX_CONCURRENT_MISSES),
             client: RoutingServiceClient::new(channel),
+            stream_client: RoutingServiceClient::new(stream_channel)
+                .max_decoding_message_size(64 * 1024 * 1024),
             options,
             route_fetches: Default::default(),
         })
@@ -190,19 +204,34 @@ impl Router {
         self.routes.get(tenant_id).map(|route| route.clone())
     }
 
-    /// The tenant's route: from the cache, or from the control plane on a miss.
+    /// The tenant's route: from the cache, or from the control plane on a miss. A cached
+    /// PROVISIONING route is also asked for again: CreateTenant returns once the tenant is
+    /// ACTIVE, and a caller that goes straight to the data plane must not be refused
+    /// because the stream's ACTIVE route is still a moment away.
     pub async fn resolve(&self, tenant_id: &TenantId) -> Result<Arc<Route>, DataPlaneError> {
-        if let Some(route) = self.cached(tenant_id) {
-            return Ok(route);
+        let seen = self.cached(tenant_id);
+        if let Some(route) = &seen
+            && route.state != RouteState::Provisioning
+        {
+            return Ok(route.clone());
         }
-        self.check_unknown(tenant_id)?;
+        if seen.is_none() {
+            self.check_unknown(tenant_id)?;
+        }
         let flight = self.inflight.entry(tenant_id.clone()).or_default().clone();
         let _flight_guard = flight.lock().await;
         // Another request may have fetched it while this one waited.
-        if let Some(route) = self.cached(tenant_id) {
+        if let Some(route) = self.cached(tenant_id)
+            && (route.state != RouteState::Provisioning
+                || seen
+                    .as_ref()
+                    .is_some_and(|seen| seen.version != route.version))
+        {
             return Ok(route);
         }
-        self.check_unknown(tenant_id)?;
+        if seen.is_none() {
+            self.check_unknown(tenant_id)?;
+        }
         // Removed even if this request is cancelled half-way, so the map stays bounded.
         let _forget_flight = ForgetFlight {
             inflight: &self.inflight,
@@ -234,9 +263,8 @@ impl Router {
         match client.get_route(request).await {
             Ok(response) => {
                 let route = Arc::new(Route::from_proto(response.into_inner())?);
-                self.unknown_until.remove(tenant_id);
-                self.routes.insert(tenant_id.clone(), route.clone());
-                Ok(route)
+                // The stream may have brought a newer route meanwhile; the newest wins.
+                Ok(self.apply(tenant_id.clone(), route))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 self.remember_unknown(tenant_id);
@@ -253,6 +281,10 @@ impl Router {
     }
 
     fn remember_unknown(&self, tenant_id: &TenantId) {
+        if self.routes.contains_key(tenant_id) {
+            // The stream brought the tenant while its lookup was on the way back.
+            return;
+        }
         if self.unknown_until.len() >= MAX_REMEMBERED_UNKNOWN {
             let now = Instant::now();
             self.unknown_until.retain(|_, until| *until > now);
@@ -264,73 +296,47 @@ impl Router {
             tenant_id.clone(),
             Instant::now() + self.options.unknown_tenant_ttl,
         );
+        // `apply` inserts the route before it clears this mark; check again so a route
+        // applied meanwhile is never hidden behind it.
+        if self.routes.contains_key(tenant_id) {
+            self.unknown_until.remove(tenant_id);
+        }
     }
 
-    /// Re-reads every cached route from the control plane. On failure the cache is kept:
-    /// the data plane goes on serving what it knows.
-    pub async fn refresh(&self) -> Result<(), DataPlaneError> {
-        let tenant_ids: Vec<TenantId> = self
+    /// Puts `route` into the cache unless the cache already holds a newer one, and
+    /// forgets that the tenant was unknown. Returns the route the cache holds now.
+    pub fn apply(&self, tenant_id: TenantId, route: Arc<Route>) -> Arc<Route> {
+        let held = match self.routes.entry(tenant_id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(mut occupied) => {
+                if occupied.get().version <= route.version {
+                    occupied.insert(route.clone());
+                }
+                occupied.get().clone()
+            }
+            dashmap::mapref::entry::Entry::Vacant(vacant) => vacant.insert(route).clone(),
+        };
+        self.unknown_until.remove(&tenant_id);
+        held
+    }
+
+    /// Forgets every route not in `keep` (after a snapshot: the registry no longer knows
+    /// them). Returns the ids forgotten.
+    pub fn retain_only(&self, keep: &std::collections::HashSet<TenantId>) -> Vec<TenantId> {
+        let gone: Vec<TenantId> = self
             .routes
             .iter()
+            .filter(|entry| !keep.contains(entry.key()))
             .map(|entry| entry.key().clone())
             .collect();
-        for chunk in tenant_ids.chunks(ROUTES_PER_REFRESH_CALL) {
-            let mut client = self.client.clone();
-            let request = pb::GetRoutesRequest {
-                tenant_ids: chunk.iter().map(TenantId::to_string).collect(),
-            };
-            let response = client.get_routes(request).await.map_err(|status| {
-                DataPlaneError::Unavailable(format!("route refresh failed: {}", status.message()))
-            })?;
-            let mut seen = std::collections::HashSet::new();
-            for route in response.into_inner().routes {
-                let Ok(tenant_id) = TenantId::parse(&route.tenant_id) else {
-                    continue;
-                };
-                let route = Route::from_proto(route)?;
-                seen.insert(tenant_id.clone());
-                let changed = self
-                    .routes
-                    .get(&tenant_id)
-                    .is_none_or(|cached| cached.version != route.version);
-                if changed {
-                    tracing::debug!(tenant.id = %tenant_id, version = route.version, "route changed");
-                    self.routes.insert(tenant_id, Arc::new(route));
-                }
-            }
-            // Tenants the registry no longer knows at all: forget them.
-            for tenant_id in chunk {
-                if !seen.contains(tenant_id) {
-                    self.routes.remove(tenant_id);
-                }
-            }
+        for tenant_id in &gone {
+            self.routes.remove(tenant_id);
         }
-        Ok(())
+        gone
     }
 
-    /// Refreshes cached routes every `refresh_interval` until `stop` fires.
-    pub async fn run_refresh_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(self.options.refresh_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => return,
-            }
-            match self.refresh().await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("route refresh works again");
-                }
-                Ok(()) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "route refresh failed; serving cached routes");
-                }
-                Err(_) => {}
-            }
-        }
+    /// The client for the route stream.
+    pub fn stream_client(&self) -> RoutingServiceClient<Channel> {
+        self.stream_client.clone()
     }
 
     /// Puts a route into the cache as if the control plane had sent it. For tests that
@@ -338,6 +344,13 @@ impl Router {
     #[doc(hidden)]
     pub fn insert_route_for_tests(&self, tenant_id: TenantId, route: Arc<Route>) {
         self.routes.insert(tenant_id, route);
+    }
+
+    /// Drops a cached route, so the next request misses. For tests of the miss path;
+    /// nothing in the data plane calls it.
+    #[doc(hidden)]
+    pub fn forget_route_for_tests(&self, tenant_id: &TenantId) {
+        self.routes.remove(tenant_id);
     }
 
     /// How many `GetRoute` calls this router has made.

@@ -1,6 +1,7 @@
 //! The tenant layer: reads and validates `x-tenant-id`, resolves the tenant's route,
 //! checks that the tenant serves, and puts a `TenantContext` into the request's
-//! extensions. Calls to other services (health, reflection) pass through untouched.
+//! extensions. Calls to other services (health, reflection, pool figures) pass through
+//! untouched.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,8 +16,8 @@ use crate::context::TenantContext;
 use crate::error::DataPlaneError;
 use crate::router::Router;
 
-/// Path prefix of the services that act for a tenant.
-const TENANT_SCOPED_PREFIX: &str = "/tenantry.dataplane.v1.";
+/// Path prefix of the service that acts for a tenant.
+const TENANT_SCOPED_PREFIX: &str = "/tenantry.dataplane.v1.SqlService/";
 
 #[derive(Clone)]
 pub struct TenantLayer {

@@ -96,6 +96,64 @@ pub async fn shutdown_signal(receiver: oneshot::Receiver<()>) {
     let _ = receiver.await;
 }
 
+/// How a plane stops: first health says NOT_SERVING (every service), then after `grace`
+/// (for load balancers to notice) the server stops taking new calls, and calls in flight
+/// get up to `drain` to finish.
+#[derive(Clone, Copy, Debug)]
+pub struct Drain {
+    pub grace: std::time::Duration,
+    pub drain: std::time::Duration,
+}
+
+/// Serves until `shutdown` fires, then stops as `Drain` says. `serve` is tonic's
+/// `serve_with_incoming_shutdown` given the future this passes it; `on_stop_accepting`
+/// runs when new calls stop being taken (end long-lived streams there, or the drain waits
+/// for them). Calls still running when the drain time is up are cut off, with a warning.
+pub async fn serve_and_drain<S, Fut, E>(
+    serve: S,
+    shutdown: oneshot::Receiver<()>,
+    health: HealthReporter,
+    service_names: &'static [&'static str],
+    drain: Drain,
+    on_stop_accepting: impl FnOnce() + Send + 'static,
+) -> Result<(), E>
+where
+    S: FnOnce(futures::future::BoxFuture<'static, ()>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let (draining_tx, draining_rx) = oneshot::channel::<()>();
+    let signal = Box::pin(async move {
+        shutdown_signal(shutdown).await;
+        for name in service_names.iter().chain([&""]) {
+            health
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!(
+            grace_ms = drain.grace.as_millis() as u64,
+            "health reports NOT_SERVING; stopping"
+        );
+        tokio::time::sleep(drain.grace).await;
+        on_stop_accepting();
+        let _ = draining_tx.send(());
+    });
+    let served = serve(signal);
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => result,
+        () = async {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(drain.drain).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(drain_ms = drain.drain.as_millis() as u64, "calls still running after the drain time were cut off");
+            Ok(())
+        }
+    }
+}
+
 /// The incoming-connection stream of a bound listener, with TCP_NODELAY set (gRPC calls
 /// are small; Nagle's algorithm would add 40 ms to some of them).
 pub fn incoming(

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -59,8 +60,11 @@ pub struct SandboxOptions {
     pub tenant_migrations: Option<PathBuf>,
     pub max_response_bytes: Option<usize>,
     pub max_connections_per_tenant: Option<u32>,
-    pub route_refresh_interval_ms: Option<u64>,
     pub provision_attempts: Option<u32>,
+    pub postgres_connection_budget: Option<u32>,
+    pub pool_idle_timeout_ms: Option<u64>,
+    pub pool_acquire_timeout_ms: Option<u64>,
+    pub unknown_tenant_ttl_ms: Option<u64>,
 }
 
 pub struct Sandbox {
@@ -69,6 +73,7 @@ pub struct Sandbox {
     pub temp: tempfile::TempDir,
     pub pg_admin_url: Option<String>,
     pub control_plane_config: ControlPlaneConfig,
+    pub data_plane_config: DataPlaneConfig,
     pub control_plane: Option<ServerHandle>,
     pub data_plane: Option<DataPlane>,
     pub control_plane_channel: Channel,
@@ -135,6 +140,8 @@ impl Sandbox {
             sqlite_directory: None,
             provision_attempts: options.provision_attempts.unwrap_or(2),
             provision_retry_delay_ms: 10,
+            shutdown_grace_ms: 0,
+            ..ControlPlaneConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -150,14 +157,23 @@ impl Sandbox {
         let data_plane_config = DataPlaneConfig {
             listen_addr: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
             control_plane_url: control_plane.url(),
-            route_refresh_interval_ms: options.route_refresh_interval_ms.unwrap_or(200),
+            shutdown_grace_ms: 0,
+            postgres_connection_budget: options
+                .postgres_connection_budget
+                .unwrap_or(defaults.postgres_connection_budget),
+            pool_idle_timeout_ms: options
+                .pool_idle_timeout_ms
+                .unwrap_or(defaults.pool_idle_timeout_ms),
+            pool_acquire_timeout_ms: options
+                .pool_acquire_timeout_ms
+                .unwrap_or(defaults.pool_acquire_timeout_ms),
             max_response_bytes: options
                 .max_response_bytes
                 .unwrap_or(defaults.max_response_bytes),
             max_connections_per_tenant: options
                 .max_connections_per_tenant
                 .unwrap_or(defaults.max_connections_per_tenant),
-            unknown_tenant_ttl_ms: 500,
+            unknown_tenant_ttl_ms: options.unknown_tenant_ttl_ms.unwrap_or(500),
             ..defaults
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -174,6 +190,7 @@ impl Sandbox {
             temp,
             pg_admin_url,
             control_plane_config,
+            data_plane_config,
             control_plane: Some(control_plane),
             data_plane: Some(data_plane),
             control_plane_channel,
@@ -206,14 +223,38 @@ impl Sandbox {
             .into_inner()
     }
 
-    /// Stops the control plane and starts a new one on the same registry and port.
-    pub async fn restart_control_plane(&mut self, faults: FaultInjection) {
+    /// Starts another data plane on the same control plane (its own port and pools).
+    pub async fn start_data_plane(&self) -> DataPlane {
+        self.start_data_plane_with(&self.data_plane_config).await
+    }
+
+    pub async fn start_data_plane_with(&self, config: &DataPlaneConfig) -> DataPlane {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        tenantry_data_plane::start(config, listener)
+            .await
+            .unwrap_or_else(|e| panic!("data plane: {e:#}"))
+    }
+
+    /// Stops the control plane (gracefully).
+    pub async fn stop_control_plane(&mut self) {
         if let Some(control_plane) = self.control_plane.take() {
             control_plane
                 .shutdown()
                 .await
                 .unwrap_or_else(|e| panic!("control plane shutdown: {e:#}"));
         }
+    }
+
+    /// Stops the control plane and starts a new one on the same registry and port.
+    pub async fn restart_control_plane(&mut self, faults: FaultInjection) {
+        self.stop_control_plane().await;
+        self.start_control_plane(faults).await;
+    }
+
+    /// Starts a control plane on the same registry and port (after `stop_control_plane`).
+    pub async fn start_control_plane(&mut self, faults: FaultInjection) {
         let listener =
             tenantry_shared::grpc::bind(self.control_plane_config.listen_addr, "control plane")
                 .await
@@ -467,7 +508,7 @@ impl Drop for Sandbox {
     }
 }
 
-async fn connect(url: &str) -> Channel {
+pub async fn connect(url: &str) -> Channel {
     Channel::from_shared(url.to_owned())
         .unwrap_or_else(|e| panic!("{e}"))
         .connect()

@@ -185,6 +185,7 @@ impl Provisioner {
         actor: &str,
         display_name: &str,
         requested_server: &str,
+        max_connections: i32,
     ) -> Result<tenant::Model> {
         let _guard = self.lock_tenant(tenant_id.as_str()).await;
         self.registry
@@ -205,6 +206,7 @@ impl Provisioner {
                     }
                     row.display_name = Set(display_name.to_owned());
                     row.requested_server = Set(requested_server.to_owned());
+                    row.max_connections = Set(max_connections);
                     row.reason = Set(String::new());
                     row.database_server = Set(None);
                     row.backend = Set(None);

@@ -29,6 +29,9 @@ pub mod tenant {
         pub schema_version: i64,
         pub create_time: DateTimeUtc,
         pub update_time: DateTimeUtc,
+        /// Most connections one data plane opens to the tenant's database (0: the data
+        /// plane's default).
+        pub max_connections: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

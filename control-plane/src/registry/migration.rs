@@ -7,7 +7,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M20261127000001CreateRegistry)]
+        vec![
+            Box::new(M20261127000001CreateRegistry),
+            Box::new(M20261128000001RouteWatch),
+        ]
     }
 }
 
@@ -28,6 +31,7 @@ enum Tenants {
     SchemaVersion,
     CreateTime,
     UpdateTime,
+    MaxConnections,
 }
 
 #[derive(DeriveIden)]
@@ -177,6 +181,43 @@ impl MigrationTrait for M20261127000001CreateRegistry {
                     .table(AuditEvents::Table)
                     .col(AuditEvents::TenantId)
                     .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Per-tenant connection maximum, and an index for route streams (`route_version > N`).
+struct M20261128000001RouteWatch;
+
+impl MigrationName for M20261128000001RouteWatch {
+    fn name(&self) -> &str {
+        "m20261128_000001_route_watch"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000001RouteWatch {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Tenants::Table)
+                    .add_column(
+                        ColumnDef::new(Tenants::MaxConnections)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("tenants_route_version")
+                    .table(Tenants::Table)
+                    .col(Tenants::RouteVersion)
                     .to_owned(),
             )
             .await

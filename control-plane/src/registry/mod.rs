@@ -103,6 +103,7 @@ pub struct NewTenant {
     pub tenant_id: String,
     pub display_name: String,
     pub requested_server: String,
+    pub max_connections: i32,
 }
 
 /// A change to one tenant, recorded as one audit event.
@@ -120,6 +121,9 @@ pub struct Registry {
     /// beside a writer but fails a deferred transaction that tries to write after another
     /// writer committed ("database is locked"), so writers take turns here.
     write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The highest route version committed, published after each commit (under the write
+    /// lock, so in version order). Route streams wait on it.
+    committed: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 impl Registry {
@@ -162,10 +166,14 @@ impl Registry {
             ControlPlaneError::Unavailable(format!("cannot open the registry: {error}"))
         })?;
         migration::Migrator::up(&db, None).await?;
-        Ok(Self {
+        let registry = Self {
             db,
             write_lock: Default::default(),
-        })
+            committed: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        };
+        let latest = registry.latest_route_version().await?;
+        registry.committed.send_replace(latest);
+        Ok(registry)
     }
 
     pub async fn close(self) {
@@ -251,6 +259,7 @@ impl Registry {
             db_password: Set(None),
             route_version: Set(event.id),
             schema_version: Set(0),
+            max_connections: Set(new.max_connections),
             create_time: Set(now),
             update_time: Set(now),
         };
@@ -261,6 +270,7 @@ impl Registry {
             Err(error) => return Err(error.into()),
         };
         txn.commit().await?;
+        self.committed.send_replace(event.id);
         Ok(Some(inserted))
     }
 
@@ -303,7 +313,39 @@ impl Registry {
         row.update_time = Set(chrono::Utc::now());
         let updated = row.update(&txn).await?;
         txn.commit().await?;
+        self.committed.send_replace(event.id);
         Ok(updated)
+    }
+
+    /// Tells when a route version newer than the receiver has seen commits.
+    pub fn watch_committed(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.committed.subscribe()
+    }
+
+    /// The highest route version of any tenant (0 for an empty registry).
+    pub async fn latest_route_version(&self) -> Result<i64> {
+        let latest: Option<Option<i64>> = tenant::Entity::find()
+            .select_only()
+            .column_as(Expr::col(tenant::Column::RouteVersion).max(), "latest")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(latest.flatten().unwrap_or(0))
+    }
+
+    /// Tenants whose route changed after `after_version`, in route-version order. Each row
+    /// holds the tenant's latest state, so these are the changes since then, compacted.
+    pub async fn tenants_changed_after(
+        &self,
+        after_version: i64,
+        limit: u64,
+    ) -> Result<Vec<tenant::Model>> {
+        Ok(tenant::Entity::find()
+            .filter(tenant::Column::RouteVersion.gt(after_version))
+            .order_by_asc(tenant::Column::RouteVersion)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
     }
 
     pub async fn get_server(&self, name: &str) -> Result<Option<database_server::Model>> {

@@ -15,6 +15,8 @@ use crate::provisioner::Provisioner;
 use crate::registry::{NewTenant, Registry, TenantChange, TenantState};
 
 const MAX_DISPLAY_NAME_LEN: usize = 200;
+/// Highest per-tenant connection maximum a CreateTenant may ask for.
+const MAX_CONNECTIONS_PER_TENANT: i32 = 1000;
 const DEFAULT_PAGE_SIZE: i32 = 100;
 const MAX_PAGE_SIZE: i32 = 1000;
 
@@ -55,6 +57,12 @@ impl TenantService for TenantApi {
                 display_name.len()
             )));
         }
+        if !(0..=MAX_CONNECTIONS_PER_TENANT).contains(&request.max_connections) {
+            return Err(Status::invalid_argument(format!(
+                "max_connections is {}; give 1 to {MAX_CONNECTIONS_PER_TENANT}, or 0 for the data plane's default",
+                request.max_connections
+            )));
+        }
         if !request.database_server.is_empty() {
             if self
                 .registry
@@ -79,6 +87,7 @@ impl TenantService for TenantApi {
                     tenant_id: tenant_id.to_string(),
                     display_name: display_name.clone(),
                     requested_server: request.database_server.clone(),
+                    max_connections: request.max_connections,
                 },
                 &actor,
             )
@@ -104,13 +113,15 @@ impl TenantService for TenantApi {
                         &actor,
                         &display_name,
                         &request.database_server,
+                        request.max_connections,
                     )
                     .await?;
             } else if existing.display_name != display_name
                 || existing.requested_server != request.database_server
+                || existing.max_connections != request.max_connections
             {
                 return Err(Status::already_exists(format!(
-                    "tenant {tenant_id} already exists with another display name or database server; \
+                    "tenant {tenant_id} already exists with another display name, database server or max_connections; \
                      use another id, or repeat the original request"
                 )));
             } else if state == TenantState::Deleting {

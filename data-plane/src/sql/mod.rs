@@ -30,6 +30,7 @@ pub struct SqlLimits {
 }
 
 pub struct SqlApi {
+    pub router: Arc<crate::router::Router>,
     pub pools: Arc<PoolManager>,
     pub limits: SqlLimits,
 }
@@ -235,16 +236,27 @@ pub fn null_value() -> pb::Value {
 }
 
 impl SqlApi {
+    /// The tenant's pool. If the route changed since the tenant layer resolved it, the
+    /// newer route decides: no request uses connection details the data plane has
+    /// already replaced.
     fn pool_of(&self, context: &TenantContext) -> Result<TenantPool, Status> {
-        let target = context.route.target.as_ref().ok_or_else(|| {
-            Status::internal(format!(
-                "route of tenant {} has no connection details",
-                context.tenant_id
-            ))
-        })?;
-        Ok(self
-            .pools
-            .pool(&context.tenant_id, target, context.route.version))
+        let mut route = context.route.clone();
+        if let Some(newer) = self.router.cached(&context.tenant_id)
+            && newer.version > route.version
+        {
+            newer
+                .check_serving(&context.tenant_id)
+                .map_err(Status::from)?;
+            route = newer;
+        }
+        self.pools
+            .pool_for(&context.tenant_id, &route)
+            .ok_or_else(|| {
+                Status::internal(format!(
+                    "route of tenant {} has no connection details",
+                    context.tenant_id
+                ))
+            })
     }
 }
 

@@ -20,7 +20,7 @@ use super::{
     refuse_transaction_control, unsupported_column,
 };
 use crate::connection_pool::PooledConnection;
-use crate::error::{DataPlaneError, Result, from_sqlx};
+use crate::error::{DataPlaneError, Result, from_acquire, from_sqlx};
 use crate::pools::PgTenantPool;
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
@@ -42,7 +42,7 @@ async fn session(pool: &PgTenantPool, call: &Call<'_>) -> Result<Session> {
     let mut connection = pool
         .acquire()
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
+        .map_err(|error| from_acquire(error, call.tenant))?;
     if let Some(remaining) = call.remaining() {
         // Reset with the rest of the session state when the connection is released.
         // statement_timeout is an int of milliseconds.

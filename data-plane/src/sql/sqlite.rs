@@ -17,7 +17,7 @@ use tenantry_proto::dataplane::v1::value::Kind;
 
 use super::{Call, at_statement, null_value, parameter_count_error, push_row};
 use crate::connection_pool::PooledConnection;
-use crate::error::{DataPlaneError, Result, from_sqlx};
+use crate::error::{DataPlaneError, Result, from_acquire, from_sqlx};
 use crate::pools::SqliteTenantPool;
 
 /// A pooled connection for one request. If the request is abandoned before it finishes,
@@ -40,7 +40,7 @@ async fn session(pool: &SqliteTenantPool, call: &Call<'_>) -> Result<Session> {
     let connection = pool
         .acquire()
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
+        .map_err(|error| from_acquire(error, call.tenant))?;
     connection.controls().set_deadline(call.deadline);
     Ok(Session {
         connection,

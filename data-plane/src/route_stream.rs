@@ -1,0 +1,172 @@
+//! The route stream: the data plane holds one `WatchRoutes` stream to the control plane
+//! and applies every route it brings to the router, and to the pool manager (a pool whose
+//! connection details are no longer right is closed). After a reconnect it resumes from
+//! the last version it applied; the control plane sends a snapshot instead when it cannot
+//! serve the gap. Reconnects back off exponentially with full jitter.
+//!
+//! While the stream is down the data plane serves every route it holds. The health
+//! service `tenantry.dataplane.v1.RouteStream` reports the stream: SERVING once it has
+//! caught up, NOT_SERVING while it is lost (the data plane's overall health stays
+//! SERVING: it still serves the tenants it knows).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tenantry_proto::controlplane::v1 as pb;
+use tenantry_shared::TenantId;
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::pools::PoolManager;
+use crate::router::{Route, Router};
+
+/// Health service name that reports the route stream.
+pub const ROUTE_STREAM_HEALTH_SERVICE: &str = "tenantry.dataplane.v1.RouteStream";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the stream has done, for health, tests and stats.
+pub struct StreamStatus {
+    /// The route version applied last (0: nothing yet).
+    applied: watch::Sender<i64>,
+    /// Whether the stream is connected and caught up.
+    live: watch::Sender<bool>,
+}
+
+impl Default for StreamStatus {
+    fn default() -> Self {
+        Self {
+            applied: watch::Sender::new(0),
+            live: watch::Sender::new(false),
+        }
+    }
+}
+
+impl StreamStatus {
+    /// Follows the last applied route version.
+    pub fn applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
+    /// Follows whether the stream is connected and caught up.
+    pub fn live(&self) -> watch::Receiver<bool> {
+        self.live.subscribe()
+    }
+}
+
+/// Follows the control plane's routes until `stop` fires.
+pub async fn run(
+    router: Arc<Router>,
+    pools: Arc<PoolManager>,
+    health: HealthReporter,
+    status: Arc<StreamStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut lost_since: Option<std::time::Instant> = None;
+    loop {
+        let mut caught_up = false;
+        let ended = tokio::select! {
+            ended = follow(&router, &pools, &health, &status, &mut caught_up) => ended,
+            _ = stop.changed() => return,
+        };
+        status.live.send_replace(false);
+        health
+            .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, ServingStatus::NotServing)
+            .await;
+        if caught_up {
+            backoff = MIN_BACKOFF;
+        }
+        let reason = ended.err().unwrap_or_default();
+        if lost_since.is_none() {
+            lost_since = Some(std::time::Instant::now());
+            tracing::warn!(%reason, "route stream to the control plane lost; serving the routes held, reconnecting");
+        } else {
+            tracing::debug!(%reason, "route stream reconnect failed");
+        }
+        let pause = rand::rng().random_range(Duration::ZERO..=backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if caught_up {
+            // Reset the outage clock only after a stream that worked.
+            lost_since = None;
+        }
+    }
+}
+
+/// One stream, from connect to its end. Err says why it ended.
+async fn follow(
+    router: &Router,
+    pools: &PoolManager,
+    health: &HealthReporter,
+    status: &StreamStatus,
+    caught_up: &mut bool,
+) -> Result<(), String> {
+    let after_version = *status.applied.borrow();
+    let mut stream = router
+        .stream_client()
+        .watch_routes(pb::WatchRoutesRequest { after_version })
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let mut snapshot_ids: Option<HashSet<TenantId>> = None;
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Err("the control plane ended the stream".to_owned()),
+            Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+        };
+        if message.snapshot && snapshot_ids.is_none() {
+            snapshot_ids = Some(HashSet::new());
+        }
+        for proto in message.routes {
+            let Ok(tenant_id) = TenantId::parse(&proto.tenant_id) else {
+                tracing::warn!(tenant_id = %proto.tenant_id, "control plane sent a route with an invalid tenant id; ignored");
+                continue;
+            };
+            let route = match Route::from_proto(proto) {
+                Ok(route) => Arc::new(route),
+                Err(error) => {
+                    tracing::warn!(tenant.id = %tenant_id, %error, "control plane sent a route this data plane cannot use; ignored");
+                    continue;
+                }
+            };
+            let held = router.apply(tenant_id.clone(), route);
+            pools.route_changed(&tenant_id, &held);
+            if let Some(ids) = &mut snapshot_ids {
+                ids.insert(tenant_id);
+            }
+        }
+        if message.caught_up {
+            if let Some(ids) = snapshot_ids.take() {
+                for gone in router.retain_only(&ids) {
+                    tracing::info!(tenant.id = %gone, "tenant no longer in the registry; route forgotten");
+                }
+            }
+            if !*caught_up {
+                *caught_up = true;
+                status.live.send_replace(true);
+                health
+                    .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, ServingStatus::Serving)
+                    .await;
+                tracing::info!(version = message.version, "route stream caught up");
+            }
+        }
+        status.applied.send_if_modified(|applied| {
+            // A snapshot may come from another registry whose versions are lower.
+            let moved =
+                message.version > *applied || (message.snapshot && message.version != *applied);
+            if moved {
+                *applied = message.version;
+            }
+            moved
+        });
+    }
+}
