@@ -11,6 +11,8 @@
 //! `TENANTRY_BENCH_SECONDS` (default 3) sets the length of each measured round; rounds
 //! of the scenarios are interleaved three times and the median round is reported.
 
+#[path = "support.rs"]
+mod support;
 #[path = "../tests/common/postgres.rs"]
 mod test_postgres;
 
@@ -33,30 +35,12 @@ use tenantry_shared::TenantId;
 use tonic::transport::Channel;
 use tower::{Layer, Service, ServiceExt};
 
+use support::{ms, percentile, run_id, seconds_per_round};
+
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 const ROWS_PER_TENANT: i64 = 100;
 const ROUNDS: usize = 3;
-
-fn seconds_per_round() -> Duration {
-    let seconds = std::env::var("TENANTRY_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(seconds)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -299,12 +283,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         Backend::Sqlite => "SQLite",
         Backend::Postgres => "PostgreSQL",
     };
-    let run_id: String = {
-        let mut rng = rand::rng();
-        (0..6)
-            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-            .collect()
-    };
+    let run_id = run_id();
     let temp = tempfile::tempdir()?;
     let admin_url = match backend {
         Backend::Postgres => Some(test_postgres::admin_url().await),

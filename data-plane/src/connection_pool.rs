@@ -63,6 +63,9 @@ impl ConnectionControls {
     }
 }
 
+/// Longest a request waits for a connection that is being cleaned before it opens one.
+const CLEANING_WAIT: Duration = Duration::from_millis(20);
+
 /// Sets up a new connection with its controls (authorizer, progress handler, limits).
 pub type Harden<DB> = for<'c> fn(
     &'c mut <DB as Database>::Connection,
@@ -257,6 +260,9 @@ pub struct Inner<DB: Database> {
     open: AtomicU32,
     /// Requests waiting in `acquire`.
     waiting: AtomicU32,
+    /// Connections being cleaned after a request, and a wake-up when one comes back.
+    cleaning: AtomicU32,
+    returned: Notify,
     /// When a connection was last handed out (micros since `CLOCK_EPOCH`).
     last_used: AtomicU64,
 }
@@ -319,6 +325,8 @@ impl<DB: Database> ConnectionPool<DB> {
             budget,
             open: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
+            cleaning: AtomicU32::new(0),
+            returned: Notify::new(),
             last_used: AtomicU64::new(micros_since_epoch(Instant::now())),
         });
         if let Some(budget) = &inner.budget {
@@ -347,12 +355,25 @@ impl<DB: Database> ConnectionPool<DB> {
         self.inner
             .last_used
             .store(micros_since_epoch(Instant::now()), Ordering::Relaxed);
-        let (reused, expired) = self.take_idle();
+        let (mut reused, expired) = self.take_idle();
         for stale in expired {
             tokio::spawn(async move {
                 let _ = stale.connection.close().await;
                 drop(stale.slot);
             });
+        }
+        if reused.is_none() && self.inner.cleaning.load(Ordering::Acquire) > 0 {
+            // A connection is being cleaned (one round trip): waiting for it is far
+            // cheaper than opening another one.
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            reused = self.take_idle().0;
+            if reused.is_none() && self.inner.cleaning.load(Ordering::Acquire) > 0 {
+                let wait_until = deadline.min(tokio::time::Instant::now() + CLEANING_WAIT);
+                let _ = tokio::time::timeout_at(wait_until, returned).await;
+                reused = self.take_idle().0;
+            }
         }
         let (connection, controls, slot) = match reused {
             Some(idle) => (idle.connection, idle.controls, idle.slot),
@@ -552,6 +573,7 @@ impl<DB: Database> Drop for PooledConnection<DB> {
                 // The permit goes with the task: nobody gets a connection slot before
                 // this one is clean again (or closed).
                 let permit = self.take_permit();
+                pool.cleaning.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     if clean(&mut connection).await {
                         give_back(&pool, connection, controls, slot);
@@ -559,6 +581,8 @@ impl<DB: Database> Drop for PooledConnection<DB> {
                         let _ = connection.close().await;
                         drop(slot);
                     }
+                    pool.cleaning.fetch_sub(1, Ordering::AcqRel);
+                    pool.returned.notify_waiters();
                     drop(permit);
                 });
             }

@@ -128,6 +128,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
         postgres_session_reset: config.postgres_session_reset,
     }));
+    let route_stream = Arc::new(StreamStatus::default());
     let sql = SqlApi {
         router: router.clone(),
         pools: pools.clone(),
@@ -142,6 +143,8 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
     )
     .add_service(PoolServiceServer::new(pools::PoolApi {
         pools: pools.clone(),
+        router: router.clone(),
+        route_stream: route_stream.clone(),
     }));
     let (routes, health) = with_health_and_reflection(routes, SERVICE_NAMES)?;
     health
@@ -152,7 +155,6 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         .await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let route_stream = Arc::new(StreamStatus::default());
     // The stream and the sweep run apart, so a slow pool close never delays routes.
     tokio::spawn(route_stream::run(
         router.clone(),

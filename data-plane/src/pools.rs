@@ -386,6 +386,8 @@ impl PoolManager {
 /// `PoolService`: the pool figures of this data plane.
 pub struct PoolApi {
     pub pools: Arc<PoolManager>,
+    pub router: Arc<Router>,
+    pub route_stream: Arc<crate::route_stream::StreamStatus>,
 }
 
 fn figures_to_proto(figures: PoolFigures) -> pb::PoolFigures {
@@ -424,6 +426,9 @@ impl pb::pool_service_server::PoolService for PoolApi {
                     connections: Some(figures_to_proto(tenant.connections)),
                 })
                 .collect(),
+            routes: self.router.len() as u64,
+            route_stream_live: *self.route_stream.live().borrow(),
+            route_version: *self.route_stream.applied().borrow(),
         }))
     }
 }
