@@ -22,6 +22,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 backend_tests!(
+    watch_routes_snapshot_resume_and_live,
     changes_reach_every_data_plane,
     created_tenant_is_routable_at_once_even_if_remembered_unknown,
     tenant_max_connections_is_kept,
@@ -120,6 +121,120 @@ async fn wait_health(channel: &Channel, service: &str, want: ServingStatus) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Reads a route stream until a message marked `caught_up`; returns the messages.
+async fn until_caught_up(
+    stream: &mut tonic::Streaming<cp::WatchRoutesResponse>,
+) -> Vec<cp::WatchRoutesResponse> {
+    let mut messages = Vec::new();
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("the stream went quiet before catching up"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("the stream ended"));
+        let caught_up = message.caught_up;
+        messages.push(message);
+        if caught_up {
+            return messages;
+        }
+    }
+}
+
+async fn watch(sandbox: &Sandbox, after_version: i64) -> tonic::Streaming<cp::WatchRoutesResponse> {
+    sandbox
+        .routing()
+        .watch_routes(cp::WatchRoutesRequest { after_version })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner()
+}
+
+async fn watch_routes_snapshot_resume_and_live(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    // More than one message's worth (500 routes).
+    let ids = create_many(&sandbox, "w", 510, "").await;
+
+    // A snapshot: every tenant once, in version order, over several messages.
+    let mut stream = watch(&sandbox, 0).await;
+    let snapshot = until_caught_up(&mut stream).await;
+    assert!(snapshot.len() >= 2, "510 routes fit in one message?");
+    assert!(snapshot.iter().all(|m| m.snapshot));
+    let routes: Vec<&cp::Route> = snapshot.iter().flat_map(|m| &m.routes).collect();
+    assert_eq!(routes.len(), ids.len());
+    assert!(
+        routes
+            .windows(2)
+            .all(|w| w[0].route_version < w[1].route_version)
+    );
+    assert!(
+        routes
+            .iter()
+            .all(|r| r.state == cp::TenantState::Active as i32)
+    );
+    let version = snapshot.last().map(|m| m.version).unwrap_or_default();
+    assert_eq!(
+        version,
+        routes.last().map(|r| r.route_version).unwrap_or_default()
+    );
+
+    // Changes made while nobody listens: a resume gets exactly those, not a snapshot.
+    for id in &ids[..3] {
+        sandbox
+            .tenants()
+            .suspend_tenant(cp::SuspendTenantRequest {
+                tenant_id: id.clone(),
+                reason: "backlog".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut resumed = watch(&sandbox, version).await;
+    let backlog = until_caught_up(&mut resumed).await;
+    assert!(backlog.iter().all(|m| !m.snapshot));
+    let changed: Vec<(String, i32)> = backlog
+        .iter()
+        .flat_map(|m| &m.routes)
+        .map(|r| (r.tenant_id.clone(), r.state))
+        .collect();
+    let expected: Vec<(String, i32)> = ids[..3]
+        .iter()
+        .map(|id| (id.clone(), cp::TenantState::Suspended as i32))
+        .collect();
+    assert_eq!(changed, expected);
+
+    // Live: the next change arrives on the open stream by itself.
+    sandbox
+        .tenants()
+        .resume_tenant(cp::ResumeTenantRequest {
+            tenant_id: ids[0].clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let live = until_caught_up(&mut resumed).await;
+    let live_routes: Vec<&cp::Route> = live.iter().flat_map(|m| &m.routes).collect();
+    assert_eq!(live_routes.len(), 1);
+    assert_eq!(live_routes[0].tenant_id, ids[0]);
+    assert_eq!(live_routes[0].state, cp::TenantState::Active as i32);
+
+    // A version this registry never reached (another registry's): a snapshot again.
+    let mut foreign = watch(&sandbox, version + 1_000_000).await;
+    let again = until_caught_up(&mut foreign).await;
+    assert!(again.iter().all(|m| m.snapshot));
+    assert_eq!(
+        again.iter().map(|m| m.routes.len()).sum::<usize>(),
+        ids.len()
+    );
+
+    // Nonsense is refused.
+    let refused = sandbox
+        .routing()
+        .watch_routes(cp::WatchRoutesRequest { after_version: -1 })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(refused, Some(Code::InvalidArgument));
 }
 
 async fn changes_reach_every_data_plane(backend: Backend) {

@@ -63,6 +63,10 @@ impl ConnectionControls {
     }
 }
 
+/// Longest a connection's clean-up (the PostgreSQL session reset) may take before the
+/// connection is closed instead.
+const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest a request waits for a connection that is being cleaned before it opens one.
 const CLEANING_WAIT: Duration = Duration::from_millis(20);
 
@@ -169,33 +173,49 @@ impl<DB: Database> ServerBudget<DB> {
         }
     }
 
-    /// A slot for a new connection, closing the least recently used idle connection on
-    /// the server to make room if the budget is full, waiting until `deadline` at most.
+    /// A free slot now, if the budget has one.
+    fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for a new connection, taken from the server's least recently used idle
+    /// connection (closed for it) when the budget is full, or else waited for until
+    /// `deadline`. The slot of an evicted connection goes to the request that evicted it.
     async fn slot(&self, deadline: tokio::time::Instant) -> Result<OwnedSemaphorePermit, ()> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            if let Some(slot) = self.try_slot() {
                 return Ok(slot);
             }
-            let evicting = self.evict_least_recently_used();
+            if let Some(evicted) = self.take_least_recently_used() {
+                let Idle {
+                    connection,
+                    mut slot,
+                    ..
+                } = evicted;
+                let _ = tokio::time::timeout_at(deadline, connection.close()).await;
+                if let Some(server) = slot.server.take() {
+                    return Ok(server);
+                }
+                continue;
+            }
             tokio::select! {
-                slot = self.slots.clone().acquire_owned() => return slot.map_err(|_| ()),
-                _ = &mut changed, if !evicting => {}
+                _ = &mut changed => {}
                 _ = tokio::time::sleep_until(deadline) => return Err(()),
             }
         }
     }
 
-    /// Closes the idle connection (of any pool on this server) that has been idle
-    /// longest. Its slot frees once it is closed. False if no connection is idle.
-    fn evict_least_recently_used(&self) -> bool {
+    /// Takes out the idle connection (of any pool on this server) that has been idle
+    /// longest, for the caller to close. None if no connection is idle.
+    fn take_least_recently_used(&self) -> Option<Idle<DB>> {
         // Another request may take the chosen connection first; then look again.
         for _ in 0..8 {
             let pools: Vec<Arc<Inner<DB>>> = match self.pools.lock() {
                 Ok(pools) => pools.iter().filter_map(Weak::upgrade).collect(),
-                Err(_) => return false,
+                Err(_) => return None,
             };
             let oldest = pools
                 .iter()
@@ -204,21 +224,15 @@ impl<DB: Database> ServerBudget<DB> {
                     idle.first().map(|entry| (entry.since, pool.clone()))
                 })
                 .min_by_key(|(since, _)| *since);
-            let Some((_, pool)) = oldest else {
-                return false;
-            };
+            let (_, pool) = oldest?;
             let evicted = match pool.idle.lock() {
                 Ok(mut idle) if !idle.is_empty() => idle.remove(0),
                 _ => continue,
             };
             self.evictions.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let _ = evicted.connection.close().await;
-                drop(evicted.slot);
-            });
-            return true;
+            return Some(evicted);
         }
-        false
+        None
     }
 }
 
@@ -232,6 +246,7 @@ struct Slot<DB: Database> {
 impl<DB: Database> Drop for Slot<DB> {
     fn drop(&mut self) {
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        self.pool.returned.notify_waiters();
         if let Some(budget) = &self.pool.budget {
             // Release the server slot before waking waiters.
             drop(self.server.take());
@@ -342,7 +357,10 @@ impl<DB: Database> ConnectionPool<DB> {
             return Err(AcquireError::Closed);
         }
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.inner.options.acquire_timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(self.inner.options.acquire_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
         self.inner.waiting.fetch_add(1, Ordering::AcqRel);
         let waited = Waiting(&self.inner.waiting);
         let permit = tokio::time::timeout_at(deadline, self.inner.permits.clone().acquire_owned())
@@ -377,36 +395,37 @@ impl<DB: Database> ConnectionPool<DB> {
         }
         let (connection, controls, slot) = match reused {
             Some(idle) => (idle.connection, idle.controls, idle.slot),
-            None => {
-                let server =
-                    match &self.inner.budget {
-                        Some(budget) => Some(budget.slot(deadline).await.map_err(|()| {
-                            AcquireError::Budget {
-                                server: budget.server.clone(),
-                                budget: budget.budget,
-                                waited: started.elapsed(),
-                            }
-                        })?),
-                        None => None,
+            None => match self.connection_or_slot(deadline, started).await? {
+                Ok(idle) => (idle.connection, idle.controls, idle.slot),
+                Err(server) => {
+                    self.inner.open.fetch_add(1, Ordering::AcqRel);
+                    let slot = Slot {
+                        pool: self.inner.clone(),
+                        server,
                     };
-                self.inner.open.fetch_add(1, Ordering::AcqRel);
-                let slot = Slot {
-                    pool: self.inner.clone(),
-                    server,
-                };
-                let connected = tokio::time::timeout_at(deadline, async {
-                    let mut connection = self.inner.connect.connect().await?;
-                    let controls = Arc::new(ConnectionControls::default());
-                    (self.inner.harden)(&mut connection, controls.clone()).await?;
-                    Ok::<_, sqlx::Error>((connection, controls))
-                })
-                .await
-                .map_err(|_| AcquireError::ConnectTimeout {
-                    waited: started.elapsed(),
-                })?
-                .map_err(AcquireError::Connect)?;
-                (connected.0, connected.1, slot)
-            }
+                    let connected = tokio::time::timeout_at(deadline, async {
+                        let mut connection = self.inner.connect.connect().await?;
+                        let controls = Arc::new(ConnectionControls::default());
+                        (self.inner.harden)(&mut connection, controls.clone()).await?;
+                        Ok::<_, sqlx::Error>((connection, controls))
+                    })
+                    .await
+                    .map_err(|_| AcquireError::ConnectTimeout {
+                        waited: started.elapsed(),
+                    })?
+                    .map_err(AcquireError::Connect)?;
+                    if self.inner.closed.load(Ordering::Acquire) {
+                        // The route changed while this connected: never use it.
+                        let (connection, _) = connected;
+                        tokio::spawn(async move {
+                            let _ = connection.close().await;
+                            drop(slot);
+                        });
+                        return Err(AcquireError::Closed);
+                    }
+                    (connected.0, connected.1, slot)
+                }
+            },
         };
         drop(waited);
         Ok(PooledConnection {
@@ -417,6 +436,55 @@ impl<DB: Database> ConnectionPool<DB> {
             permit: Some(permit),
             slot: Some(slot),
         })
+    }
+
+    /// With no idle connection at hand: an idle one that comes back (Ok), or room to open
+    /// a new one (Err, with the server slot if the pool is under a budget). When the
+    /// budget is full, a pool that has connections waits for one of its own to come back
+    /// rather than take another tenant's; a pool with none evicts the server's least
+    /// recently used idle connection.
+    async fn connection_or_slot(
+        &self,
+        deadline: tokio::time::Instant,
+        started: Instant,
+    ) -> Result<Result<Idle<DB>, Option<OwnedSemaphorePermit>>, AcquireError> {
+        let Some(budget) = &self.inner.budget else {
+            return Ok(Err(None));
+        };
+        let over_budget = || AcquireError::Budget {
+            server: budget.server.clone(),
+            budget: budget.budget,
+            waited: started.elapsed(),
+        };
+        loop {
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            let changed = budget.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(AcquireError::Closed);
+            }
+            if let Some(idle) = self.take_idle().0 {
+                return Ok(Ok(idle));
+            }
+            if let Some(slot) = budget.try_slot() {
+                return Ok(Err(Some(slot)));
+            }
+            if self.inner.open.load(Ordering::Acquire) == 0 {
+                return budget
+                    .slot(deadline)
+                    .await
+                    .map(|slot| Err(Some(slot)))
+                    .map_err(|()| over_budget());
+            }
+            tokio::select! {
+                _ = &mut returned => {}
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(over_budget()),
+            }
+        }
     }
 
     /// This pool's connection figures.
@@ -453,6 +521,9 @@ impl<DB: Database> ConnectionPool<DB> {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
         };
+        if self.inner.closed.load(Ordering::Acquire) {
+            return (None, Vec::new());
+        }
         let now = Instant::now();
         let idle_timeout = self.inner.options.idle_timeout;
         let mut expired = Vec::new();
@@ -489,14 +560,9 @@ impl<DB: Database> ConnectionPool<DB> {
 
     /// Closes every idle connection now and every lent one when it comes back.
     pub async fn close(&self) {
-        self.mark_closed();
-        let idle: Vec<Idle<DB>> = match self.inner.idle.lock() {
-            Ok(mut idle) => idle.drain(..).collect(),
-            Err(_) => Vec::new(),
-        };
         for Idle {
             connection, slot, ..
-        } in idle
+        } in self.shut()
         {
             let _ = connection.close().await;
             drop(slot);
@@ -504,13 +570,41 @@ impl<DB: Database> ConnectionPool<DB> {
     }
 
     /// From now on nobody gets a connection from this pool (the first, synchronous part of
-    /// `close`).
+    /// `close`); idle connections are closed in the background.
     pub fn mark_closed(&self) {
-        self.inner.closed.store(true, Ordering::Release);
+        let idle = self.shut();
+        if !idle.is_empty() {
+            tokio::spawn(async move {
+                for Idle {
+                    connection, slot, ..
+                } in idle
+                {
+                    let _ = connection.close().await;
+                    drop(slot);
+                }
+            });
+        }
+    }
+
+    /// Marks the pool closed and takes its idle connections out, under the idle lock so
+    /// that none is handed out or put back meanwhile.
+    fn shut(&self) -> Vec<Idle<DB>> {
+        let idle: Vec<Idle<DB>> = match self.inner.idle.lock() {
+            Ok(mut idle) => {
+                self.inner.closed.store(true, Ordering::Release);
+                idle.drain(..).collect()
+            }
+            Err(_) => {
+                self.inner.closed.store(true, Ordering::Release);
+                Vec::new()
+            }
+        };
         self.inner.permits.close();
+        self.inner.returned.notify_waiters();
         if let Some(budget) = &self.inner.budget {
             budget.forget_closed();
         }
+        idle
     }
 }
 
@@ -575,7 +669,12 @@ impl<DB: Database> Drop for PooledConnection<DB> {
                 let permit = self.take_permit();
                 pool.cleaning.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
-                    if clean(&mut connection).await {
+                    // A server that stopped answering must not keep the connection (and
+                    // its slots) forever.
+                    let cleaned = tokio::time::timeout(CLEAN_TIMEOUT, clean(&mut connection))
+                        .await
+                        .unwrap_or(false);
+                    if cleaned {
                         give_back(&pool, connection, controls, slot);
                     } else {
                         let _ = connection.close().await;
@@ -609,6 +708,7 @@ fn give_back<DB: Database>(
             slot,
         });
         drop(idle);
+        pool.returned.notify_waiters();
         if let Some(budget) = &pool.budget {
             // A waiter on this server may evict it.
             budget.changed.notify_waiters();

@@ -107,6 +107,13 @@ const SERVICE_NAMES: &[&str] = &[
     "tenantry.dataplane.v1.PoolService",
 ];
 
+/// Every health service name, for shutdown (the route stream's too).
+const HEALTH_NAMES: &[&str] = &[
+    "tenantry.dataplane.v1.SqlService",
+    "tenantry.dataplane.v1.PoolService",
+    route_stream::ROUTE_STREAM_HEALTH_SERVICE,
+];
+
 /// Starts a data plane on `listener`.
 pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::Result<DataPlane> {
     let router = Arc::new(
@@ -193,7 +200,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             },
             shutdown,
             health,
-            SERVICE_NAMES,
+            HEALTH_NAMES,
             drain,
             || {},
         )

@@ -125,9 +125,14 @@ pub struct ServerPoolStats {
 
 struct PoolEntry {
     target: Target,
-    /// Version of the route the pool was opened for.
+    /// Version of the route the pool was opened for (for a retired entry: of the route
+    /// that retired it).
     route_version: i64,
     pool: TenantPool,
+    /// The pool was closed because a newer route made its details wrong. Kept for a
+    /// moment so that a request still holding an older route cannot open a new pool
+    /// with the old details; the sweep removes it.
+    retired: Option<std::time::Instant>,
 }
 
 pub struct PoolManager {
@@ -146,23 +151,38 @@ impl PoolManager {
         }
     }
 
-    /// The tenant's pool for a serving `route`: see `pool`.
-    pub fn pool_for(&self, tenant_id: &TenantId, route: &Route) -> Option<TenantPool> {
-        let target = route.target.as_ref()?;
-        Some(self.pool(tenant_id, target, route.version, route.max_connections))
-    }
-
     /// Applies a route the data plane just learned: if the tenant's pool was opened for
     /// other connection details, or the tenant no longer serves, the pool stops lending
-    /// connections at once and is closed (awaited in the background).
-    pub fn route_changed(&self, tenant_id: &TenantId, route: &Route) {
-        let stale = |entry: &Arc<PoolEntry>| {
-            entry.route_version < route.version
-                && (route.state != RouteState::Active
-                    || route.target.as_ref() != Some(&entry.target))
+    /// connections at once and is closed (awaited in the background). `force` (a
+    /// snapshot from another registry, whose versions may be lower) compares details
+    /// whatever the versions.
+    pub fn route_changed(&self, tenant_id: &TenantId, route: &Route, force: bool) {
+        let Entry::Occupied(mut occupied) = self.pools.entry(tenant_id.clone()) else {
+            return;
         };
-        if let Some((_, entry)) = self.pools.remove_if(tenant_id, |_, current| stale(current)) {
-            tracing::info!(tenant.id = %tenant_id, "tenant route changed; closing its pool");
+        let current = occupied.get();
+        let stale = current.retired.is_none()
+            && (force || current.route_version < route.version)
+            && (route.state != RouteState::Active
+                || route.target.as_ref() != Some(&current.target));
+        if !stale {
+            return;
+        }
+        let retired = Arc::new(PoolEntry {
+            target: current.target.clone(),
+            route_version: route.version,
+            pool: current.pool.clone(),
+            retired: Some(std::time::Instant::now()),
+        });
+        let old = occupied.insert(retired);
+        tracing::info!(tenant.id = %tenant_id, "tenant route changed; closing its pool");
+        old.pool.mark_closed();
+        tokio::spawn(async move { old.pool.close().await });
+    }
+
+    /// Closes the pool of a tenant whose route was dropped.
+    pub fn close_unrouted(&self, tenant_id: &TenantId) {
+        if let Some((_, entry)) = self.pools.remove(tenant_id) {
             entry.pool.mark_closed();
             tokio::spawn(async move { entry.pool.close().await });
         }
@@ -171,38 +191,46 @@ impl PoolManager {
     /// The tenant's pool for `target` (from a route of `route_version`), opened lazily if
     /// there is none or if a newer route changed the connection details; a replaced pool
     /// is closed in the background. A request still holding an older route than the pool
-    /// was opened for gets the newer pool: it never brings old details back.
+    /// was opened for gets the newer pool, and one holding a route older than the change
+    /// that closed the tenant's pool gets None: it never brings old details back.
     pub fn pool(
         &self,
         tenant_id: &TenantId,
         target: &Target,
         route_version: i64,
         max_connections: u32,
-    ) -> TenantPool {
+    ) -> Option<TenantPool> {
         if let Some(entry) = self.pools.get(tenant_id)
+            && entry.retired.is_none()
             && (entry.target == *target || entry.route_version >= route_version)
         {
-            return entry.pool.clone();
+            return Some(entry.pool.clone());
         }
         match self.pools.entry(tenant_id.clone()) {
             Entry::Occupied(mut occupied) => {
                 let current = occupied.get();
-                if current.target == *target || current.route_version >= route_version {
-                    return current.pool.clone();
+                if current.retired.is_some() {
+                    if route_version < current.route_version {
+                        return None;
+                    }
+                } else if current.target == *target || current.route_version >= route_version {
+                    return Some(current.pool.clone());
                 }
                 let fresh = Arc::new(self.open(target, route_version, max_connections));
                 let pool = fresh.pool.clone();
                 let replaced = occupied.insert(fresh);
-                tracing::info!(tenant.id = %tenant_id, "tenant connection details changed; closing the old pool");
-                replaced.pool.mark_closed();
-                tokio::spawn(async move { replaced.pool.close().await });
-                pool
+                if replaced.retired.is_none() {
+                    tracing::info!(tenant.id = %tenant_id, "tenant connection details changed; closing the old pool");
+                    replaced.pool.mark_closed();
+                    tokio::spawn(async move { replaced.pool.close().await });
+                }
+                Some(pool)
             }
             Entry::Vacant(vacant) => {
                 let fresh = Arc::new(self.open(target, route_version, max_connections));
                 let pool = fresh.pool.clone();
                 vacant.insert(fresh);
-                pool
+                Some(pool)
             }
         }
     }
@@ -283,6 +311,7 @@ impl PoolManager {
             target: target.clone(),
             route_version,
             pool,
+            retired: None,
         }
     }
 
@@ -303,7 +332,11 @@ impl PoolManager {
             .pools
             .iter()
             .filter(|entry| {
-                entry.value().pool.is_unused_for(idle_timeout)
+                entry
+                    .value()
+                    .retired
+                    .is_some_and(|since| since.elapsed() > Duration::from_secs(1))
+                    || entry.value().pool.is_unused_for(idle_timeout)
                     || router.cached(entry.key()).is_none_or(|route| {
                         route.state != RouteState::Active
                             || route.target.as_ref() != Some(&entry.value().target)
@@ -330,6 +363,7 @@ impl PoolManager {
         let mut tenants: Vec<TenantPoolStats> = self
             .pools
             .iter()
+            .filter(|entry| entry.value().retired.is_none())
             .map(|entry| TenantPoolStats {
                 tenant_id: entry.key().clone(),
                 server: match &entry.value().target {

@@ -134,12 +134,19 @@ async fn follow(
             let route = match Route::from_proto(proto) {
                 Ok(route) => Arc::new(route),
                 Err(error) => {
-                    tracing::warn!(tenant.id = %tenant_id, %error, "control plane sent a route this data plane cannot use; ignored");
+                    // Fail closed: the tenant is looked up again on its next request
+                    // rather than served from an older route.
+                    tracing::warn!(tenant.id = %tenant_id, %error, "control plane sent a route this data plane cannot use; route dropped");
+                    router.forget(&tenant_id);
+                    pools.close_unrouted(&tenant_id);
                     continue;
                 }
             };
-            let held = router.apply(tenant_id.clone(), route);
-            pools.route_changed(&tenant_id, &held);
+            // A snapshot may come from another registry whose versions are lower: it
+            // replaces what is held whatever the versions.
+            let force = snapshot_ids.is_some();
+            let held = router.apply(tenant_id.clone(), route, force);
+            pools.route_changed(&tenant_id, &held, force);
             if let Some(ids) = &mut snapshot_ids {
                 ids.insert(tenant_id);
             }

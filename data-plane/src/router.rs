@@ -264,7 +264,7 @@ impl Router {
             Ok(response) => {
                 let route = Arc::new(Route::from_proto(response.into_inner())?);
                 // The stream may have brought a newer route meanwhile; the newest wins.
-                Ok(self.apply(tenant_id.clone(), route))
+                Ok(self.apply(tenant_id.clone(), route, false))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 self.remember_unknown(tenant_id);
@@ -303,12 +303,13 @@ impl Router {
         }
     }
 
-    /// Puts `route` into the cache unless the cache already holds a newer one, and
-    /// forgets that the tenant was unknown. Returns the route the cache holds now.
-    pub fn apply(&self, tenant_id: TenantId, route: Arc<Route>) -> Arc<Route> {
+    /// Puts `route` into the cache unless the cache already holds a newer one (or
+    /// whatever it holds, with `force`: a snapshot), and forgets that the tenant was
+    /// unknown. Returns the route the cache holds now.
+    pub fn apply(&self, tenant_id: TenantId, route: Arc<Route>, force: bool) -> Arc<Route> {
         let held = match self.routes.entry(tenant_id.clone()) {
             dashmap::mapref::entry::Entry::Occupied(mut occupied) => {
-                if occupied.get().version <= route.version {
+                if force || occupied.get().version <= route.version {
                     occupied.insert(route.clone());
                 }
                 occupied.get().clone()
@@ -332,6 +333,12 @@ impl Router {
             self.routes.remove(tenant_id);
         }
         gone
+    }
+
+    /// Forgets a tenant's route (one the control plane sent but this data plane cannot
+    /// use: it must not go on serving an older one).
+    pub fn forget(&self, tenant_id: &TenantId) {
+        self.routes.remove(tenant_id);
     }
 
     /// The client for the route stream.

@@ -20,6 +20,8 @@ use crate::registry::{Backend, Registry, TenantState, database_server, tenant};
 const MAX_ROUTES_PER_CALL: usize = 1000;
 /// Routes per WatchRoutes message while sending a snapshot or backlog.
 const ROUTES_PER_MESSAGE: u64 = 500;
+/// How often an idle route stream looks for changes without being told of one.
+const SAFETY_NET_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct RoutingApi {
     pub registry: Registry,
@@ -83,8 +85,13 @@ async fn stream_routes(
                 caught_up: !full,
                 version: cursor,
             };
-            if out.send(Ok(message)).await.is_err() {
-                return Ok(());
+            tokio::select! {
+                sent = out.send(Ok(message)) => {
+                    if sent.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
             }
             if !full {
                 in_snapshot = false;
@@ -98,14 +105,19 @@ async fn stream_routes(
                     return Ok(());
                 }
             }
-            _ = shutdown.wait_for(|stop| *stop) => {
-                return Err(ControlPlaneError::Unavailable(
-                    "the control plane is shutting down; resume the stream from the last version".to_owned(),
-                ));
-            }
+            _ = shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
             () = out.closed() => return Ok(()),
+            // A safety net: a commit whose caller was cancelled between commit and
+            // publication is still sent within a second.
+            () = tokio::time::sleep(SAFETY_NET_INTERVAL) => {}
         }
     }
+}
+
+fn shutting_down() -> ControlPlaneError {
+    ControlPlaneError::Unavailable(
+        "the control plane is shutting down; resume the stream from the last version".to_owned(),
+    )
 }
 
 async fn servers_by_name(registry: &Registry) -> Result<HashMap<String, database_server::Model>> {

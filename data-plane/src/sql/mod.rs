@@ -249,11 +249,22 @@ impl SqlApi {
                 .map_err(Status::from)?;
             route = newer;
         }
+        let target = route.target.as_ref().ok_or_else(|| {
+            Status::internal(format!(
+                "route of tenant {} has no connection details",
+                context.tenant_id
+            ))
+        })?;
         self.pools
-            .pool_for(&context.tenant_id, &route)
+            .pool(
+                &context.tenant_id,
+                target,
+                route.version,
+                route.max_connections,
+            )
             .ok_or_else(|| {
-                Status::internal(format!(
-                    "route of tenant {} has no connection details",
+                Status::unavailable(format!(
+                    "the route of tenant {} changed while this request started; retry",
                     context.tenant_id
                 ))
             })
