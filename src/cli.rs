@@ -115,14 +115,20 @@ pub struct SqlArgs {
     data_plane: String,
 }
 
-async fn channel(url: &str, what: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(url.to_owned())
+/// A channel whose calls carry the current trace context.
+type TracedChannel = tenantry_shared::grpc_trace::InjectTraceService<Channel>;
+
+async fn channel(url: &str, what: &str) -> anyhow::Result<TracedChannel> {
+    let channel = Channel::from_shared(url.to_owned())
         .with_context(|| format!("{url:?} is not a valid {what} URL"))?
         .connect()
         .await
         .with_context(|| {
             format!("cannot reach the {what} at {url}; is it running (`tenantry dev`)?")
-        })
+        })?;
+    Ok(tower::ServiceBuilder::new()
+        .layer(tenantry_shared::grpc_trace::InjectTraceLayer)
+        .service(channel))
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

@@ -12,6 +12,8 @@ use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::DataPlaneConfig;
 use tenantry_shared::config::{load, process_env};
 use tenantry_shared::grpc::bind;
+use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tracing::Instrument;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +22,14 @@ use tenantry_shared::grpc::bind;
     about = "Database-per-tenant platform spoken to over gRPC"
 )]
 struct Cli {
+    /// Log lines as `text` (default) or `json` (one object per line, with tenant_id).
+    #[arg(
+        long,
+        global = true,
+        env = "TENANTRY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +78,15 @@ struct DevArgs {
     /// Tenant migrations (sqlx format) applied to every new tenant database.
     #[arg(long)]
     tenant_migrations: Option<PathBuf>,
+    /// Export traces over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT, or to
+    /// http://127.0.0.1:4317 if that is unset. (Setting OTEL_EXPORTER_OTLP_ENDPOINT alone
+    /// also turns tracing on.)
+    #[arg(long)]
+    trace: bool,
+    /// Default share of traces kept when tracing (0.0 to 1.0; default: OTEL_TRACES_SAMPLER,
+    /// else 1.0).
+    #[arg(long)]
+    trace_ratio: Option<f64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,21 +107,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.log_format;
     match cli.command {
         Command::Dev(args) => {
-            init_logging();
+            let tracing = TracingConfig {
+                otlp_endpoint: args.trace.then(|| {
+                    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                        .unwrap_or_else(|_| "http://127.0.0.1:4317".to_owned())
+                }),
+                sample_ratio: args.trace_ratio,
+            };
+            let _telemetry = telemetry::init("tenantry", format, &tracing, "info")?;
             dev(args).await
         }
         Command::ControlPlane { config } => {
-            init_logging();
             let config: ControlPlaneConfig = load(config.as_deref(), &process_env())?;
+            let _telemetry =
+                telemetry::init("tenantry-control-plane", format, &config.tracing(), "info")?;
             let listener = bind(config.listen_addr, "control plane").await?;
             let server =
                 tenantry_control_plane::start(&config, listener, Default::default()).await?;
@@ -111,18 +133,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server.shutdown().await
         }
         Command::DataPlane { config } => {
-            init_logging();
             let config: DataPlaneConfig = load(config.as_deref(), &process_env())?;
+            let _telemetry =
+                telemetry::init("tenantry-data-plane", format, &config.tracing(), "info")?;
             let listener = bind(config.listen_addr, "data plane").await?;
             let plane = tenantry_data_plane::start(&config, listener).await?;
             tracing::info!(addr = %plane.server.local_addr, control_plane = %config.control_plane_url, "data plane serving");
             wait_for_shutdown_signal().await;
             plane.server.shutdown().await
         }
-        Command::Tenants { endpoint, command } => cli::tenants(&endpoint, command).await,
-        Command::Servers { endpoint, command } => cli::servers(&endpoint, command).await,
-        Command::Sql(args) => cli::sql(args).await,
+        Command::Tenants { endpoint, command } => {
+            let _telemetry = cli_telemetry(format)?;
+            cli::tenants(&endpoint, command)
+                .instrument(cli_span("tenants"))
+                .await
+        }
+        Command::Servers { endpoint, command } => {
+            let _telemetry = cli_telemetry(format)?;
+            cli::servers(&endpoint, command)
+                .instrument(cli_span("servers"))
+                .await
+        }
+        Command::Sql(args) => {
+            let _telemetry = cli_telemetry(format)?;
+            cli::sql(args).instrument(cli_span("sql")).await
+        }
     }
+}
+
+/// Client commands log warnings only, and trace when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+/// (their calls then carry the trace context to the planes).
+fn cli_telemetry(format: LogFormat) -> anyhow::Result<telemetry::TelemetryGuard> {
+    telemetry::init("tenantry-cli", format, &TracingConfig::default(), "warn")
+}
+
+fn cli_span(command: &str) -> tracing::Span {
+    tracing::info_span!("cli", otel.name = %format!("tenantry {command}"), otel.kind = "client")
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {

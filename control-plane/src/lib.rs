@@ -51,6 +51,11 @@ pub struct ControlPlaneConfig {
     pub shutdown_grace_ms: u64,
     /// On shutdown, how long calls in flight get to finish.
     pub shutdown_drain_ms: u64,
+    /// OTLP/gRPC endpoint for traces (e.g. `http://127.0.0.1:4317`). Unset:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Default share of traces kept, 0.0 to 1.0. Unset: `OTEL_TRACES_SAMPLER(_ARG)`, else 1.0.
+    pub trace_sample_ratio: Option<f64>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -64,12 +69,28 @@ impl Default for ControlPlaneConfig {
             provision_retry_delay_ms: 200,
             shutdown_grace_ms: 1000,
             shutdown_drain_ms: 10_000,
+            otlp_endpoint: None,
+            trace_sample_ratio: None,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    pub fn tracing(&self) -> tenantry_shared::telemetry::TracingConfig {
+        tenantry_shared::telemetry::TracingConfig {
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
         }
     }
 }
 
 impl PlaneConfig for ControlPlaneConfig {
-    const OPTIONAL_KEYS: &'static [&'static str] = &["tenant_migrations_dir", "sqlite_directory"];
+    const OPTIONAL_KEYS: &'static [&'static str] = &[
+        "tenant_migrations_dir",
+        "sqlite_directory",
+        "otlp_endpoint",
+        "trace_sample_ratio",
+    ];
 }
 
 const SERVICE_NAMES: &[&str] = &[
@@ -144,6 +165,7 @@ pub async fn start(
                 tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(Duration::from_secs(10)))
                     .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                    .layer(tenantry_shared::grpc_trace::TraceLayer)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming(listener), signal)
             },

@@ -103,8 +103,11 @@ pub enum AcquireError {
         budget: u32,
         waited: Duration,
     },
-    /// Connecting took longer than the wait.
-    ConnectTimeout { waited: Duration },
+    /// Connecting took longer than what was left of the wait.
+    ConnectTimeout {
+        waited: Duration,
+        connecting: Duration,
+    },
     /// Connecting or setting up the connection failed.
     Connect(sqlx::Error),
 }
@@ -119,6 +122,11 @@ pub struct ServerBudget<DB: Database> {
     changed: Notify,
     pools: Mutex<Vec<Weak<Inner<DB>>>>,
     evictions: AtomicU64,
+    /// Requests of pools with no connection at all waiting for a slot. While there are
+    /// any, pools that have connections do not take free slots, and a connection coming
+    /// back to a pool that has others is closed to free its slot: no tenant starves
+    /// while busy ones keep the whole budget.
+    starving: AtomicU32,
 }
 
 impl<DB: Database> ServerBudget<DB> {
@@ -130,6 +138,7 @@ impl<DB: Database> ServerBudget<DB> {
             changed: Notify::new(),
             pools: Mutex::new(Vec::new()),
             evictions: AtomicU64::new(0),
+            starving: AtomicU32::new(0),
         })
     }
 
@@ -182,6 +191,8 @@ impl<DB: Database> ServerBudget<DB> {
     /// connection (closed for it) when the budget is full, or else waited for until
     /// `deadline`. The slot of an evicted connection goes to the request that evicted it.
     async fn slot(&self, deadline: tokio::time::Instant) -> Result<OwnedSemaphorePermit, ()> {
+        self.starving.fetch_add(1, Ordering::AcqRel);
+        let _starving = Waiting(&self.starving);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -403,6 +414,7 @@ impl<DB: Database> ConnectionPool<DB> {
                         pool: self.inner.clone(),
                         server,
                     };
+                    let connecting = Instant::now();
                     let connected = tokio::time::timeout_at(deadline, async {
                         let mut connection = self.inner.connect.connect().await?;
                         let controls = Arc::new(ConnectionControls::default());
@@ -412,6 +424,7 @@ impl<DB: Database> ConnectionPool<DB> {
                     .await
                     .map_err(|_| AcquireError::ConnectTimeout {
                         waited: started.elapsed(),
+                        connecting: connecting.elapsed(),
                     })?
                     .map_err(AcquireError::Connect)?;
                     if self.inner.closed.load(Ordering::Acquire) {
@@ -469,10 +482,13 @@ impl<DB: Database> ConnectionPool<DB> {
             if let Some(idle) = self.take_idle().0 {
                 return Ok(Ok(idle));
             }
-            if let Some(slot) = budget.try_slot() {
+            let has_connections = self.inner.open.load(Ordering::Acquire) > 0;
+            if (!has_connections || budget.starving.load(Ordering::Acquire) == 0)
+                && let Some(slot) = budget.try_slot()
+            {
                 return Ok(Err(Some(slot)));
             }
-            if self.inner.open.load(Ordering::Acquire) == 0 {
+            if !has_connections {
                 return budget
                     .slot(deadline)
                     .await
@@ -696,6 +712,18 @@ fn give_back<DB: Database>(
     controls: Arc<ConnectionControls>,
     slot: Slot<DB>,
 ) {
+    // A tenant with no connection waits for a slot: free this one's, unless it is the
+    // pool's last.
+    if let Some(budget) = &pool.budget
+        && budget.starving.load(Ordering::Acquire) > 0
+        && pool.open.load(Ordering::Acquire) > 1
+    {
+        tokio::spawn(async move {
+            let _ = connection.close().await;
+            drop(slot);
+        });
+        return;
+    }
     // Checked under the lock: `close` marks the pool closed before it drains the idle
     // list, so a connection pushed here is either drained by it or not pushed at all.
     if let Ok(mut idle) = pool.idle.lock()

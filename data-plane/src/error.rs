@@ -84,10 +84,14 @@ pub fn from_acquire(error: AcquireError, tenant: &str) -> DataPlaneError {
              stayed in use for {} ms; retry later, or raise postgres_connection_budget",
             waited.as_millis()
         )),
-        AcquireError::ConnectTimeout { waited } => DataPlaneError::Unavailable(format!(
-            "the database of tenant {tenant} did not accept a connection within {} ms; its server may be down",
-            waited.as_millis()
-        )),
+        AcquireError::ConnectTimeout { waited, connecting } => {
+            DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} did not accept a connection within {} ms \
+             ({} ms waited in all, pool_acquire_timeout_ms); its server may be down or overloaded",
+                connecting.as_millis(),
+                waited.as_millis()
+            ))
+        }
         AcquireError::Connect(error) => from_sqlx(error, tenant),
     }
 }

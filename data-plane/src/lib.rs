@@ -71,6 +71,11 @@ pub struct DataPlaneConfig {
     pub shutdown_grace_ms: u64,
     /// On shutdown, how long calls in flight get to finish.
     pub shutdown_drain_ms: u64,
+    /// OTLP/gRPC endpoint for traces (e.g. `http://127.0.0.1:4317`). Unset:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Default share of traces kept, 0.0 to 1.0. Unset: `OTEL_TRACES_SAMPLER(_ARG)`, else 1.0.
+    pub trace_sample_ratio: Option<f64>,
 }
 
 impl Default for DataPlaneConfig {
@@ -88,11 +93,24 @@ impl Default for DataPlaneConfig {
             postgres_session_reset: true,
             shutdown_grace_ms: 1000,
             shutdown_drain_ms: 10_000,
+            otlp_endpoint: None,
+            trace_sample_ratio: None,
         }
     }
 }
 
-impl PlaneConfig for DataPlaneConfig {}
+impl PlaneConfig for DataPlaneConfig {
+    const OPTIONAL_KEYS: &'static [&'static str] = &["otlp_endpoint", "trace_sample_ratio"];
+}
+
+impl DataPlaneConfig {
+    pub fn tracing(&self) -> tenantry_shared::telemetry::TracingConfig {
+        tenantry_shared::telemetry::TracingConfig {
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
+        }
+    }
+}
 
 /// A running data plane.
 pub struct DataPlane {
@@ -194,6 +212,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         let served = serve_and_drain(
             |signal| {
                 tonic::transport::Server::builder()
+                    .layer(tenantry_shared::grpc_trace::TraceLayer)
                     .layer(layer)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming(listener), signal)

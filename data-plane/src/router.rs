@@ -157,10 +157,10 @@ pub struct Router {
     unknown_until: DashMap<TenantId, Instant>,
     inflight: DashMap<TenantId, Arc<Mutex<()>>>,
     miss_slots: Semaphore,
-    client: RoutingServiceClient<Channel>,
+    client: RoutingServiceClient<TracedChannel>,
     /// For the route stream: same control plane, no per-call timeout (the stream lives
     /// for as long as the connection), HTTP/2 pings to notice a dead peer.
-    stream_client: RoutingServiceClient<Channel>,
+    stream_client: RoutingServiceClient<TracedChannel>,
     options: RouterOptions,
     /// `GetRoute` calls made so far (misses that reached the control plane).
     route_fetches: std::sync::atomic::AtomicU64,
@@ -191,8 +191,8 @@ impl Router {
             unknown_until: DashMap::new(),
             inflight: DashMap::new(),
             miss_slots: Semaphore::new(MAX_CONCURRENT_MISSES),
-            client: RoutingServiceClient::new(channel),
-            stream_client: RoutingServiceClient::new(stream_channel)
+            client: RoutingServiceClient::new(traced(channel)),
+            stream_client: RoutingServiceClient::new(traced(stream_channel))
                 .max_decoding_message_size(64 * 1024 * 1024),
             options,
             route_fetches: Default::default(),
@@ -342,7 +342,7 @@ impl Router {
     }
 
     /// The client for the route stream.
-    pub fn stream_client(&self) -> RoutingServiceClient<Channel> {
+    pub fn stream_client(&self) -> RoutingServiceClient<TracedChannel> {
         self.stream_client.clone()
     }
 
@@ -373,6 +373,14 @@ impl Router {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
+}
+
+/// A channel whose calls carry the current trace context (so a route lookup shows up in
+/// the trace of the request that missed).
+pub type TracedChannel = tenantry_shared::grpc_trace::InjectTraceService<Channel>;
+
+fn traced(channel: Channel) -> TracedChannel {
+    tower::Layer::layer(&tenantry_shared::grpc_trace::InjectTraceLayer, channel)
 }
 
 /// Removes a tenant's single-flight entry when the fetching request ends, however it ends.

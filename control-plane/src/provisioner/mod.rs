@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use dashmap::DashMap;
 use rand::Rng;
@@ -54,6 +55,16 @@ impl fmt::Display for Step {
             Self::MarkDeleted => "mark deleted",
         })
     }
+}
+
+/// A provisioning step's span, a child of the CreateTenant call that started it.
+fn step_span(step: Step, tenant_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "provisioning step",
+        otel.name = %format!("provision: {step}"),
+        step = %step,
+        tenant.id = tenant_id,
+    )
 }
 
 /// Test hooks that break provisioning on purpose. Not part of the config file.
@@ -334,15 +345,18 @@ impl Provisioner {
         mut current: tenant::Model,
         actor: &str,
     ) -> Result<tenant::Model, StepError> {
+        let tenant_id = current.tenant_id.clone();
         if current.database_server.is_none() {
             self.checkpoint(Step::Place)?;
             current = self
                 .place(&current, actor)
+                .instrument(step_span(Step::Place, &tenant_id))
                 .await
                 .map_err(failed(Step::Place))?;
         }
         let server = self
             .server_of(&current)
+            .instrument(step_span(Step::Place, &tenant_id))
             .await
             .map_err(failed(Step::Place))?;
         let database_name = current.database_name.clone().unwrap_or_default();
@@ -355,22 +369,26 @@ impl Provisioner {
                     self.checkpoint(Step::CreateRole)?;
                     admin
                         .ensure_role(&role, &password)
+                        .instrument(step_span(Step::CreateRole, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::CreateRole))?;
                     self.checkpoint(Step::CreateDatabase)?;
                     admin
                         .ensure_database(&database_name, &role)
+                        .instrument(step_span(Step::CreateDatabase, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::CreateDatabase))?;
                     self.checkpoint(Step::LockDown)?;
                     admin
                         .lock_down(&database_name, &role)
+                        .instrument(step_span(Step::LockDown, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::LockDown))?;
                     self.checkpoint(Step::Migrate)?;
                     let pool = sqlx::postgres::PgPoolOptions::new()
                         .max_connections(1)
                         .connect_with(admin.tenant_options(&database_name, &role, &password))
+                        .instrument(step_span(Step::Migrate, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::Migrate))?;
                     let migrated = self.migrate(&pool).await;
@@ -381,10 +399,12 @@ impl Provisioner {
                     let path = sqlite_path(&server, &database_name);
                     self.checkpoint(Step::CreateDatabase)?;
                     sqlite::ensure_database(&path)
+                        .instrument(step_span(Step::CreateDatabase, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::CreateDatabase))?;
                     self.checkpoint(Step::Migrate)?;
                     let pool = sqlite::open(&path)
+                        .instrument(step_span(Step::Migrate, &tenant_id))
                         .await
                         .map_err(failed_sql(Step::Migrate))?;
                     let migrated = self.migrate(&pool).await;
@@ -414,6 +434,7 @@ impl Provisioner {
                     Ok(())
                 },
             )
+            .instrument(step_span(Step::Activate, &tenant_id))
             .await
             .map_err(failed_registry(Step::Activate))
     }

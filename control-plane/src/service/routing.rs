@@ -227,6 +227,7 @@ impl RoutingService for RoutingApi {
     ) -> Result<Response<pb::Route>, Status> {
         let tenant_id = TenantId::parse(&request.get_ref().tenant_id)
             .map_err(|error| Status::invalid_argument(format!("tenant_id: {error}")))?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         let row = self
             .registry
             .get_tenant(tenant_id.as_str())

@@ -1,6 +1,7 @@
 //! `TenantService`: create, read, list, suspend, resume and delete tenants.
 
 use std::sync::Arc;
+use tracing::Instrument;
 
 use sea_orm::Set;
 use tenantry_proto::controlplane::v1 as pb;
@@ -46,6 +47,7 @@ impl TenantService for TenantApi {
         let actor = actor(&request);
         let request = request.into_inner();
         let tenant_id = parse_tenant_id(&request.tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         let display_name = if request.display_name.is_empty() {
             tenant_id.to_string()
         } else {
@@ -136,6 +138,7 @@ impl TenantService for TenantApi {
             let tenant_id = tenant_id.clone();
             let actor = actor.clone();
             async move { provisioner.provision(&tenant_id, &actor).await }
+                .instrument(tracing::Span::current())
         })
         .await
         .map_err(|error| Status::internal(format!("provisioning task failed: {error}")))??;
@@ -151,6 +154,7 @@ impl TenantService for TenantApi {
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         let tenant_id = parse_tenant_id(&request.get_ref().tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         let row = self
             .registry
             .get_tenant(tenant_id.as_str())
@@ -214,6 +218,7 @@ impl TenantService for TenantApi {
         let actor = actor(&request);
         let request = request.into_inner();
         let tenant_id = parse_tenant_id(&request.tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         let reason = if request.reason.is_empty() {
             "suspended by the platform team".to_owned()
         } else {
@@ -238,6 +243,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::Tenant>, Status> {
         let actor = actor(&request);
         let tenant_id = parse_tenant_id(&request.get_ref().tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         let row = self
             .change_state(
                 &tenant_id,
@@ -257,11 +263,13 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::Tenant>, Status> {
         let actor = actor(&request);
         let tenant_id = parse_tenant_id(&request.get_ref().tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
         // In a task of its own: a caller that gives up must not stop deletion half-way.
         let provisioner = self.provisioner.clone();
         let deleted = tokio::spawn({
             let tenant_id = tenant_id.clone();
             async move { provisioner.delete(&tenant_id, &actor).await }
+                .instrument(tracing::Span::current())
         })
         .await
         .map_err(|error| Status::internal(format!("deletion task failed: {error}")))??;

@@ -7,8 +7,10 @@
 mod postgres;
 mod sqlite;
 
+use crate::router::Target;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::sql_service_server::SqlService;
@@ -288,10 +290,12 @@ impl SqlService for SqlApi {
         let response = match self.pool_of(&context)? {
             TenantPool::Postgres(pool) => {
                 call.within_deadline(postgres::execute(&pool, &statement, &call))
+                    .instrument(sql_span(&context, &statement.sql))
                     .await
             }
             TenantPool::Sqlite(pool) => {
                 call.within_deadline(sqlite::execute(&pool, &statement, &call))
+                    .instrument(sql_span(&context, &statement.sql))
                     .await
             }
         }?;
@@ -313,10 +317,12 @@ impl SqlService for SqlApi {
         let response = match self.pool_of(&context)? {
             TenantPool::Postgres(pool) => {
                 call.within_deadline(postgres::query(&pool, &statement, &call))
+                    .instrument(sql_span(&context, &statement.sql))
                     .await
             }
             TenantPool::Sqlite(pool) => {
                 call.within_deadline(sqlite::query(&pool, &statement, &call))
+                    .instrument(sql_span(&context, &statement.sql))
                     .await
             }
         }?;
@@ -347,18 +353,71 @@ impl SqlService for SqlApi {
             deadline,
             limits: &self.limits,
         };
+        let batch_text = statements
+            .iter()
+            .map(|statement| statement.sql.as_str())
+            .collect::<Vec<_>>()
+            .join(";\n");
+        let span = sql_span(&context, &batch_text);
+        span.record("db.operation.name", "BATCH");
+        span.record("otel.name", format!("BATCH {}", database_of(&context)));
         let results = match self.pool_of(&context)? {
             TenantPool::Postgres(pool) => {
                 call.within_deadline(postgres::batch(&pool, &statements, &call))
+                    .instrument(span)
                     .await
             }
             TenantPool::Sqlite(pool) => {
                 call.within_deadline(sqlite::batch(&pool, &statements, &call))
+                    .instrument(span)
                     .await
             }
         }?;
         Ok(Response::new(pb::BatchResponse { results }))
     }
+}
+
+/// Longest statement text a span records.
+const MAX_SPAN_SQL_BYTES: usize = 2048;
+
+/// The tenant database's name: the PostgreSQL database, or the SQLite file name.
+fn database_of(context: &TenantContext) -> &str {
+    match &context.route.target {
+        Some(Target::Postgres { database, .. }) => database,
+        Some(Target::Sqlite { path, .. }) => path.rsplit('/').next().unwrap_or(path),
+        None => "",
+    }
+}
+
+/// The span of one statement (or batch) on the tenant's database, named by its operation.
+/// The statement text is recorded as sent (cut at 2 KiB); parameter values are never
+/// recorded, so pass values as parameters, not as literals in the text.
+fn sql_span(context: &TenantContext, sql: &str) -> tracing::Span {
+    let system = match &context.route.target {
+        Some(Target::Postgres { .. }) => "postgresql",
+        Some(Target::Sqlite { .. }) => "sqlite",
+        None => "",
+    };
+    let operation = leading_words(sql, 1)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    let mut end = sql.len().min(MAX_SPAN_SQL_BYTES);
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    let database = database_of(context);
+    tracing::info_span!(
+        "sql",
+        otel.name = %format!("{operation} {database}"),
+        otel.kind = "client",
+        db.system.name = system,
+        db.namespace = database,
+        db.operation.name = %operation,
+        db.query.text = &sql[..end],
+        tenant.id = %context.tenant_id,
+    )
 }
 
 /// Prefixes an error with the position of the batch statement that caused it.

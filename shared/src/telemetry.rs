@@ -1,0 +1,270 @@
+//! Telemetry of both planes and the CLI: `tracing` logs (human-readable or JSON) and,
+//! when switched on, OpenTelemetry traces exported over OTLP/gRPC.
+//!
+//! Tracing is configured by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (setting
+//! it switches tracing on), `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER` and
+//! `OTEL_TRACES_SAMPLER_ARG` (the default sampler), `OTEL_RESOURCE_ATTRIBUTES`; or by the
+//! `TelemetryConfig` a plane's config file fills in. A tenant under investigation can get
+//! its own sampling ratio (`set_tenant_tracing`), which overrides the default for spans
+//! that carry its `tenant.id` until it expires.
+
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use opentelemetry::trace::{Link, SpanKind, TraceId, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// The span attribute (and tracing field) that names a request's tenant.
+pub const TENANT_ATTRIBUTE: &str = "tenant.id";
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, with `tenant_id` (and `trace_id` when tracing) on every
+    /// line of a tenant's path.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("log format {other:?}: use text or json")),
+        }
+    }
+}
+
+/// Trace export settings; the `OTEL_*` variables fill what is left unset.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`;
+    /// if that is unset too, no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// Default share of traces kept (0.0 to 1.0), for traces that start here. Unset:
+    /// `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else 1.0.
+    pub sample_ratio: Option<f64>,
+}
+
+/// Per-tenant sampling overrides, set from routes (data plane) or the registry (control
+/// plane). Read by `TenantSampler` for every new span.
+static TENANT_OVERRIDES: LazyLock<DashMap<String, TenantTracing>> = LazyLock::new(DashMap::new);
+
+#[derive(Clone, Copy, Debug)]
+struct TenantTracing {
+    ratio: f64,
+    until: SystemTime,
+}
+
+/// Samples spans of `tenant` at `ratio` until `until` (then the default again).
+pub fn set_tenant_tracing(tenant: &str, ratio: f64, until: SystemTime) {
+    if until <= SystemTime::now() {
+        TENANT_OVERRIDES.remove(tenant);
+        return;
+    }
+    TENANT_OVERRIDES.insert(
+        tenant.to_owned(),
+        TenantTracing {
+            ratio: ratio.clamp(0.0, 1.0),
+            until,
+        },
+    );
+}
+
+/// Drops a tenant's override.
+pub fn clear_tenant_tracing(tenant: &str) {
+    TENANT_OVERRIDES.remove(tenant);
+}
+
+/// The default sampler, plus per-tenant overrides for spans with a `tenant.id`.
+#[derive(Clone, Debug)]
+pub struct TenantSampler {
+    default: Sampler,
+}
+
+impl ShouldSample for TenantSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let tenant = attributes
+            .iter()
+            .find(|attribute| attribute.key.as_str() == TENANT_ATTRIBUTE)
+            .map(|attribute| attribute.value.as_str());
+        if let Some(tenant) = tenant
+            && let Some(tenant_tracing) = TENANT_OVERRIDES.get(tenant.as_ref()).map(|t| *t)
+        {
+            if tenant_tracing.until > SystemTime::now() {
+                // By trace id, so every span of one trace gets the same answer.
+                return Sampler::TraceIdRatioBased(tenant_tracing.ratio).should_sample(
+                    parent_context,
+                    trace_id,
+                    name,
+                    span_kind,
+                    attributes,
+                    links,
+                );
+            }
+            TENANT_OVERRIDES.remove(tenant.as_ref());
+        }
+        self.default
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
+}
+
+/// The default sampler from config, else `OTEL_TRACES_SAMPLER`/`_ARG`, else always on;
+/// always parent-based, so a caller's sampling decision is followed.
+fn default_sampler(config: &TracingConfig) -> Sampler {
+    let ratio = config.sample_ratio.or_else(|| {
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|arg| arg.trim().parse::<f64>().ok());
+        match std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref() {
+            Some("always_off" | "parentbased_always_off") => Some(0.0),
+            Some("traceidratio" | "parentbased_traceidratio") => Some(arg.unwrap_or(1.0)),
+            _ => None,
+        }
+    });
+    let root = match ratio {
+        Some(ratio) => Sampler::TraceIdRatioBased(ratio.clamp(0.0, 1.0)),
+        None => Sampler::AlwaysOn,
+    };
+    Sampler::ParentBased(Box::new(root))
+}
+
+/// Keeps the trace exporter alive; flushes it when dropped.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Sends the spans finished so far (tests call it before they look at a collector).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider {
+            let _ = provider.force_flush();
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Whether traces are exported with this config (and the environment).
+pub fn tracing_endpoint(config: &TracingConfig) -> Option<String> {
+    config
+        .otlp_endpoint
+        .clone()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|endpoint| !endpoint.trim().is_empty())
+}
+
+/// Sets the process's subscriber: logs in `format` filtered by `RUST_LOG` (default
+/// `info`), and traces to the OTLP endpoint if one is configured. `service_name` is used
+/// unless `OTEL_SERVICE_NAME` says otherwise. Call once per process, inside a Tokio
+/// runtime.
+pub fn init(
+    service_name: &str,
+    format: LogFormat,
+    config: &TracingConfig,
+    default_level: &str,
+) -> anyhow::Result<TelemetryGuard> {
+    // The OpenTelemetry SDK's own logs would repeat every failed export; the exporter
+    // wrapper below says it once instead.
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(default_level))
+            .add_directive("opentelemetry=off".parse().unwrap_or_default())
+            .add_directive("opentelemetry_sdk=off".parse().unwrap_or_default())
+            .add_directive("opentelemetry_otlp=off".parse().unwrap_or_default())
+    };
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(crate::json_log::JsonFormat)
+            .with_filter(filter())
+            .boxed(),
+    };
+    let (traces, provider) = match tracing_endpoint(config) {
+        Some(endpoint) => {
+            let provider = tracer_provider(service_name, &endpoint, config)?;
+            let tracer = provider.tracer("tenantry");
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                // Tenantry's own spans only: library internals (h2, tower, sqlx) would
+                // cost on every call and tell an SRE nothing about a tenant.
+                .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                    metadata.is_span()
+                        && metadata.level() <= &tracing::Level::INFO
+                        && metadata.target().starts_with("tenantry")
+                }))
+                .boxed();
+            opentelemetry::global::set_text_map_propagator(
+                opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+            );
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(crate::json_log::TenantFieldLayer)
+        .with(logs)
+        .with(traces)
+        .try_init()
+        .map_err(|error| anyhow::anyhow!("cannot set up logging: {error}"))?;
+    if let Some(endpoint) = tracing_endpoint(config) {
+        tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+/// A tracer provider exporting to `endpoint` with the tenant-aware sampler.
+pub fn tracer_provider(
+    service_name: &str,
+    endpoint: &str,
+    config: &TracingConfig,
+) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let service_name =
+        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(TenantSampler {
+            default: default_sampler(config),
+        })
+        .with_resource(resource)
+        .build())
+}
