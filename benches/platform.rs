@@ -87,6 +87,7 @@ async fn layers() -> anyhow::Result<()> {
                 incarnation: 1,
             }),
             max_connections: 0,
+            tracing: None,
         }),
     );
     let inner = tower::service_fn(|_request: http::Request<tonic::body::Body>| async {

@@ -62,6 +62,39 @@ pub enum TenantsCommand {
     Delete {
         tenant_id: String,
     },
+    /// Trace one tenant at its own sampling ratio for a while; it expires by itself.
+    Trace {
+        tenant_id: String,
+        /// Share of the tenant's traces to keep, 0.0 to 1.0.
+        #[arg(long, default_value_t = 1.0)]
+        ratio: f64,
+        /// How long: a number with s, m, h or d (e.g. 90s, 30m, 2h), at most 7d.
+        #[arg(long = "for", default_value = "30m")]
+        duration: String,
+        /// Clear the override now instead.
+        #[arg(long)]
+        off: bool,
+    },
+}
+
+/// `90s`, `30m`, `2h`, `1d` → a duration.
+fn parse_duration(raw: &str) -> anyhow::Result<prost_types::Duration> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .with_context(|| format!("duration {raw:?} has no unit; use s, m, h or d (e.g. 30m)"))?;
+    let (number, unit) = raw.split_at(split);
+    let number: i64 = number
+        .parse()
+        .with_context(|| format!("duration {raw:?} does not start with a number"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number.saturating_mul(60),
+        "h" => number.saturating_mul(3600),
+        "d" => number.saturating_mul(86_400),
+        other => anyhow::bail!("duration unit {other:?}: use s, m, h or d (e.g. 30m)"),
+    };
+    Ok(prost_types::Duration { seconds, nanos: 0 })
 }
 
 #[derive(Subcommand)]
@@ -165,6 +198,10 @@ fn print_tenants(tenants: &[cp::Tenant]) {
                 t.database_name.clone(),
                 t.route_version.to_string(),
                 time(&t.update_time),
+                t.tracing
+                    .as_ref()
+                    .map(|tracing| format!("{} until {}", tracing.ratio, time(&tracing.until)))
+                    .unwrap_or_default(),
                 t.reason.clone(),
             ]
         })
@@ -177,6 +214,7 @@ fn print_tenants(tenants: &[cp::Tenant]) {
             "DATABASE",
             "ROUTE_VERSION",
             "UPDATED",
+            "TRACING",
             "REASON",
         ],
         &rows,
@@ -211,6 +249,25 @@ pub async fn tenants(
         }
         TenantsCommand::Resume { tenant_id } => client.resume_tenant(cp::ResumeTenantRequest { tenant_id }).await,
         TenantsCommand::Delete { tenant_id } => client.delete_tenant(cp::DeleteTenantRequest { tenant_id }).await,
+        TenantsCommand::Trace {
+            tenant_id,
+            ratio,
+            duration,
+            off,
+        } => {
+            let duration = if off {
+                prost_types::Duration::default()
+            } else {
+                parse_duration(&duration)?
+            };
+            client
+                .set_tenant_tracing(cp::SetTenantTracingRequest {
+                    tenant_id,
+                    ratio,
+                    duration: Some(duration),
+                })
+                .await
+        }
         TenantsCommand::List { state } => {
             let state = match state {
                 None => cp::TenantState::Unspecified,

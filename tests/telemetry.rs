@@ -1,7 +1,8 @@
 //! Traces end to end: an OTLP collector started here (a tonic `TraceService` server)
 //! receives the spans of real requests through both planes, on SQLite and PostgreSQL.
 //!
-//! The tracing subscriber is process-wide, so this file holds one test that sets it up
+//! The default sampling ratio is 0: only tenants switched on with SetTenantTracing are
+//! traced. The tracing subscriber is process-wide, so this file holds one test that sets it up
 //! once and runs every scenario in turn.
 
 mod common;
@@ -19,6 +20,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
 
@@ -97,13 +99,15 @@ fn traces_follow_a_tenant_through_both_planes() {
             LogFormat::Text,
             &TracingConfig {
                 otlp_endpoint: Some(format!("http://{address}")),
-                sample_ratio: Some(1.0),
+                // Nothing is traced unless a tenant is switched on.
+                sample_ratio: Some(0.0),
             },
             "warn",
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         for backend in [Backend::Sqlite, Backend::Postgres] {
             request_trace(backend, &collector, &guard).await;
+            per_tenant_switch(backend, &collector, &guard).await;
         }
     });
 }
@@ -112,6 +116,7 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
     let sandbox = Sandbox::start(backend).await;
     let id = sandbox.tid("traced");
     sandbox.create(&id).await;
+    trace_tenant(&sandbox, &id, 1.0, 600).await;
     sandbox
         .execute(&id, "CREATE TABLE notes (body TEXT)", vec![])
         .await
@@ -227,4 +232,122 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
             );
         }
     }
+}
+
+/// Sets a tenant's tracing override and waits until the data plane has it.
+async fn trace_tenant(sandbox: &Sandbox, tenant_id: &str, ratio: f64, seconds: i64) {
+    let tenant = sandbox
+        .tenants()
+        .set_tenant_tracing(cp::SetTenantTracingRequest {
+            tenant_id: tenant_id.to_owned(),
+            ratio,
+            duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert_eq!(tenant.tracing.map(|t| t.ratio), Some(ratio));
+    let mut applied = sandbox.data_plane().route_stream.applied();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        applied.wait_for(|version| *version >= tenant.route_version),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the override never reached the data plane"))
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Runs a query whose text carries `marker`, so its spans can be found.
+async fn marked_query(sandbox: &Sandbox, tenant_id: &str, marker: &str) {
+    sandbox
+        .query(
+            tenant_id,
+            &format!("SELECT 1 AS one /* {marker} */"),
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn spans_with(collector: &Collector, key: &str, needle: &str) -> usize {
+    collector
+        .snapshot()
+        .iter()
+        .filter(|span| {
+            attributes(span)
+                .get(key)
+                .is_some_and(|value| value.contains(needle))
+        })
+        .count()
+}
+
+/// With a default ratio of 0, only the tenant switched to 1.0 is traced, until the switch
+/// expires.
+async fn per_tenant_switch(
+    backend: Backend,
+    collector: &Collector,
+    guard: &telemetry::TelemetryGuard,
+) {
+    let sandbox = Sandbox::start(backend).await;
+    let watched = sandbox.tid("watched");
+    let quiet = sandbox.tid("quiet");
+    sandbox.create(&watched).await;
+    sandbox.create(&quiet).await;
+    trace_tenant(&sandbox, &watched, 1.0, 3).await;
+    let (first, other) = (
+        format!("first-{}", sandbox.run_id),
+        format!("other-{}", sandbox.run_id),
+    );
+    marked_query(&sandbox, &watched, &first).await;
+    marked_query(&sandbox, &quiet, &other).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spans_with(collector, "db.query.text", &first) == 0 {
+        guard.flush();
+        assert!(
+            Instant::now() < deadline,
+            "{backend:?}: the traced tenant's spans never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    guard.flush();
+    assert_eq!(
+        spans_with(collector, "tenant.id", &quiet),
+        0,
+        "{backend:?}: untraced tenant exported spans"
+    );
+    assert_eq!(spans_with(collector, "db.query.text", &other), 0);
+
+    // After expiry: nothing from the watched tenant either.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let after = format!("after-{}", sandbox.run_id);
+    marked_query(&sandbox, &watched, &after).await;
+    guard.flush();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    guard.flush();
+    assert_eq!(
+        spans_with(collector, "db.query.text", &after),
+        0,
+        "{backend:?}: traced after the switch expired"
+    );
+    let tenant = sandbox
+        .get(&watched)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(tenant.tracing.is_none(), "expired override still shown");
+
+    // Bad input.
+    let refused = sandbox
+        .tenants()
+        .set_tenant_tracing(cp::SetTenantTracingRequest {
+            tenant_id: watched.clone(),
+            ratio: 1.5,
+            duration: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(refused, Some(tonic::Code::InvalidArgument));
 }

@@ -59,7 +59,19 @@ pub fn tenant_to_proto(row: &tenant::Model) -> Result<pb::Tenant> {
         create_time: Some(timestamp(row.create_time)),
         update_time: Some(timestamp(row.update_time)),
         max_connections: row.max_connections,
+        tracing: tracing_to_proto(row),
     })
+}
+
+/// The tenant's tracing override, if it has one that has not expired.
+pub fn tracing_to_proto(row: &tenant::Model) -> Option<pb::TenantTracing> {
+    match (row.trace_ratio, row.trace_until) {
+        (Some(ratio), Some(until)) if until > chrono::Utc::now() => Some(pb::TenantTracing {
+            ratio,
+            until: Some(timestamp(until)),
+        }),
+        _ => None,
+    }
 }
 
 pub fn server_to_proto(row: &database_server::Model, tenant_count: i64) -> pb::DatabaseServer {

@@ -76,6 +76,8 @@ pub struct Route {
     pub target: Option<Target>,
     /// Most connections the tenant's pool opens (0: the data plane's default).
     pub max_connections: u32,
+    /// Tracing override: share of traces kept, until when.
+    pub tracing: Option<(f64, std::time::SystemTime)>,
 }
 
 impl Route {
@@ -116,6 +118,14 @@ impl Route {
             version: route.route_version,
             target,
             max_connections: u32::try_from(route.max_connections).unwrap_or(0),
+            tracing: route.tracing.and_then(|tracing| {
+                let until = tracing.until?;
+                let until = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
+                    u64::try_from(until.seconds).ok()?,
+                    u32::try_from(until.nanos).ok()?,
+                ))?;
+                Some((tracing.ratio, until))
+            }),
         })
     }
 
@@ -317,6 +327,12 @@ impl Router {
             dashmap::mapref::entry::Entry::Vacant(vacant) => vacant.insert(route).clone(),
         };
         self.unknown_until.remove(&tenant_id);
+        match held.tracing {
+            Some((ratio, until)) => {
+                tenantry_shared::telemetry::set_tenant_tracing(tenant_id.as_str(), ratio, until);
+            }
+            None => tenantry_shared::telemetry::clear_tenant_tracing(tenant_id.as_str()),
+        }
         held
     }
 

@@ -4,7 +4,7 @@
 pub mod tenant {
     use sea_orm::entity::prelude::*;
 
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "tenants")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
@@ -32,6 +32,10 @@ pub mod tenant {
         /// Most connections one data plane opens to the tenant's database (0: the data
         /// plane's default).
         pub max_connections: i32,
+        /// Tracing override: share of the tenant's traces kept, until `trace_until`.
+        #[sea_orm(column_type = "Double", nullable)]
+        pub trace_ratio: Option<f64>,
+        pub trace_until: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

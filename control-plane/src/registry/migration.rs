@@ -10,6 +10,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(M20261127000001CreateRegistry),
             Box::new(M20261128000001RouteWatch),
+            Box::new(M20261128000002TenantTracing),
         ]
     }
 }
@@ -32,6 +33,8 @@ enum Tenants {
     CreateTime,
     UpdateTime,
     MaxConnections,
+    TraceRatio,
+    TraceUntil,
 }
 
 #[derive(DeriveIden)]
@@ -218,6 +221,41 @@ impl MigrationTrait for M20261128000001RouteWatch {
                     .name("tenants_route_version")
                     .table(Tenants::Table)
                     .col(Tenants::RouteVersion)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Per-tenant tracing override.
+struct M20261128000002TenantTracing;
+
+impl MigrationName for M20261128000002TenantTracing {
+    fn name(&self) -> &str {
+        "m20261128_000002_tenant_tracing"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000002TenantTracing {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Tenants::Table)
+                    .add_column(ColumnDef::new(Tenants::TraceRatio).double().null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Tenants::Table)
+                    .add_column(
+                        ColumnDef::new(Tenants::TraceUntil)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
                     .to_owned(),
             )
             .await

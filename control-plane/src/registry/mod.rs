@@ -260,6 +260,8 @@ impl Registry {
             route_version: Set(event.id),
             schema_version: Set(0),
             max_connections: Set(new.max_connections),
+            trace_ratio: Set(None),
+            trace_until: Set(None),
             create_time: Set(now),
             update_time: Set(now),
         };

@@ -144,6 +144,7 @@ pub fn route_of(
         connection: None,
         incarnation: row.create_time.timestamp_micros(),
         max_connections: row.max_connections,
+        tracing: crate::convert::tracing_to_proto(row),
     };
     if state != TenantState::Active {
         return Ok(route);

@@ -16,6 +16,8 @@ use crate::provisioner::Provisioner;
 use crate::registry::{NewTenant, Registry, TenantChange, TenantState};
 
 const MAX_DISPLAY_NAME_LEN: usize = 200;
+/// Longest a tracing override may last.
+const MAX_TRACING_OVERRIDE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 /// Highest per-tenant connection maximum a CreateTenant may ask for.
 const MAX_CONNECTIONS_PER_TENANT: i32 = 1000;
 const DEFAULT_PAGE_SIZE: i32 = 100;
@@ -234,6 +236,76 @@ impl TenantService for TenantApi {
                 reason,
             )
             .await?;
+        Ok(Response::new(tenant_to_proto(&row)?))
+    }
+
+    async fn set_tenant_tracing(
+        &self,
+        request: Request<pb::SetTenantTracingRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let tenant_id = parse_tenant_id(&request.tenant_id)?;
+        tracing::Span::current().record("tenant.id", tenant_id.as_str());
+        if !(0.0..=1.0).contains(&request.ratio) {
+            return Err(Status::invalid_argument(format!(
+                "ratio is {}; give a share of traces from 0.0 to 1.0",
+                request.ratio
+            )));
+        }
+        let duration = request.duration.unwrap_or_default();
+        if duration.seconds < 0 || duration.nanos < 0 {
+            return Err(Status::invalid_argument("duration is negative"));
+        }
+        let duration = std::time::Duration::new(duration.seconds as u64, duration.nanos as u32);
+        if !duration.is_zero()
+            && (duration < std::time::Duration::from_secs(1) || duration > MAX_TRACING_OVERRIDE)
+        {
+            return Err(Status::invalid_argument(format!(
+                "duration is {:?}; give 1 s to 7 days, or 0 to clear the override",
+                duration
+            )));
+        }
+        let until = (!duration.is_zero()).then(|| {
+            chrono::Utc::now()
+                + chrono::Duration::from_std(duration).unwrap_or_else(|_| chrono::Duration::days(7))
+        });
+        let detail = match until {
+            Some(until) => format!("trace ratio {} until {}", request.ratio, until.to_rfc3339()),
+            None => "trace override cleared".to_owned(),
+        };
+        let row = self
+            .registry
+            .update_tenant(
+                tenant_id.as_str(),
+                TenantChange {
+                    actor: &actor,
+                    action: "set tracing",
+                    detail,
+                    to_state: None,
+                },
+                |current, row| {
+                    if current.state == TenantState::Deleted.as_str() {
+                        return Err(crate::error::ControlPlaneError::NotFound(format!(
+                            "tenant {} was deleted",
+                            current.tenant_id
+                        )));
+                    }
+                    row.trace_ratio = Set(until.map(|_| request.ratio));
+                    row.trace_until = Set(until);
+                    Ok(())
+                },
+            )
+            .await?;
+        // This process's own spans of the tenant follow the override too.
+        match until {
+            Some(until) => tenantry_shared::telemetry::set_tenant_tracing(
+                tenant_id.as_str(),
+                request.ratio,
+                until.into(),
+            ),
+            None => tenantry_shared::telemetry::clear_tenant_tracing(tenant_id.as_str()),
+        }
         Ok(Response::new(tenant_to_proto(&row)?))
     }
 
