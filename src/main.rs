@@ -8,10 +8,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
 use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::DataPlaneConfig;
 use tenantry_shared::config::{load, process_env};
+
 use tenantry_shared::grpc::bind;
+use tenantry_shared::metrics::{MetricsEndpoint, MetricsSource};
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
 use tracing::Instrument;
 
@@ -87,6 +90,9 @@ struct DevArgs {
     /// else 1.0).
     #[arg(long)]
     trace_ratio: Option<f64>,
+    /// Where both planes' Prometheus metrics are served (`/metrics`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
 }
 
 fn main() -> std::process::ExitCode {
@@ -129,8 +135,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server =
                 tenantry_control_plane::start(&config, listener, Default::default()).await?;
             tracing::info!(addr = %server.local_addr, "control plane serving");
+            let metrics = match config.metrics_addr {
+                Some(addr) => Some(metrics_endpoint(addr, server.metrics.iter().cloned()).await?),
+                None => None,
+            };
             wait_for_shutdown_signal().await;
-            server.shutdown().await
+            let stopped = server.shutdown().await;
+            if let Some(metrics) = metrics {
+                metrics.stop();
+            }
+            stopped
         }
         Command::DataPlane { config } => {
             let config: DataPlaneConfig = load(config.as_deref(), &process_env())?;
@@ -139,8 +153,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = bind(config.listen_addr, "data plane").await?;
             let plane = tenantry_data_plane::start(&config, listener).await?;
             tracing::info!(addr = %plane.server.local_addr, control_plane = %config.control_plane_url, "data plane serving");
+            let plane_metrics: Arc<dyn MetricsSource> = plane.metrics.clone();
+            let metrics = match config.metrics_addr {
+                Some(addr) => Some(metrics_endpoint(addr, [plane_metrics]).await?),
+                None => None,
+            };
             wait_for_shutdown_signal().await;
-            plane.server.shutdown().await
+            let stopped = plane.server.shutdown().await;
+            if let Some(metrics) = metrics {
+                metrics.stop();
+            }
+            stopped
         }
         Command::Tenants { endpoint, command } => {
             let _telemetry = cli_telemetry(format)?;
@@ -159,6 +182,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::sql(args).instrument(cli_span("sql")).await
         }
     }
+}
+
+/// Serves `sources` at `addr`/metrics.
+async fn metrics_endpoint(
+    addr: SocketAddr,
+    sources: impl IntoIterator<Item = Arc<dyn MetricsSource>>,
+) -> anyhow::Result<MetricsEndpoint> {
+    let endpoint = MetricsEndpoint::start(addr).await?;
+    for source in sources {
+        endpoint.add(source);
+    }
+    tracing::info!(url = %endpoint.url(), "metrics served");
+    Ok(endpoint)
 }
 
 /// Client commands log warnings only, and trace when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
@@ -198,10 +234,21 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         ..DataPlaneConfig::default()
     };
     let data_plane = tenantry_data_plane::start(&data_plane_config, data_plane_listener).await?;
+    let data_plane_metrics: Arc<dyn MetricsSource> = data_plane.metrics.clone();
+    let metrics = metrics_endpoint(
+        args.metrics_addr,
+        control_plane
+            .metrics
+            .iter()
+            .cloned()
+            .chain([data_plane_metrics]),
+    )
+    .await?;
     println!(
         "tenantry dev is running (data in {})\n\
          \x20 control plane: {}   (tenants, servers, routes; keep it private)\n\
-         \x20 data plane:    {}   (SqlService; send x-tenant-id)\n\n\
+         \x20 data plane:    {}   (SqlService; send x-tenant-id)\n\
+         \x20 metrics:       {}\n\n\
          try:\n\
          \x20 cargo run --release -- tenants create acme\n\
          \x20 cargo run --release -- sql --tenant acme \"CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)\"\n\
@@ -210,12 +257,15 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         args.data_dir.display(),
         control_plane.url(),
         data_plane.server.url(),
+        metrics.url(),
         data_plane.server.local_addr,
     );
     wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
     data_plane.server.shutdown().await?;
-    control_plane.shutdown().await
+    let stopped = control_plane.shutdown().await;
+    metrics.stop();
+    stopped
 }
 
 async fn wait_for_shutdown_signal() {

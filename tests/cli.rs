@@ -195,22 +195,49 @@ async fn client_commands_print_results_and_errors() {
     );
 }
 
-/// `tenantry dev` comes up, prints its endpoints, serves them, and stops on SIGTERM.
+/// `GET url` over plain HTTP/1.0; the response body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream =
+        std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("connect {host}: {e}"));
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(response.starts_with("HTTP/1."), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// `tenantry dev` comes up, prints its endpoints, serves them (metrics too), logs JSON
+/// lines that name the tenant, and stops on SIGTERM.
 #[test]
 fn dev_mode_serves_and_stops() {
     let data_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log_path = data_dir.path().join("dev.log");
+    let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{e}"));
     let mut child = Command::new(BIN)
         .args([
+            "--log-format",
+            "json",
             "dev",
             "--control-plane-addr",
             "127.0.0.1:0",
             "--data-plane-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {BIN} dev: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
@@ -234,6 +261,7 @@ fn dev_mode_serves_and_stops() {
     };
     let control_plane = endpoint("control plane:");
     let data_plane = endpoint("data plane:");
+    let metrics = endpoint("metrics:");
     let created = tenantry(
         &["tenants", "create", "devcheck"],
         &control_plane,
@@ -258,6 +286,16 @@ fn dev_mode_serves_and_stops() {
             .join("devcheck.sqlite3")
             .exists()
     );
+    // Both planes' metrics at one endpoint; the tenant's counter moved.
+    let scraped = http_get(&metrics);
+    for expected in [
+        "tenantry_dataplane_requests_total{tenant=\"devcheck\",method=\"Query\",code=\"0\"} 1",
+        "tenantry_controlplane_tenants{state=\"ACTIVE\"} 1",
+        "tenantry_controlplane_watch_streams 1",
+        "tenantry_controlplane_provisioning_duration_seconds_count{outcome=\"active\"} 1",
+    ] {
+        assert!(scraped.contains(expected), "no {expected:?} in:\n{scraped}");
+    }
 
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
@@ -271,4 +309,16 @@ fn dev_mode_serves_and_stops() {
         assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // --log-format json: every line is a JSON object; the tenant's lines name it.
+    let logged = std::fs::read_to_string(&log_path).unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["tenant_id"] == "devcheck" && line["level"] == "INFO"),
+        "no log line names tenant devcheck:\n{logged}"
+    );
 }

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod error;
+pub mod metrics;
 pub mod provisioner;
 pub mod reconciler;
 pub mod registry;
@@ -51,6 +52,8 @@ pub struct ControlPlaneConfig {
     pub shutdown_grace_ms: u64,
     /// On shutdown, how long calls in flight get to finish.
     pub shutdown_drain_ms: u64,
+    /// Prometheus endpoint (`GET /metrics`) of `tenantry control-plane`; unset: none.
+    pub metrics_addr: Option<SocketAddr>,
     /// OTLP/gRPC endpoint for traces (e.g. `http://127.0.0.1:4317`). Unset:
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: no traces.
     pub otlp_endpoint: Option<String>,
@@ -69,6 +72,7 @@ impl Default for ControlPlaneConfig {
             provision_retry_delay_ms: 200,
             shutdown_grace_ms: 1000,
             shutdown_drain_ms: 10_000,
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             otlp_endpoint: None,
             trace_sample_ratio: None,
         }
@@ -90,6 +94,7 @@ impl PlaneConfig for ControlPlaneConfig {
         "sqlite_directory",
         "otlp_endpoint",
         "trace_sample_ratio",
+        "metrics_addr",
     ];
 }
 
@@ -139,9 +144,14 @@ pub async fn start(
 
     let (streams_stop_tx, streams_stop_rx) = tokio::sync::watch::channel(false);
     let watch_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let plane_metrics = Arc::new(metrics::ControlPlaneMetrics::new(
+        registry.clone(),
+        watch_streams.clone(),
+    ));
     let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi {
         registry: registry.clone(),
         provisioner: provisioner.clone(),
+        metrics: plane_metrics.clone(),
     }))
     .add_service(DatabaseServerServiceServer::new(
         service::servers::DatabaseServerApi {
@@ -159,7 +169,7 @@ pub async fn start(
         grace: Duration::from_millis(config.shutdown_grace_ms),
         drain: Duration::from_millis(config.shutdown_drain_ms),
     };
-    ServerHandle::spawn(listener, move |listener, shutdown| async move {
+    let handle = ServerHandle::spawn(listener, move |listener, shutdown| async move {
         let served = serve_and_drain(
             |signal| {
                 tonic::transport::Server::builder()
@@ -182,7 +192,8 @@ pub async fn start(
         provisioner.close().await;
         registry.close().await;
         served.context("control plane gRPC server failed")
-    })
+    })?;
+    Ok(handle.with_metrics(plane_metrics))
 }
 
 async fn register_local_sqlite(

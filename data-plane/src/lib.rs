@@ -6,6 +6,7 @@
 pub mod connection_pool;
 pub mod context;
 pub mod error;
+pub mod metrics;
 pub mod pools;
 pub mod route_stream;
 pub mod router;
@@ -71,6 +72,12 @@ pub struct DataPlaneConfig {
     pub shutdown_grace_ms: u64,
     /// On shutdown, how long calls in flight get to finish.
     pub shutdown_drain_ms: u64,
+    /// Prometheus endpoint (`GET /metrics`) of `tenantry data-plane`; unset: none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Most tenants with a `tenant` label value of their own in metrics (the busiest).
+    pub metrics_tenant_limit: usize,
+    /// Window over which "busiest" is counted, in milliseconds.
+    pub metrics_window_ms: u64,
     /// OTLP/gRPC endpoint for traces (e.g. `http://127.0.0.1:4317`). Unset:
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: no traces.
     pub otlp_endpoint: Option<String>,
@@ -93,6 +100,9 @@ impl Default for DataPlaneConfig {
             postgres_session_reset: true,
             shutdown_grace_ms: 1000,
             shutdown_drain_ms: 10_000,
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9465))),
+            metrics_tenant_limit: 100,
+            metrics_window_ms: 60_000,
             otlp_endpoint: None,
             trace_sample_ratio: None,
         }
@@ -100,7 +110,8 @@ impl Default for DataPlaneConfig {
 }
 
 impl PlaneConfig for DataPlaneConfig {
-    const OPTIONAL_KEYS: &'static [&'static str] = &["otlp_endpoint", "trace_sample_ratio"];
+    const OPTIONAL_KEYS: &'static [&'static str] =
+        &["otlp_endpoint", "trace_sample_ratio", "metrics_addr"];
 }
 
 impl DataPlaneConfig {
@@ -118,6 +129,7 @@ pub struct DataPlane {
     pub router: Arc<Router>,
     pub pools: Arc<PoolManager>,
     pub route_stream: Arc<StreamStatus>,
+    pub metrics: Arc<metrics::DataPlaneMetrics>,
 }
 
 const SERVICE_NAMES: &[&str] = &[
@@ -202,6 +214,27 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             }
         });
     }
+    let plane_metrics = Arc::new(metrics::DataPlaneMetrics::new(
+        config.metrics_tenant_limit.max(1),
+        pools.clone(),
+        router.clone(),
+        route_stream.clone(),
+    ));
+    {
+        let plane_metrics = plane_metrics.clone();
+        let mut stop = stop_tx.subscribe();
+        let window = Duration::from_millis(config.metrics_window_ms.max(1000));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = ticks.tick() => plane_metrics.end_window(),
+                }
+            }
+        });
+    }
+    let metrics_layer = metrics::MetricsLayer::new(plane_metrics.clone());
     let layer = TenantLayer::new(router.clone());
     let server_pools = pools.clone();
     let drain = Drain {
@@ -213,6 +246,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             |signal| {
                 tonic::transport::Server::builder()
                     .layer(tenantry_shared::grpc_trace::TraceLayer)
+                    .layer(metrics_layer)
                     .layer(layer)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming(listener), signal)
@@ -233,5 +267,6 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         router,
         pools,
         route_stream,
+        metrics: plane_metrics,
     })
 }

@@ -51,6 +51,8 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// A running gRPC server: its address, a way to stop it, and its task.
 pub struct ServerHandle {
     pub local_addr: SocketAddr,
+    /// The plane's metrics, for a metrics endpoint to serve.
+    pub metrics: Option<std::sync::Arc<dyn crate::metrics::MetricsSource>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -67,9 +69,19 @@ impl ServerHandle {
         let task = tokio::spawn(serve(listener, shutdown_rx));
         Ok(Self {
             local_addr,
+            metrics: None,
             shutdown: Some(shutdown_tx),
             task,
         })
+    }
+
+    /// Attaches the plane's metrics.
+    pub fn with_metrics(
+        mut self,
+        metrics: std::sync::Arc<dyn crate::metrics::MetricsSource>,
+    ) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Asks the server to stop taking calls and waits for calls in flight to finish.

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod grpc_trace;
 pub mod json_log;
 pub mod metadata;
+pub mod metrics;
 pub mod telemetry;
 pub mod tenant_id;
 

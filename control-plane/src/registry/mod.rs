@@ -424,6 +424,19 @@ impl Registry {
             .collect())
     }
 
+    /// Number of tenants in each state.
+    pub async fn tenant_states(&self) -> Result<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = tenant::Entity::find()
+            .select_only()
+            .column(tenant::Column::State)
+            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
+            .group_by(tenant::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Audit events of one tenant, oldest first.
     pub async fn audit_events(&self, tenant_id: &str) -> Result<Vec<audit_event::Model>> {
         Ok(audit_event::Entity::find()

@@ -26,6 +26,7 @@ const MAX_PAGE_SIZE: i32 = 1000;
 pub struct TenantApi {
     pub registry: Registry,
     pub provisioner: Arc<Provisioner>,
+    pub metrics: Arc<crate::metrics::ControlPlaneMetrics>,
 }
 
 fn parse_tenant_id(raw: &str) -> Result<TenantId, Status> {
@@ -136,6 +137,7 @@ impl TenantService for TenantApi {
         }
         // In a task of its own: a caller that gives up must not stop provisioning half-way.
         let provisioner = self.provisioner.clone();
+        let started = std::time::Instant::now();
         let provisioned = tokio::spawn({
             let tenant_id = tenant_id.clone();
             let actor = actor.clone();
@@ -145,9 +147,18 @@ impl TenantService for TenantApi {
         .await
         .map_err(|error| Status::internal(format!("provisioning task failed: {error}")))??;
         let tenant = tenant_to_proto(&provisioned)?;
-        if provisioned.state == TenantState::Failed.as_str() {
+        let failed = provisioned.state == TenantState::Failed.as_str();
+        self.metrics
+            .provisioned(if failed { "failed" } else { "active" }, started.elapsed());
+        if failed {
+            tracing::warn!(reason = %provisioned.reason, "tenant provisioning failed");
             return Err(failed_status(&tenant, "provisioning"));
         }
+        tracing::info!(
+            server = %tenant.database_server,
+            took_ms = started.elapsed().as_millis() as u64,
+            "tenant active"
+        );
         Ok(Response::new(tenant))
     }
 

@@ -1,0 +1,337 @@
+//! Prometheus metrics: the pieces both planes use (counters and histograms keyed by
+//! labels, a bounded set of tenant label values) and the HTTP endpoint that serves
+//! `GET /metrics` in the Prometheus text format.
+//!
+//! Tenant labels stay bounded: at most `limit` tenants get a `tenant` label value of
+//! their own, the busiest ones, and every other tenant is counted under `other`.
+//! "Busiest" is the number of requests in the last full window (`window`, default 60 s):
+//! when a window ends, the `limit` tenants with the most requests in it keep or get
+//! their own series, the series of the others are dropped (their later requests count
+//! under `other`). Before the first window ends, tenants get a label first come, first
+//! served.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+
+/// The label value of tenants without one of their own.
+pub const OTHER_TENANTS: &str = "other";
+
+/// Latency bucket bounds, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Largest number of distinct tenants counted per window before new ones go straight to
+/// `other` (so random ids cannot grow the window's map without bound).
+const MAX_COUNTED_PER_WINDOW: usize = 100_000;
+
+/// Decides which tenants get a label value of their own (see the module doc).
+pub struct TenantLabels {
+    limit: usize,
+    labelled: RwLock<HashSet<String>>,
+    /// Requests per tenant in the current window.
+    window_counts: DashMap<String, AtomicU64>,
+    /// Whether a window has ended yet (before that: first come, first served).
+    ranked: std::sync::atomic::AtomicBool,
+}
+
+impl TenantLabels {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            labelled: RwLock::new(HashSet::new()),
+            window_counts: DashMap::new(),
+            ranked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a request of `tenant` and returns the label value to use for it.
+    pub fn label(&self, tenant: &str) -> String {
+        if let Some(count) = self.window_counts.get(tenant) {
+            count.fetch_add(1, Ordering::Relaxed);
+        } else if self.window_counts.len() < MAX_COUNTED_PER_WINDOW {
+            self.window_counts
+                .entry(tenant.to_owned())
+                .or_insert_with(|| AtomicU64::new(0))
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(labelled) = self.labelled.read()
+            && labelled.contains(tenant)
+        {
+            return tenant.to_owned();
+        }
+        if !self.ranked.load(Ordering::Acquire)
+            && let Ok(mut labelled) = self.labelled.write()
+            && labelled.len() < self.limit
+        {
+            labelled.insert(tenant.to_owned());
+            return tenant.to_owned();
+        }
+        OTHER_TENANTS.to_owned()
+    }
+
+    /// Whether `tenant` has a label value of its own now.
+    pub fn is_labelled(&self, tenant: &str) -> bool {
+        self.labelled
+            .read()
+            .is_ok_and(|labelled| labelled.contains(tenant))
+    }
+
+    /// Ends the window: the busiest `limit` tenants keep or get their own label. Returns
+    /// the tenants that lost theirs (their series are to be dropped).
+    pub fn end_window(&self) -> Vec<String> {
+        let mut counts: Vec<(String, u64)> = self
+            .window_counts
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().load(Ordering::Relaxed)))
+            .collect();
+        self.window_counts.clear();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let busiest: HashSet<String> = counts
+            .into_iter()
+            .take(self.limit)
+            .map(|(tenant, _)| tenant)
+            .collect();
+        self.ranked.store(true, Ordering::Release);
+        match self.labelled.write() {
+            Ok(mut labelled) => {
+                let dropped = labelled.difference(&busiest).cloned().collect();
+                *labelled = busiest;
+                dropped
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// A histogram with the `LATENCY_BUCKETS` bounds.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` lines of one series.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let separator = if labels.is_empty() { "" } else { "," };
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// `key="value"` pairs, values escaped for the text format.
+pub fn labels(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(key, value)| {
+            let escaped = value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{key}=\"{escaped}\"")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Writes `# HELP` and `# TYPE` for a metric.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Counters keyed by a label string, rendered sorted.
+#[derive(Default)]
+pub struct CounterFamily {
+    series: DashMap<String, AtomicU64>,
+}
+
+impl CounterFamily {
+    pub fn inc(&self, labels: String) {
+        self.series
+            .entry(labels)
+            .or_insert_with(|| AtomicU64::new(0))
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.series.retain(|labels, _| keep(labels));
+    }
+
+    pub fn render(&self, out: &mut String, name: &str) {
+        let sorted: BTreeMap<String, u64> = self
+            .series
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().load(Ordering::Relaxed)))
+            .collect();
+        for (labels, value) in sorted {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Histograms keyed by a label string, rendered sorted.
+#[derive(Default)]
+pub struct HistogramFamily {
+    series: DashMap<String, Arc<Histogram>>,
+}
+
+impl HistogramFamily {
+    pub fn observe(&self, labels: String, elapsed: Duration) {
+        let histogram = self.series.entry(labels).or_default().clone();
+        histogram.observe(elapsed);
+    }
+
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.series.retain(|labels, _| keep(labels));
+    }
+
+    pub fn render(&self, out: &mut String, name: &str) {
+        let sorted: BTreeMap<String, Arc<Histogram>> = self
+            .series
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .collect();
+        for (labels, histogram) in sorted {
+            histogram.render(out, name, &labels);
+        }
+    }
+}
+
+/// Something that writes metrics into a scrape.
+pub trait MetricsSource: Send + Sync {
+    fn render<'a>(&'a self, out: &'a mut String) -> BoxFuture<'a, ()>;
+}
+
+/// Serves `GET /metrics` on `listener` with every source's metrics, until `stop` fires.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    sources: Arc<RwLock<Vec<Arc<dyn MetricsSource>>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let sources = sources.clone();
+                async move {
+                    if request.uri().path() != "/metrics" {
+                        http::Response::builder()
+                            .status(http::StatusCode::NOT_FOUND)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                "not found; metrics are at /metrics\n",
+                            )))
+                    } else {
+                        let list: Vec<Arc<dyn MetricsSource>> =
+                            sources.read().map(|s| s.clone()).unwrap_or_default();
+                        let mut out = String::new();
+                        for source in list {
+                            source.render(&mut out).await;
+                        }
+                        http::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(out)))
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A metrics endpoint: its address and the sources it serves (planes add theirs).
+#[derive(Clone)]
+pub struct MetricsEndpoint {
+    pub local_addr: SocketAddr,
+    sources: Arc<RwLock<Vec<Arc<dyn MetricsSource>>>>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl MetricsEndpoint {
+    /// Binds `addr` and serves `/metrics` there.
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = crate::grpc::bind(addr, "metrics endpoint").await?;
+        let local_addr = listener.local_addr()?;
+        let sources: Arc<RwLock<Vec<Arc<dyn MetricsSource>>>> = Arc::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve_metrics(listener, sources.clone(), stopped));
+        Ok(Self {
+            local_addr,
+            sources,
+            stop: Arc::new(stop),
+        })
+    }
+
+    pub fn add(&self, source: Arc<dyn MetricsSource>) {
+        if let Ok(mut sources) = self.sources.write() {
+            sources.push(source);
+        }
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/metrics", self.local_addr)
+    }
+}
