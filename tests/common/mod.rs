@@ -65,6 +65,7 @@ pub struct SandboxOptions {
     pub pool_idle_timeout_ms: Option<u64>,
     pub pool_acquire_timeout_ms: Option<u64>,
     pub unknown_tenant_ttl_ms: Option<u64>,
+    pub metrics_tenant_limit: Option<usize>,
 }
 
 pub struct Sandbox {
@@ -174,6 +175,9 @@ impl Sandbox {
                 .max_connections_per_tenant
                 .unwrap_or(defaults.max_connections_per_tenant),
             unknown_tenant_ttl_ms: options.unknown_tenant_ttl_ms.unwrap_or(500),
+            metrics_tenant_limit: options
+                .metrics_tenant_limit
+                .unwrap_or(defaults.metrics_tenant_limit),
             ..defaults
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
