@@ -244,6 +244,52 @@ pub fn init(
     Ok(TelemetryGuard { provider })
 }
 
+/// Wraps the OTLP exporter so that a collector that is down is reported once (and its
+/// return once), not on every batch.
+#[derive(Debug)]
+struct SayOnce<E> {
+    inner: E,
+    endpoint: String,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for SayOnce<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        use std::sync::atomic::Ordering;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Err(error) if !self.failing.swap(true, Ordering::AcqRel) => {
+                tracing::warn!(endpoint = %self.endpoint, %error, "cannot export traces; spans are dropped until the collector answers (said once)");
+            }
+            Ok(()) if self.failing.swap(false, Ordering::AcqRel) => {
+                tracing::info!(endpoint = %self.endpoint, "trace export works again");
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// A tracer provider exporting to `endpoint` with the tenant-aware sampler.
 pub fn tracer_provider(
     service_name: &str,
@@ -261,7 +307,11 @@ pub fn tracer_provider(
         .with_service_name(service_name)
         .build();
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(SayOnce {
+            inner: exporter,
+            endpoint: endpoint.to_owned(),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        })
         .with_sampler(TenantSampler {
             default: default_sampler(config),
         })

@@ -1,0 +1,278 @@
+//! Tracing overhead (`cargo bench --bench tracing`): SQLite point-select throughput
+//! through the data plane with tracing on (spans exported over OTLP/gRPC to a collector
+//! in this process, default ratio 0.01) against the same load with tracing off, in one
+//! run. Each side has its own control plane, data plane and load generator on a runtime
+//! of its own; the "off" runtime's threads have no subscriber at all. Rounds alternate
+//! and the median of three is reported.
+
+#[path = "support.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use tenantry_control_plane::ControlPlaneConfig;
+use tenantry_data_plane::DataPlaneConfig;
+use tenantry_proto::controlplane::v1 as cp;
+use tenantry_proto::controlplane::v1::database_server_service_client::DatabaseServerServiceClient;
+use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient;
+use tenantry_proto::dataplane::v1 as dp;
+use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tonic::transport::Channel;
+
+use support::{ms, percentile, seconds_per_round};
+
+const CONCURRENCY: usize = 32;
+const CHANNELS: usize = 4;
+const ROUNDS: usize = 3;
+
+/// Counts the spans it receives.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|resource| &resource.scope_spans)
+            .map(|scope| scope.spans.len())
+            .sum();
+        self.spans.fetch_add(spans as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// One side of the comparison: a platform with one tenant holding a 100-row table.
+struct Side {
+    _temp: tempfile::TempDir,
+    channels: Vec<Channel>,
+    tenant: String,
+}
+
+async fn side() -> anyhow::Result<Side> {
+    let temp = tempfile::tempdir()?;
+    let control_plane = tenantry_control_plane::start(
+        &ControlPlaneConfig {
+            listen_addr: "127.0.0.1:0".parse()?,
+            registry_url: temp.path().join("registry.db").display().to_string(),
+            shutdown_grace_ms: 0,
+            ..ControlPlaneConfig::default()
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        Default::default(),
+    )
+    .await?;
+    let data_plane = tenantry_data_plane::start(
+        &DataPlaneConfig {
+            listen_addr: "127.0.0.1:0".parse()?,
+            control_plane_url: control_plane.url(),
+            shutdown_grace_ms: 0,
+            ..DataPlaneConfig::default()
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    )
+    .await?;
+    let control = Channel::from_shared(control_plane.url())?.connect().await?;
+    DatabaseServerServiceClient::new(control.clone())
+        .register_database_server(cp::RegisterDatabaseServerRequest {
+            name: "main".into(),
+            location: Some(
+                cp::register_database_server_request::Location::SqliteDirectory(
+                    temp.path().join("tenants").display().to_string(),
+                ),
+            ),
+        })
+        .await?;
+    let tenant = format!("traced-{}", support::run_id());
+    TenantServiceClient::new(control)
+        .create_tenant(cp::CreateTenantRequest {
+            tenant_id: tenant.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        channels.push(
+            Channel::from_shared(data_plane.server.url())?
+                .connect()
+                .await?,
+        );
+    }
+    let mut request = tonic::Request::new(dp::BatchRequest {
+        statements: vec![
+            dp::Statement {
+                sql: "CREATE TABLE kv (id INTEGER PRIMARY KEY, v TEXT NOT NULL)".into(),
+                params: vec![],
+            },
+            dp::Statement {
+                sql:
+                    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100) \
+                      INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM c"
+                        .into(),
+                params: vec![],
+            },
+        ],
+    });
+    request
+        .metadata_mut()
+        .insert("x-tenant-id", tenant.parse()?);
+    SqlServiceClient::new(channels[0].clone())
+        .batch(request)
+        .await?;
+    // The planes live as long as the runtime that runs them.
+    std::mem::forget(control_plane);
+    std::mem::forget(data_plane);
+    Ok(Side {
+        _temp: temp,
+        channels,
+        tenant,
+    })
+}
+
+struct Round {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|worker| {
+            let mut client = SqlServiceClient::new(side.channels[worker % CHANNELS].clone());
+            let tenant = side.tenant.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n: i64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n % 100 + 1;
+                    let mut request = tonic::Request::new(dp::QueryRequest {
+                        statement: Some(dp::Statement {
+                            sql: "SELECT v FROM kv WHERE id = ?".into(),
+                            params: vec![dp::Value {
+                                kind: Some(dp::value::Kind::Int64(n)),
+                            }],
+                        }),
+                    });
+                    if let Ok(value) = tenant.parse() {
+                        request.metadata_mut().insert("x-tenant-id", value);
+                    }
+                    let sent = Instant::now();
+                    if client.query(request).await.is_ok() {
+                        latencies.push(sent.elapsed());
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await?);
+    }
+    latencies.sort();
+    Ok(Round {
+        rate: latencies.len() as f64 / started.elapsed().as_secs_f64(),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+    })
+}
+
+fn runtime(tracing_on: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if !tracing_on {
+        // No subscriber on these threads: spans and events cost next to nothing.
+        builder.on_thread_start(|| {
+            let none = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+            std::mem::forget(tracing::dispatcher::set_default(&none));
+        });
+    }
+    Ok(builder.build()?)
+}
+
+fn median(mut rounds: Vec<Round>) -> Round {
+    rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    rounds.remove(rounds.len() / 2)
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return Ok(());
+    }
+    let on = runtime(true)?;
+    let off = runtime(false)?;
+    let collector = Collector::default();
+    let (guard, on_side) = on.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let guard = telemetry::init(
+            "tenantry-bench",
+            LogFormat::Text,
+            &TracingConfig {
+                otlp_endpoint: Some(format!("http://{address}")),
+                sample_ratio: Some(0.01),
+            },
+            "warn",
+        )?;
+        anyhow::Ok((guard, side().await?))
+    })?;
+    let off_side = off.block_on(side())?;
+    on.block_on(round(&on_side, Duration::from_secs(1)))?;
+    off.block_on(round(&off_side, Duration::from_secs(1)))?;
+    let (mut on_rounds, mut off_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        off_rounds.push(off.block_on(round(&off_side, seconds_per_round()))?);
+        on_rounds.push(on.block_on(round(&on_side, seconds_per_round()))?);
+    }
+    guard.flush();
+    let (on_round, off_round) = (median(on_rounds), median(off_rounds));
+    println!("# Tracing overhead (SQLite point select, {CONCURRENCY} concurrent callers)\n");
+    println!("| tracing | throughput (req/s) | p50 | p99 | ratio |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| off (baseline) | {:.0} | {} | {} | 1.00 |",
+        off_round.rate,
+        ms(off_round.p50),
+        ms(off_round.p99)
+    );
+    println!(
+        "| on, exporting, default ratio 0.01 | {:.0} | {} | {} | {:.2} |\n",
+        on_round.rate,
+        ms(on_round.p50),
+        ms(on_round.p99),
+        on_round.rate / off_round.rate
+    );
+    println!(
+        "spans received by the collector: {}",
+        collector.spans.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
