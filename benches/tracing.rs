@@ -2,8 +2,9 @@
 //! through the data plane with tracing on (spans exported over OTLP/gRPC to a collector
 //! in this process, default ratio 0.01) against the same load with tracing off, in one
 //! run. Each side has its own control plane, data plane and load generator on a runtime
-//! of its own; the "off" runtime's threads have no subscriber at all. Rounds alternate
-//! and the median of three is reported.
+//! of its own, whose threads use that side's subscriber: the "off" side logs as a plane
+//! without an OTLP endpoint does (warnings only here), the "on" side also has the
+//! OpenTelemetry layer. Rounds alternate and the median of three is reported.
 
 #[path = "support.rs"]
 mod support;
@@ -200,16 +201,13 @@ async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
     })
 }
 
-fn runtime(tracing_on: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+/// A runtime whose threads all use `dispatch`.
+fn runtime(dispatch: tracing::Dispatch) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
-    if !tracing_on {
-        // No subscriber on these threads: spans and events cost next to nothing.
-        builder.on_thread_start(|| {
-            let none = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-            std::mem::forget(tracing::dispatcher::set_default(&none));
-        });
-    }
+    builder.on_thread_start(move || {
+        std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+    });
     Ok(builder.build()?)
 }
 
@@ -222,10 +220,13 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return Ok(());
     }
-    let on = runtime(true)?;
-    let off = runtime(false)?;
+    // The collector gets a runtime of its own, outside both measured sides.
+    let collector_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let collector = Collector::default();
-    let (guard, on_side) = on.block_on(async {
+    // The exporter's channel lives on the collector's runtime too.
+    let (on_dispatch, guard) = collector_runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         tokio::spawn(
@@ -233,7 +234,7 @@ fn main() -> anyhow::Result<()> {
                 .add_service(TraceServiceServer::new(collector.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let guard = telemetry::init(
+        telemetry::dispatch(
             "tenantry-bench",
             LogFormat::Text,
             &TracingConfig {
@@ -241,9 +242,23 @@ fn main() -> anyhow::Result<()> {
                 sample_ratio: Some(0.01),
             },
             "warn",
-        )?;
-        anyhow::Ok((guard, side().await?))
+        )
     })?;
+    let _collector_thread = std::thread::spawn(move || {
+        collector_runtime.block_on(std::future::pending::<()>());
+    });
+    let (off_dispatch, _off_guard) = telemetry::dispatch(
+        "tenantry-bench",
+        LogFormat::Text,
+        &TracingConfig {
+            otlp_endpoint: Some(String::new()),
+            sample_ratio: None,
+        },
+        "warn",
+    )?;
+    let off = runtime(off_dispatch)?;
+    let on = runtime(on_dispatch)?;
+    let on_side = on.block_on(side())?;
     let off_side = off.block_on(side())?;
     on.block_on(round(&on_side, Duration::from_secs(1)))?;
     off.block_on(round(&off_side, Duration::from_secs(1)))?;

@@ -465,6 +465,11 @@ async fn budget_caps_connections_over_many_tenants() {
         SandboxOptions {
             postgres_connection_budget: Some(BUDGET),
             pool_idle_timeout_ms: Some(1500),
+            // This test is about the cap, not the wait: with other tests loading the
+            // machine, each of these requests opens a connection (300 tenants through
+            // 20), so give the wait room. full_budget_fails_fast_with_its_cause tests
+            // the bounded wait.
+            pool_acquire_timeout_ms: Some(15_000),
             ..Default::default()
         },
     )

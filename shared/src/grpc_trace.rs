@@ -97,12 +97,12 @@ where
             .map(|tenant| tenant.to_string());
         let span = tracing::info_span!(
             "grpc",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = path.trim_start_matches('/'),
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = service,
+            rpc.method = method,
             rpc.grpc.status_code = tracing::field::Empty,
             tenant.id = tenant.as_deref(),
         );

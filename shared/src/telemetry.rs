@@ -17,7 +17,6 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 /// The span attribute (and tracing field) that names a request's tenant.
@@ -191,6 +190,22 @@ pub fn init(
     config: &TracingConfig,
     default_level: &str,
 ) -> anyhow::Result<TelemetryGuard> {
+    let (dispatch, guard) = dispatch(service_name, format, config, default_level)?;
+    tracing::dispatcher::set_global_default(dispatch)
+        .map_err(|error| anyhow::anyhow!("cannot set up logging: {error}"))?;
+    if let Some(endpoint) = tracing_endpoint(config) {
+        tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
+    }
+    Ok(guard)
+}
+
+/// The subscriber `init` installs, without installing it (benches compare two).
+pub fn dispatch(
+    service_name: &str,
+    format: LogFormat,
+    config: &TracingConfig,
+    default_level: &str,
+) -> anyhow::Result<(tracing::Dispatch, TelemetryGuard)> {
     // The OpenTelemetry SDK's own logs would repeat every failed export; the exporter
     // wrapper below says it once instead.
     let filter = || {
@@ -217,6 +232,11 @@ pub fn init(
             let tracer = provider.tracer("tenantry");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                // Per-span extras that cost on every poll or every span and tell an SRE
+                // little: busy/idle timing, thread and source-location attributes.
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_location(false)
                 // Tenantry's own spans only: library internals (h2, tower, sqlx) would
                 // cost on every call and tell an SRE nothing about a tenant.
                 .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
@@ -232,16 +252,14 @@ pub fn init(
         }
         None => (None, None),
     };
-    tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(crate::json_log::TenantFieldLayer)
         .with(logs)
-        .with(traces)
-        .try_init()
-        .map_err(|error| anyhow::anyhow!("cannot set up logging: {error}"))?;
-    if let Some(endpoint) = tracing_endpoint(config) {
-        tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
-    }
-    Ok(TelemetryGuard { provider })
+        .with(traces);
+    Ok((
+        tracing::Dispatch::new(subscriber),
+        TelemetryGuard { provider },
+    ))
 }
 
 /// Wraps the OTLP exporter so that a collector that is down is reported once (and its

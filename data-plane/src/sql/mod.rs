@@ -408,15 +408,16 @@ fn sql_span(context: &TenantContext, sql: &str) -> tracing::Span {
         end -= 1;
     }
     let database = database_of(context);
+    let name = format!("{operation} {database}");
     tracing::info_span!(
         "sql",
-        otel.name = %format!("{operation} {database}"),
+        otel.name = name.as_str(),
         otel.kind = "client",
         db.system.name = system,
         db.namespace = database,
-        db.operation.name = %operation,
+        db.operation.name = operation.as_str(),
         db.query.text = &sql[..end],
-        tenant.id = %context.tenant_id,
+        tenant.id = context.tenant_id.as_str(),
     )
 }
 
