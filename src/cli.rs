@@ -71,6 +71,9 @@ pub enum TenantsCommand {
         /// How long: a number with s, m, h or d (e.g. 90s, 30m, 2h), at most 7d.
         #[arg(long = "for", default_value = "30m")]
         duration: String,
+        /// Also log the tenant's lines down to this level (error, warn, info, debug, trace).
+        #[arg(long, default_value = "")]
+        log_level: String,
         /// Clear the override now instead.
         #[arg(long)]
         off: bool,
@@ -200,7 +203,14 @@ fn print_tenants(tenants: &[cp::Tenant]) {
                 time(&t.update_time),
                 t.tracing
                     .as_ref()
-                    .map(|tracing| format!("{} until {}", tracing.ratio, time(&tracing.until)))
+                    .map(|tracing| {
+                        let level = if tracing.log_level.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" log {}", tracing.log_level)
+                        };
+                        format!("{}{level} until {}", tracing.ratio, time(&tracing.until))
+                    })
                     .unwrap_or_default(),
                 t.reason.clone(),
             ]
@@ -253,6 +263,7 @@ pub async fn tenants(
             tenant_id,
             ratio,
             duration,
+            log_level,
             off,
         } => {
             let duration = if off {
@@ -265,6 +276,7 @@ pub async fn tenants(
                     tenant_id,
                     ratio,
                     duration: Some(duration),
+                    log_level,
                 })
                 .await
         }

@@ -286,13 +286,61 @@ fn dev_mode_serves_and_stops() {
             .join("devcheck.sqlite3")
             .exists()
     );
+    // A per-tenant log level: devcheck's debug lines are written, another tenant's not.
+    let traced = tenantry(
+        &[
+            "tenants",
+            "trace",
+            "devcheck",
+            "--ratio",
+            "0",
+            "--for",
+            "10m",
+            "--log-level",
+            "debug",
+        ],
+        &control_plane,
+        &data_plane,
+    );
+    assert!(traced.success, "{}", traced.stderr);
+    let quiet = tenantry(
+        &["tenants", "create", "devquiet"],
+        &control_plane,
+        &data_plane,
+    );
+    assert!(quiet.success, "{}", quiet.stderr);
+    // The override reaches the data plane with the route (milliseconds); poll until a
+    // debug line shows up rather than sleep.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for tenant in ["devcheck", "devquiet"] {
+            let ran = tenantry(
+                &["sql", "--tenant", tenant, "SELECT 1 AS one"],
+                &control_plane,
+                &data_plane,
+            );
+            assert!(ran.success, "{}", ran.stderr);
+        }
+        let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if logged.lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|line| line["tenant_id"] == "devcheck" && line["level"] == "DEBUG")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no DEBUG line for devcheck:\n{logged}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Both planes' metrics at one endpoint; the tenant's counter moved.
     let scraped = http_get(&metrics);
     for expected in [
-        "tenantry_dataplane_requests_total{tenant=\"devcheck\",method=\"Query\",code=\"0\"} 1",
-        "tenantry_controlplane_tenants{state=\"ACTIVE\"} 1",
+        "tenantry_dataplane_requests_total{tenant=\"devcheck\",method=\"Query\",code=\"0\"} ",
+        "tenantry_controlplane_tenants{state=\"ACTIVE\"} 2",
         "tenantry_controlplane_watch_streams 1",
-        "tenantry_controlplane_provisioning_duration_seconds_count{outcome=\"active\"} 1",
+        "tenantry_controlplane_provisioning_duration_seconds_count{outcome=\"active\"} 2",
     ] {
         assert!(scraped.contains(expected), "no {expected:?} in:\n{scraped}");
     }
@@ -320,5 +368,11 @@ fn dev_mode_serves_and_stops() {
             .iter()
             .any(|line| line["tenant_id"] == "devcheck" && line["level"] == "INFO"),
         "no log line names tenant devcheck:\n{logged}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line["tenant_id"] == "devquiet" && line["level"] == "DEBUG"),
+        "debug lines of a tenant without a log level override:\n{logged}"
     );
 }

@@ -242,6 +242,7 @@ async fn trace_tenant(sandbox: &Sandbox, tenant_id: &str, ratio: f64, seconds: i
             tenant_id: tenant_id.to_owned(),
             ratio,
             duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -345,6 +346,7 @@ async fn per_tenant_switch(
                 seconds: 60,
                 nanos: 0,
             }),
+            ..Default::default()
         })
         .await
         .err()

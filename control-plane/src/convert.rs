@@ -69,6 +69,7 @@ pub fn tracing_to_proto(row: &tenant::Model) -> Option<pb::TenantTracing> {
         (Some(ratio), Some(until)) if until > chrono::Utc::now() => Some(pb::TenantTracing {
             ratio,
             until: Some(timestamp(until)),
+            log_level: row.log_level.clone().unwrap_or_default(),
         }),
         _ => None,
     }

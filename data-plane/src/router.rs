@@ -76,8 +76,8 @@ pub struct Route {
     pub target: Option<Target>,
     /// Most connections the tenant's pool opens (0: the data plane's default).
     pub max_connections: u32,
-    /// Tracing override: share of traces kept, until when.
-    pub tracing: Option<(f64, std::time::SystemTime)>,
+    /// Tracing override: share of traces kept, log level (may be empty), until when.
+    pub tracing: Option<(f64, String, std::time::SystemTime)>,
 }
 
 impl Route {
@@ -124,7 +124,7 @@ impl Route {
                     u64::try_from(until.seconds).ok()?,
                     u32::try_from(until.nanos).ok()?,
                 ))?;
-                Some((tracing.ratio, until))
+                Some((tracing.ratio, tracing.log_level, until))
             }),
         })
     }
@@ -327,9 +327,14 @@ impl Router {
             dashmap::mapref::entry::Entry::Vacant(vacant) => vacant.insert(route).clone(),
         };
         self.unknown_until.remove(&tenant_id);
-        match held.tracing {
-            Some((ratio, until)) => {
-                tenantry_shared::telemetry::set_tenant_tracing(tenant_id.as_str(), ratio, until);
+        match &held.tracing {
+            Some((ratio, log_level, until)) => {
+                tenantry_shared::telemetry::set_tenant_tracing(
+                    tenant_id.as_str(),
+                    *ratio,
+                    log_level,
+                    *until,
+                );
             }
             None => tenantry_shared::telemetry::clear_tenant_tracing(tenant_id.as_str()),
         }

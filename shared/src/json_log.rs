@@ -19,6 +19,16 @@ use crate::telemetry::TENANT_ATTRIBUTE;
 /// The tenant a span was opened for (its `tenant.id` or `tenant_id` field).
 struct SpanTenant(String);
 
+/// The tenant of the innermost span (in `cx`'s current scope) that names one.
+pub(crate) fn current_tenant<S>(cx: &Context<'_, S>) -> Option<String>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    cx.lookup_current()?
+        .scope()
+        .find_map(|span| span.extensions().get::<SpanTenant>().map(|t| t.0.clone()))
+}
+
 /// Remembers each span's tenant so log lines can name it.
 pub struct TenantFieldLayer;
 

@@ -65,11 +65,26 @@ static TENANT_OVERRIDES: LazyLock<DashMap<String, TenantTracing>> = LazyLock::ne
 #[derive(Clone, Copy, Debug)]
 struct TenantTracing {
     ratio: f64,
+    /// Log lines of the tenant's path down to this level are written too.
+    level: Option<tracing::Level>,
     until: SystemTime,
 }
 
-/// Samples spans of `tenant` at `ratio` until `until` (then the default again).
-pub fn set_tenant_tracing(tenant: &str, ratio: f64, until: SystemTime) {
+/// `error`, `warn`, `info`, `debug` or `trace`.
+pub fn parse_level(raw: &str) -> Option<tracing::Level> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "error" => Some(tracing::Level::ERROR),
+        "warn" => Some(tracing::Level::WARN),
+        "info" => Some(tracing::Level::INFO),
+        "debug" => Some(tracing::Level::DEBUG),
+        "trace" => Some(tracing::Level::TRACE),
+        _ => None,
+    }
+}
+
+/// Samples spans of `tenant` at `ratio`, and writes its log lines down to `log_level`
+/// (empty: no change), until `until` (then the defaults again).
+pub fn set_tenant_tracing(tenant: &str, ratio: f64, log_level: &str, until: SystemTime) {
     if until <= SystemTime::now() {
         TENANT_OVERRIDES.remove(tenant);
         return;
@@ -78,9 +93,65 @@ pub fn set_tenant_tracing(tenant: &str, ratio: f64, until: SystemTime) {
         tenant.to_owned(),
         TenantTracing {
             ratio: ratio.clamp(0.0, 1.0),
+            level: parse_level(log_level),
             until,
         },
     );
+}
+
+/// The log level override of `tenant`, while it lasts.
+pub(crate) fn tenant_log_level(tenant: &str) -> Option<tracing::Level> {
+    let tracing = *TENANT_OVERRIDES.get(tenant)?;
+    (tracing.until > SystemTime::now())
+        .then_some(tracing.level)
+        .flatten()
+}
+
+/// The log filter: `RUST_LOG` (or the default level), plus, for a tenant with a log
+/// level override, Tenantry's own lines on that tenant's path down to that level.
+struct TenantLogFilter {
+    env: EnvFilter,
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for TenantLogFilter
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if tracing_subscriber::layer::Filter::<S>::enabled(&self.env, metadata, cx) {
+            return true;
+        }
+        if !metadata.is_event() || !metadata.target().starts_with("tenantry") {
+            return false;
+        }
+        let Some(tenant) = crate::json_log::current_tenant(cx) else {
+            return false;
+        };
+        tenant_log_level(&tenant).is_some_and(|level| metadata.level() <= &level)
+    }
+
+    fn callsite_enabled(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        let interest =
+            tracing_subscriber::layer::Filter::<S>::callsite_enabled(&self.env, metadata);
+        if interest.is_never() && metadata.is_event() && metadata.target().starts_with("tenantry") {
+            // A tenant's override may switch it on: ask every time.
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        // Overrides can enable any level at any time.
+        None
+    }
 }
 
 /// Drops a tenant's override.
@@ -208,12 +279,12 @@ pub fn dispatch(
 ) -> anyhow::Result<(tracing::Dispatch, TelemetryGuard)> {
     // The OpenTelemetry SDK's own logs would repeat every failed export; the exporter
     // wrapper below says it once instead.
-    let filter = || {
-        EnvFilter::try_from_default_env()
+    let filter = || TenantLogFilter {
+        env: EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new(default_level))
             .add_directive("opentelemetry=off".parse().unwrap_or_default())
             .add_directive("opentelemetry_sdk=off".parse().unwrap_or_default())
-            .add_directive("opentelemetry_otlp=off".parse().unwrap_or_default())
+            .add_directive("opentelemetry_otlp=off".parse().unwrap_or_default()),
     };
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()

@@ -36,6 +36,8 @@ pub mod tenant {
         #[sea_orm(column_type = "Double", nullable)]
         pub trace_ratio: Option<f64>,
         pub trace_until: Option<DateTimeUtc>,
+        /// Log level override (error ... trace), with the tracing override.
+        pub log_level: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

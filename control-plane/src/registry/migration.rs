@@ -11,6 +11,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261127000001CreateRegistry),
             Box::new(M20261128000001RouteWatch),
             Box::new(M20261128000002TenantTracing),
+            Box::new(M20261128000003TenantLogLevel),
         ]
     }
 }
@@ -35,6 +36,7 @@ enum Tenants {
     MaxConnections,
     TraceRatio,
     TraceUntil,
+    LogLevel,
 }
 
 #[derive(DeriveIden)]
@@ -256,6 +258,29 @@ impl MigrationTrait for M20261128000002TenantTracing {
                             .timestamp_with_time_zone()
                             .null(),
                     )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Per-tenant log level, part of the tracing override.
+struct M20261128000003TenantLogLevel;
+
+impl MigrationName for M20261128000003TenantLogLevel {
+    fn name(&self) -> &str {
+        "m20261128_000003_tenant_log_level"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000003TenantLogLevel {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Tenants::Table)
+                    .add_column(ColumnDef::new(Tenants::LogLevel).string().null())
                     .to_owned(),
             )
             .await

@@ -262,6 +262,7 @@ impl Registry {
             max_connections: Set(new.max_connections),
             trace_ratio: Set(None),
             trace_until: Set(None),
+            log_level: Set(None),
             create_time: Set(now),
             update_time: Set(now),
         };

@@ -264,6 +264,13 @@ impl TenantService for TenantApi {
                 request.ratio
             )));
         }
+        let log_level = request.log_level.trim().to_ascii_lowercase();
+        if !log_level.is_empty() && tenantry_shared::telemetry::parse_level(&log_level).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "log_level {:?}: use error, warn, info, debug or trace, or leave it empty",
+                request.log_level
+            )));
+        }
         let duration = request.duration.unwrap_or_default();
         if duration.seconds < 0 || duration.nanos < 0 {
             return Err(Status::invalid_argument("duration is negative"));
@@ -282,7 +289,12 @@ impl TenantService for TenantApi {
                 + chrono::Duration::from_std(duration).unwrap_or_else(|_| chrono::Duration::days(7))
         });
         let detail = match until {
-            Some(until) => format!("trace ratio {} until {}", request.ratio, until.to_rfc3339()),
+            Some(until) => format!(
+                "trace ratio {}, log level {:?}, until {}",
+                request.ratio,
+                log_level,
+                until.to_rfc3339()
+            ),
             None => "trace override cleared".to_owned(),
         };
         let row = self
@@ -304,6 +316,8 @@ impl TenantService for TenantApi {
                     }
                     row.trace_ratio = Set(until.map(|_| request.ratio));
                     row.trace_until = Set(until);
+                    row.log_level =
+                        Set(until.and(Some(log_level.clone())).filter(|l| !l.is_empty()));
                     Ok(())
                 },
             )
@@ -313,6 +327,7 @@ impl TenantService for TenantApi {
             Some(until) => tenantry_shared::telemetry::set_tenant_tracing(
                 tenant_id.as_str(),
                 request.ratio,
+                &log_level,
                 until.into(),
             ),
             None => tenantry_shared::telemetry::clear_tenant_tracing(tenant_id.as_str()),

@@ -52,7 +52,8 @@ impl Call<'_> {
 
     /// Runs `work` within the request's deadline (if any).
     async fn within_deadline<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
-        match self.remaining() {
+        let started = Instant::now();
+        let result = match self.remaining() {
             None => work.await,
             Some(remaining) => tokio::time::timeout(remaining, work).await.map_err(|_| {
                 DataPlaneError::DeadlineExceeded(format!(
@@ -60,7 +61,13 @@ impl Call<'_> {
                     self.tenant
                 ))
             })?,
+        };
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match &result {
+            Ok(_) => tracing::debug!(micros, "statement finished"),
+            Err(error) => tracing::debug!(micros, %error, "statement failed"),
         }
+        result
     }
 }
 
