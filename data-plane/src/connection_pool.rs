@@ -523,6 +523,13 @@ impl<DB: Database> ConnectionPool<DB> {
         self.inner.options.max_connections
     }
 
+    /// Marks the pool used now (a request is about to ask it for a connection).
+    pub fn touch(&self) {
+        self.inner
+            .last_used
+            .store(micros_since_epoch(Instant::now()), Ordering::Relaxed);
+    }
+
     /// No connection open and none handed out for `idle_for`.
     pub fn is_unused_for(&self, idle_for: Duration) -> bool {
         let last_used = self.inner.last_used.load(Ordering::Relaxed);

@@ -278,12 +278,8 @@ where
         Box::pin(async move {
             let result = inner.call(request).await;
             let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<i64>().ok())
-                    .unwrap_or(0),
+                Ok(response) => tenantry_shared::grpc_trace::status_code(response),
+                // UNKNOWN: the service failed below gRPC.
                 Err(_) => 2,
             };
             metrics.record(

@@ -78,6 +78,13 @@ impl TenantPool {
         }
     }
 
+    fn touch(&self) {
+        match self {
+            Self::Postgres(pool) => pool.touch(),
+            Self::Sqlite(pool) => pool.touch(),
+        }
+    }
+
     fn is_unused_for(&self, idle_for: Duration) -> bool {
         match self {
             Self::Postgres(pool) => pool.is_unused_for(idle_for),
@@ -204,6 +211,8 @@ impl PoolManager {
             && entry.retired.is_none()
             && (entry.target == *target || entry.route_version >= route_version)
         {
+            // Under the map's read lock: the sweep's check runs under its write lock.
+            entry.pool.touch();
             return Some(entry.pool.clone());
         }
         match self.pools.entry(tenant_id.clone()) {
@@ -214,6 +223,7 @@ impl PoolManager {
                         return None;
                     }
                 } else if current.target == *target || current.route_version >= route_version {
+                    current.pool.touch();
                     return Some(current.pool.clone());
                 }
                 let fresh = Arc::new(self.open(target, route_version, max_connections));
@@ -328,27 +338,34 @@ impl PoolManager {
             pool.close_expired_idle().await;
         }
         let idle_timeout = self.options.idle_timeout;
-        let stale: Vec<(TenantId, Arc<PoolEntry>)> = self
+        // A pool is swept if its tenant no longer serves here or points elsewhere, if it is
+        // a retired tombstone, or if it has been unused for the idle timeout. The last is
+        // checked again under the map's lock, where `pool` marks a pool used as it hands
+        // it out: a pool a request has just been given is never closed under it.
+        let stale_route = |tenant_id: &TenantId, entry: &PoolEntry| {
+            entry
+                .retired
+                .is_some_and(|since| since.elapsed() > Duration::from_secs(1))
+                || router.cached(tenant_id).is_none_or(|route| {
+                    route.state != RouteState::Active
+                        || route.target.as_ref() != Some(&entry.target)
+                })
+        };
+        let candidates: Vec<(TenantId, Arc<PoolEntry>)> = self
             .pools
             .iter()
             .filter(|entry| {
-                entry
-                    .value()
-                    .retired
-                    .is_some_and(|since| since.elapsed() > Duration::from_secs(1))
+                stale_route(entry.key(), entry.value())
                     || entry.value().pool.is_unused_for(idle_timeout)
-                    || router.cached(entry.key()).is_none_or(|route| {
-                        route.state != RouteState::Active
-                            || route.target.as_ref() != Some(&entry.value().target)
-                    })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
             .collect();
-        for (tenant_id, stale_entry) in stale {
-            // Only the entry that was found stale: a fresh pool put in meanwhile stays.
-            let removed = self
-                .pools
-                .remove_if(&tenant_id, |_, current| Arc::ptr_eq(current, &stale_entry));
+        for (tenant_id, candidate) in candidates {
+            // Only the entry that was found: a fresh pool put in meanwhile stays.
+            let removed = self.pools.remove_if(&tenant_id, |tenant_id, current| {
+                Arc::ptr_eq(current, &candidate)
+                    && (stale_route(tenant_id, current) || current.pool.is_unused_for(idle_timeout))
+            });
             if let Some((_, entry)) = removed {
                 tracing::debug!(tenant.id = %tenant_id, "closing an unused pool, or one of a tenant that no longer serves here");
                 entry.pool.mark_closed();

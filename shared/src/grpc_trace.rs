@@ -39,6 +39,18 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
+/// The gRPC status code of a response as far as its headers tell: errors are
+/// "trailers-only" responses with `grpc-status` in the headers; a response without it
+/// carries OK (or its stream's final status, in trailers).
+pub fn status_code<B>(response: &http::Response<B>) -> i64 {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
 /// `/package.Service/Method` → (`package.Service`, `Method`).
 fn service_and_method(path: &str) -> (&str, &str) {
     let trimmed = path.trim_start_matches('/');
@@ -111,14 +123,7 @@ where
             async move {
                 let result = inner.call(request).await;
                 if let Ok(response) = &result {
-                    // Errors are "trailers-only" responses with grpc-status in the headers;
-                    // a response without it carries OK (or its stream's final status).
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|value| value.to_str().ok())
-                        .and_then(|value| value.parse::<i64>().ok())
-                        .unwrap_or(0);
+                    let code = status_code(response);
                     let span = tracing::Span::current();
                     span.record("rpc.grpc.status_code", code);
                     if code != 0 {
