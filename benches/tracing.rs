@@ -4,7 +4,9 @@
 //! run. Each side has its own control plane, data plane and load generator on a runtime
 //! of its own, whose threads use that side's subscriber: the "off" side logs as a plane
 //! without an OTLP endpoint does (warnings only here), the "on" side also has the
-//! OpenTelemetry layer. Rounds alternate and the median of three is reported.
+//! OpenTelemetry layer. The sides are measured in pairs of short rounds back to back
+//! (which side goes first alternates), so that a machine's drift hits both alike; the
+//! ratio reported is the median of the pairs' ratios, with their spread.
 
 #[path = "support.rs"]
 mod support;
@@ -33,7 +35,8 @@ use support::{ms, percentile, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
-const ROUNDS: usize = 3;
+/// Pairs of rounds; each round is a sixth of `TENANTRY_BENCH_SECONDS` (default 0.5 s).
+const PAIRS: usize = 40;
 
 /// Counts the spans it receives.
 #[derive(Clone, Default)]
@@ -202,9 +205,10 @@ async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
 }
 
 /// A runtime whose threads all use `dispatch`.
-fn runtime(dispatch: tracing::Dispatch) -> anyhow::Result<tokio::runtime::Runtime> {
+/// Threads are named after the side, so a profiler can tell the sides apart.
+fn runtime(name: &str, dispatch: tracing::Dispatch) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
+    builder.worker_threads(2).thread_name(name).enable_all();
     builder.on_thread_start(move || {
         std::mem::forget(tracing::dispatcher::set_default(&dispatch));
     });
@@ -256,21 +260,41 @@ fn main() -> anyhow::Result<()> {
         },
         "warn",
     )?;
-    let off = runtime(off_dispatch)?;
-    let on = runtime(on_dispatch)?;
+    let off = runtime("tracing-off", off_dispatch)?;
+    let on = runtime("tracing-on", on_dispatch)?;
     let on_side = on.block_on(side())?;
     let off_side = off.block_on(side())?;
     on.block_on(round(&on_side, Duration::from_secs(1)))?;
     off.block_on(round(&off_side, Duration::from_secs(1)))?;
-    let (mut on_rounds, mut off_rounds) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        off_rounds.push(off.block_on(round(&off_side, seconds_per_round()))?);
-        on_rounds.push(on.block_on(round(&on_side, seconds_per_round()))?);
+    let round_length = seconds_per_round() / 6;
+    let (mut on_rounds, mut off_rounds, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 0..PAIRS {
+        let (on_round, off_round) = if pair % 2 == 0 {
+            let off_round = off.block_on(round(&off_side, round_length))?;
+            (on.block_on(round(&on_side, round_length))?, off_round)
+        } else {
+            let on_round = on.block_on(round(&on_side, round_length))?;
+            (on_round, off.block_on(round(&off_side, round_length))?)
+        };
+        ratios.push(on_round.rate / off_round.rate);
+        if std::env::var_os("TENANTRY_BENCH_VERBOSE").is_some() {
+            eprintln!(
+                "pair {pair}: off {:.0} req/s, on {:.0} req/s",
+                off_round.rate, on_round.rate
+            );
+        }
+        on_rounds.push(on_round);
+        off_rounds.push(off_round);
     }
     guard.flush();
+    ratios.sort_by(f64::total_cmp);
     let (on_round, off_round) = (median(on_rounds), median(off_rounds));
-    println!("# Tracing overhead (SQLite point select, {CONCURRENCY} concurrent callers)\n");
-    println!("| tracing | throughput (req/s) | p50 | p99 | ratio |");
+    println!(
+        "# Tracing overhead (SQLite point select, {CONCURRENCY} concurrent callers, \
+         {PAIRS} pairs of {:.1} s rounds)\n",
+        round_length.as_secs_f64()
+    );
+    println!("| tracing | throughput (req/s, median) | p50 | p99 | ratio (median of pairs) |");
     println!("| --- | --- | --- | --- | --- |");
     println!(
         "| off (baseline) | {:.0} | {} | {} | 1.00 |",
@@ -283,7 +307,15 @@ fn main() -> anyhow::Result<()> {
         on_round.rate,
         ms(on_round.p50),
         ms(on_round.p99),
-        on_round.rate / off_round.rate
+        ratios[ratios.len() / 2]
+    );
+    println!(
+        "pair ratios: {}",
+        ratios
+            .iter()
+            .map(|ratio| format!("{ratio:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "spans received by the collector: {}",

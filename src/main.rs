@@ -15,6 +15,7 @@ use tenantry_shared::config::{load, process_env};
 
 use tenantry_shared::grpc::bind;
 use tenantry_shared::metrics::{MetricsEndpoint, MetricsSource};
+use tenantry_shared::metrics_otlp::{self, MetricsPush};
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
 use tracing::Instrument;
 
@@ -93,6 +94,12 @@ struct DevArgs {
     /// Where both planes' Prometheus metrics are served (`/metrics`).
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
+    /// Also push both planes' metrics over OTLP/gRPC, to
+    /// OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT, else
+    /// http://127.0.0.1:4317, every OTEL_METRIC_EXPORT_INTERVAL ms (default 60000).
+    /// (OTEL_METRICS_EXPORTER=otlp alone does it too.)
+    #[arg(long)]
+    otlp_metrics: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -139,10 +146,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(addr) => Some(metrics_endpoint(addr, server.metrics.iter().cloned()).await?),
                 None => None,
             };
+            let push = metrics_push(
+                config.otlp_metrics_endpoint.as_deref(),
+                config.metrics_export_interval_ms,
+                "tenantry-control-plane",
+                server.metrics.iter().cloned().collect(),
+            )?;
             wait_for_shutdown_signal().await;
             let stopped = server.shutdown().await;
             if let Some(metrics) = metrics {
                 metrics.stop();
+            }
+            if let Some(push) = push {
+                push.stop().await;
             }
             stopped
         }
@@ -155,13 +171,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(addr = %plane.server.local_addr, control_plane = %config.control_plane_url, "data plane serving");
             let plane_metrics: Arc<dyn MetricsSource> = plane.metrics.clone();
             let metrics = match config.metrics_addr {
-                Some(addr) => Some(metrics_endpoint(addr, [plane_metrics]).await?),
+                Some(addr) => Some(metrics_endpoint(addr, [plane_metrics.clone()]).await?),
                 None => None,
             };
+            let push = metrics_push(
+                config.otlp_metrics_endpoint.as_deref(),
+                config.metrics_export_interval_ms,
+                "tenantry-data-plane",
+                vec![plane_metrics],
+            )?;
             wait_for_shutdown_signal().await;
             let stopped = plane.server.shutdown().await;
             if let Some(metrics) = metrics {
                 metrics.stop();
+            }
+            if let Some(push) = push {
+                push.stop().await;
             }
             stopped
         }
@@ -195,6 +220,26 @@ async fn metrics_endpoint(
     }
     tracing::info!(url = %endpoint.url(), "metrics served");
     Ok(endpoint)
+}
+
+/// Pushes `sources` over OTLP/gRPC if an endpoint is configured or set in the
+/// environment (see `metrics_otlp::endpoint`).
+fn metrics_push(
+    configured: Option<&str>,
+    interval_ms: Option<u64>,
+    service_name: &str,
+    sources: Vec<Arc<dyn MetricsSource>>,
+) -> anyhow::Result<Option<MetricsPush>> {
+    metrics_otlp::endpoint(configured)
+        .map(|endpoint| {
+            MetricsPush::start(
+                &endpoint,
+                metrics_otlp::interval(interval_ms),
+                service_name,
+                sources,
+            )
+        })
+        .transpose()
 }
 
 /// Client commands log warnings only, and trace when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
@@ -235,15 +280,23 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let data_plane = tenantry_data_plane::start(&data_plane_config, data_plane_listener).await?;
     let data_plane_metrics: Arc<dyn MetricsSource> = data_plane.metrics.clone();
-    let metrics = metrics_endpoint(
-        args.metrics_addr,
-        control_plane
-            .metrics
-            .iter()
-            .cloned()
-            .chain([data_plane_metrics]),
-    )
-    .await?;
+    let sources: Vec<Arc<dyn MetricsSource>> = control_plane
+        .metrics
+        .iter()
+        .cloned()
+        .chain([data_plane_metrics])
+        .collect();
+    let metrics = metrics_endpoint(args.metrics_addr, sources.clone()).await?;
+    let otlp_metrics_endpoint = args.otlp_metrics.then(|| {
+        [
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+        .unwrap_or_else(|| "http://127.0.0.1:4317".to_owned())
+    });
+    let push = metrics_push(otlp_metrics_endpoint.as_deref(), None, "tenantry", sources)?;
     println!(
         "tenantry dev is running (data in {})\n\
          \x20 control plane: {}   (tenants, servers, routes; keep it private)\n\
@@ -265,6 +318,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     data_plane.server.shutdown().await?;
     let stopped = control_plane.shutdown().await;
     metrics.stop();
+    if let Some(push) = push {
+        push.stop().await;
+    }
     stopped
 }
 

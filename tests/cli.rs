@@ -9,6 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Backend, Sandbox};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
 
@@ -215,18 +221,135 @@ fn http_get(url: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `tenantry dev` comes up, prints its endpoints, serves them (metrics too), logs JSON
-/// lines that name the tenant, and stops on SIGTERM.
+/// An OTLP metrics collector on its own thread: what the planes push.
+#[derive(Clone, Default)]
+struct MetricsCollector {
+    received: std::sync::Arc<std::sync::Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for MetricsCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if let Ok(mut received) = self.received.lock() {
+            received.push(request.into_inner());
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl MetricsCollector {
+    /// Starts one on 127.0.0.1; its `http://` URL.
+    fn start(&self) -> String {
+        let collector = self.clone();
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let _ = address_tx.send(listener.local_addr().map(|a| a.to_string()));
+                let _ = tonic::transport::Server::builder()
+                    .add_service(MetricsServiceServer::new(collector))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await;
+            });
+        });
+        let address = address_rx
+            .recv()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        format!("http://{address}")
+    }
+
+    /// The newest value pushed for `name` with all of `attributes`: a counter's value or
+    /// a histogram's count, with the pushing service's name.
+    fn latest(&self, name: &str, attributes: &[(&str, &str)]) -> Option<(f64, String)> {
+        use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+        use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+        let matches = |point_attributes: &[KeyValue]| {
+            attributes.iter().all(|(key, value)| {
+                point_attributes.iter().any(|attribute| {
+                    attribute.key == *key
+                        && attribute.value.as_ref().and_then(|v| v.value.as_ref())
+                            == Some(&any_value::Value::StringValue((*value).to_owned()))
+                })
+            })
+        };
+        let received = self.received.lock().ok()?;
+        let mut latest = None;
+        for resource in received
+            .iter()
+            .flat_map(|request| &request.resource_metrics)
+        {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|resource| &resource.attributes)
+                .find(|attribute| attribute.key == "service.name")
+                .and_then(|attribute| attribute.value.as_ref()?.value.as_ref())
+                .map(|value| format!("{value:?}"))
+                .unwrap_or_default();
+            for metric in resource
+                .scope_metrics
+                .iter()
+                .flat_map(|scope| &scope.metrics)
+                .filter(|metric| metric.name == name)
+            {
+                let value = match &metric.data {
+                    Some(metric::Data::Sum(sum)) => sum
+                        .data_points
+                        .iter()
+                        .filter(|point| matches(&point.attributes))
+                        .find_map(|point| match point.value {
+                            Some(number_data_point::Value::AsDouble(value)) => Some(value),
+                            Some(number_data_point::Value::AsInt(value)) => Some(value as f64),
+                            None => None,
+                        }),
+                    Some(metric::Data::Histogram(histogram)) => histogram
+                        .data_points
+                        .iter()
+                        .find(|point| matches(&point.attributes))
+                        .map(|point| point.count as f64),
+                    _ => None,
+                };
+                if let Some(value) = value {
+                    latest = Some((value, service.clone()));
+                }
+            }
+        }
+        latest
+    }
+}
+
+/// `tenantry dev` comes up, prints its endpoints, serves them (metrics too, and pushes
+/// them over OTLP with `--otlp-metrics`), logs JSON lines that name the tenant, and stops
+/// on SIGTERM.
 #[test]
 fn dev_mode_serves_and_stops() {
     let data_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let log_path = data_dir.path().join("dev.log");
     let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{e}"));
+    let otlp_metrics = MetricsCollector::default();
+    let otlp_metrics_url = otlp_metrics.start();
     let mut child = Command::new(BIN)
+        .env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", &otlp_metrics_url)
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_METRICS_EXPORTER")
         .args([
             "--log-format",
             "json",
             "dev",
+            "--otlp-metrics",
             "--control-plane-addr",
             "127.0.0.1:0",
             "--data-plane-addr",
@@ -343,6 +466,28 @@ fn dev_mode_serves_and_stops() {
         "tenantry_controlplane_provisioning_duration_seconds_count{outcome=\"active\"} 2",
     ] {
         assert!(scraped.contains(expected), "no {expected:?} in:\n{scraped}");
+    }
+    // The same series pushed over OTLP: the tenant's counter and latency histogram.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let query = [("tenant", "devcheck"), ("method", "Query")];
+    loop {
+        let requests = otlp_metrics.latest(
+            "tenantry_dataplane_requests_total",
+            &[("tenant", "devcheck"), ("method", "Query"), ("code", "0")],
+        );
+        let latency = otlp_metrics.latest("tenantry_dataplane_request_duration_seconds", &query);
+        if let (Some((requests, service)), Some((latency_count, _))) = (&requests, latency)
+            && *requests >= 2.0
+            && latency_count >= 2.0
+        {
+            assert!(service.contains("tenantry"), "service.name {service}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pushed Query counter for devcheck over OTLP (latest {requests:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     let pid = child.id().to_string();

@@ -59,6 +59,13 @@ pub struct ControlPlaneConfig {
     pub otlp_endpoint: Option<String>,
     /// Default share of traces kept, 0.0 to 1.0. Unset: `OTEL_TRACES_SAMPLER(_ARG)`, else 1.0.
     pub trace_sample_ratio: Option<f64>,
+    /// OTLP/gRPC endpoint metrics are pushed to as well as served. Unset:
+    /// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, or with `OTEL_METRICS_EXPORTER=otlp`
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; none of them: no push.
+    pub otlp_metrics_endpoint: Option<String>,
+    /// How often metrics are pushed over OTLP, in milliseconds. Unset:
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, else 60000.
+    pub metrics_export_interval_ms: Option<u64>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -75,6 +82,8 @@ impl Default for ControlPlaneConfig {
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             otlp_endpoint: None,
             trace_sample_ratio: None,
+            otlp_metrics_endpoint: None,
+            metrics_export_interval_ms: None,
         }
     }
 }
@@ -95,6 +104,8 @@ impl PlaneConfig for ControlPlaneConfig {
         "otlp_endpoint",
         "trace_sample_ratio",
         "metrics_addr",
+        "otlp_metrics_endpoint",
+        "metrics_export_interval_ms",
     ];
 }
 

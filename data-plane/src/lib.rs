@@ -83,6 +83,13 @@ pub struct DataPlaneConfig {
     pub otlp_endpoint: Option<String>,
     /// Default share of traces kept, 0.0 to 1.0. Unset: `OTEL_TRACES_SAMPLER(_ARG)`, else 1.0.
     pub trace_sample_ratio: Option<f64>,
+    /// OTLP/gRPC endpoint metrics are pushed to as well as served. Unset:
+    /// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, or with `OTEL_METRICS_EXPORTER=otlp`
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; none of them: no push.
+    pub otlp_metrics_endpoint: Option<String>,
+    /// How often metrics are pushed over OTLP, in milliseconds. Unset:
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, else 60000.
+    pub metrics_export_interval_ms: Option<u64>,
 }
 
 impl Default for DataPlaneConfig {
@@ -105,13 +112,20 @@ impl Default for DataPlaneConfig {
             metrics_window_ms: 60_000,
             otlp_endpoint: None,
             trace_sample_ratio: None,
+            otlp_metrics_endpoint: None,
+            metrics_export_interval_ms: None,
         }
     }
 }
 
 impl PlaneConfig for DataPlaneConfig {
-    const OPTIONAL_KEYS: &'static [&'static str] =
-        &["otlp_endpoint", "trace_sample_ratio", "metrics_addr"];
+    const OPTIONAL_KEYS: &'static [&'static str] = &[
+        "otlp_endpoint",
+        "trace_sample_ratio",
+        "metrics_addr",
+        "otlp_metrics_endpoint",
+        "metrics_export_interval_ms",
+    ];
 }
 
 impl DataPlaneConfig {

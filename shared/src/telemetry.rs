@@ -107,13 +107,19 @@ pub(crate) fn tenant_log_level(tenant: &str) -> Option<tracing::Level> {
         .flatten()
 }
 
-/// The log filter: `RUST_LOG` (or the default level), plus, for a tenant with a log
-/// level override, Tenantry's own lines on that tenant's path down to that level.
-struct TenantLogFilter {
+/// The one filter in front of logs and traces: `RUST_LOG` (or the default level); for a
+/// tenant with a log level override, Tenantry's own lines on that tenant's path down to
+/// that level; and, when traces are exported, Tenantry's own spans (`own_span`).
+///
+/// Logs and the trace layer sit behind this single filter on purpose: every per-layer
+/// filter costs a lookup on each span enter and exit (each poll) and a check on each
+/// event, and a second one made tracing cost 8% of a point select's CPU.
+struct TelemetryFilter {
     env: EnvFilter,
+    own_spans: bool,
 }
 
-impl<S> tracing_subscriber::layer::Filter<S> for TenantLogFilter
+impl<S> tracing_subscriber::layer::Filter<S> for TelemetryFilter
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
@@ -122,6 +128,9 @@ where
         metadata: &tracing::Metadata<'_>,
         cx: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
+        if self.own_spans && own_span(metadata) {
+            return true;
+        }
         if tracing_subscriber::layer::Filter::<S>::enabled(&self.env, metadata, cx) {
             return true;
         }
@@ -138,6 +147,9 @@ where
         &self,
         metadata: &'static tracing::Metadata<'static>,
     ) -> tracing::subscriber::Interest {
+        if self.own_spans && own_span(metadata) {
+            return tracing::subscriber::Interest::always();
+        }
         let interest =
             tracing_subscriber::layer::Filter::<S>::callsite_enabled(&self.env, metadata);
         if interest.is_never() && metadata.is_event() && metadata.target().starts_with("tenantry") {
@@ -151,6 +163,176 @@ where
     fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
         // Overrides can enable any level at any time.
         None
+    }
+}
+
+/// The spans exported as traces: Tenantry's own, at INFO and above. Library internals
+/// (h2, tower, sqlx) would cost on every call and tell an SRE nothing about a tenant.
+/// Decided from a callsite's metadata alone, so each callsite is asked once.
+fn own_span(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.is_span()
+        && metadata.level() <= &tracing::Level::INFO
+        && metadata.target().starts_with("tenantry")
+}
+
+/// The log layer, given only the spans logs may show: a span more verbose than any
+/// `RUST_LOG` directive (let through the shared filter for traces only) is not formatted
+/// for log lines that could never print it.
+struct LogSpans<L> {
+    inner: L,
+    most_verbose: tracing::level_filters::LevelFilter,
+}
+
+impl<S, L> tracing_subscriber::Layer<S> for LogSpans<L>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.inner.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.inner.on_layer(subscriber);
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if self.most_verbose >= *attrs.metadata().level() {
+            self.inner.on_new_span(attrs, id, ctx);
+        }
+    }
+
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if ctx
+            .metadata(span)
+            .is_some_and(|metadata| self.most_verbose >= *metadata.level())
+        {
+            self.inner.on_record(span, values, ctx);
+        }
+    }
+
+    fn on_follows_from(
+        &self,
+        span: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.inner.on_follows_from(span, follows, ctx);
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.inner.on_event(event, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.inner.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.inner.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.inner.on_close(id, ctx);
+    }
+
+    fn on_id_change(
+        &self,
+        old: &tracing::span::Id,
+        new: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.inner.on_id_change(old, new, ctx);
+    }
+
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded as is; the inner layer answers for its own types.
+        unsafe { self.inner.downcast_raw(id) }
+    }
+}
+
+/// The OpenTelemetry layer, given only Tenantry's own spans (`own_span`; the log lines
+/// and other spans the shared filter lets through are not its business) and none of its
+/// work on every poll: a span's end is taken when it closes rather than when it was last
+/// left, which is the same moment for Tenantry's spans (each is dropped as soon as its
+/// future completes).
+struct OwnSpans<L>(L);
+
+impl<S, L> tracing_subscriber::Layer<S> for OwnSpans<L>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if own_span(attrs.metadata()) {
+            self.0.on_new_span(attrs, id, ctx);
+        }
+    }
+
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(span, values, ctx);
+    }
+
+    fn on_follows_from(
+        &self,
+        span: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_follows_from(span, follows, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+
+    fn on_id_change(
+        &self,
+        old: &tracing::span::Id,
+        new: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_id_change(old, new, ctx);
+    }
+
+    // `Span::context()` finds the OpenTelemetry layer through this.
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded as is; the inner layer answers for its own types.
+        unsafe { self.0.downcast_raw(id) }
     }
 }
 
@@ -277,45 +459,22 @@ pub fn dispatch(
     config: &TracingConfig,
     default_level: &str,
 ) -> anyhow::Result<(tracing::Dispatch, TelemetryGuard)> {
-    // The OpenTelemetry SDK's own logs would repeat every failed export; the exporter
-    // wrapper below says it once instead.
-    let filter = || TenantLogFilter {
-        env: EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(default_level))
-            .add_directive("opentelemetry=off".parse().unwrap_or_default())
-            .add_directive("opentelemetry_sdk=off".parse().unwrap_or_default())
-            .add_directive("opentelemetry_otlp=off".parse().unwrap_or_default()),
-    };
-    let logs = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(filter())
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .event_format(crate::json_log::JsonFormat)
-            .with_filter(filter())
-            .boxed(),
-    };
     let (traces, provider) = match tracing_endpoint(config) {
         Some(endpoint) => {
             let provider = tracer_provider(service_name, &endpoint, config)?;
             let tracer = provider.tracer("tenantry");
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                // Per-span extras that cost on every poll or every span and tell an SRE
-                // little: busy/idle timing, thread and source-location attributes.
-                .with_tracked_inactivity(false)
-                .with_threads(false)
-                .with_location(false)
-                // Tenantry's own spans only: library internals (h2, tower, sqlx) would
-                // cost on every call and tell an SRE nothing about a tenant.
-                .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
-                    metadata.is_span()
-                        && metadata.level() <= &tracing::Level::INFO
-                        && metadata.target().starts_with("tenantry")
-                }))
-                .boxed();
+            let layer = OwnSpans(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    // Per-span extras that cost on every poll or every span and tell an
+                    // SRE little: busy/idle timing, thread and source-location
+                    // attributes, and making each span the current OpenTelemetry context
+                    // on every poll (Tenantry reads a span's context from the span).
+                    .with_tracked_inactivity(false)
+                    .with_context_activation(false)
+                    .with_threads(false)
+                    .with_location(false),
+            );
             opentelemetry::global::set_text_map_propagator(
                 opentelemetry_sdk::propagation::TraceContextPropagator::new(),
             );
@@ -323,10 +482,39 @@ pub fn dispatch(
         }
         None => (None, None),
     };
+    // The OpenTelemetry SDK's own logs would repeat every failed export; the exporter
+    // wrapper below says it once instead.
+    let env = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_level))
+        .add_directive("opentelemetry=off".parse().unwrap_or_default())
+        .add_directive("opentelemetry_sdk=off".parse().unwrap_or_default())
+        .add_directive("opentelemetry_otlp=off".parse().unwrap_or_default());
+    let most_verbose =
+        tracing_subscriber::Layer::<tracing_subscriber::Registry>::max_level_hint(&env)
+            .unwrap_or(tracing::level_filters::LevelFilter::TRACE);
+    let filter = TelemetryFilter {
+        env,
+        own_spans: traces.is_some(),
+    };
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(crate::json_log::JsonFormat)
+            .boxed(),
+    };
     let subscriber = tracing_subscriber::registry()
         .with(crate::json_log::TenantFieldLayer)
-        .with(logs)
-        .with(traces);
+        .with(
+            LogSpans {
+                inner: logs,
+                most_verbose,
+            }
+            .and_then(traces)
+            .with_filter(filter),
+        );
     Ok((
         tracing::Dispatch::new(subscriber),
         TelemetryGuard { provider },
