@@ -335,10 +335,7 @@ fn to_metric(name: String, family: Family, start: u64, now: u64) -> Option<Metri
 
 /// A histogram's series (labels without `le`) with per-bucket counts; Prometheus buckets
 /// are cumulative, OTLP's are not.
-fn histogram_points(
-    name: &str,
-    samples: &[Sample],
-) -> Vec<(Labels, HistogramDataPoint)> {
+fn histogram_points(name: &str, samples: &[Sample]) -> Vec<(Labels, HistogramDataPoint)> {
     #[derive(Default)]
     struct Series {
         buckets: Vec<(f64, f64)>,
