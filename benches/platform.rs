@@ -301,9 +301,11 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         Default::default(),
     )
     .await?;
-    // Same connection count for the baseline pool and each tenant's pool. PostgreSQL here
-    // allows 100 connections, so 50 tenants get 1 each, under a budget of 64.
-    let connections_per_pool = match backend {
+    // The baseline pool and the first tenant's pool (the 1-tenant scenarios) have the
+    // same number of connections. PostgreSQL here allows 100 connections, so the other
+    // tenants of the 50 get 1 each (their record's max_connections), under a budget of 64.
+    let connections_per_pool = 4;
+    let other_tenant_connections = match backend {
         Backend::Sqlite => 4,
         Backend::Postgres => 1,
     };
@@ -311,7 +313,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         &DataPlaneConfig {
             listen_addr: "127.0.0.1:0".parse()?,
             control_plane_url: control_plane.url(),
-            max_connections_per_tenant: connections_per_pool,
+            max_connections_per_tenant: other_tenant_connections,
             // Room for every tenant's pool: this measures routing, not budget churn
             // (the routing bench's Zipf scenario covers that).
             postgres_connection_budget: 64,
@@ -344,6 +346,11 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         tenants_client
             .create_tenant(cp::CreateTenantRequest {
                 tenant_id: tenant_id.clone(),
+                max_connections: if n == 0 {
+                    i32::try_from(connections_per_pool)?
+                } else {
+                    0
+                },
                 ..Default::default()
             })
             .await?;
@@ -457,7 +464,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
                 &DataPlaneConfig {
                     listen_addr: "127.0.0.1:0".parse()?,
                     control_plane_url: control_plane.url(),
-                    max_connections_per_tenant: connections_per_pool,
+                    max_connections_per_tenant: other_tenant_connections,
                     postgres_connection_budget: 64,
                     postgres_session_reset: false,
                     ..DataPlaneConfig::default()
@@ -506,7 +513,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         })
         .collect();
     println!(
-        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connection(s) per pool, median of {ROUNDS} rounds of {:?})\n",
+        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connections in the baseline's and the first tenant's pool, {other_tenant_connections} in the others', median of {ROUNDS} rounds of {:?})\n",
         seconds_per_round()
     );
     println!("| scenario | throughput (req/s) | p50 | p99 | errors |");

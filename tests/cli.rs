@@ -221,6 +221,18 @@ fn http_get(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A child process killed when the test ends, whichever way it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// An OTLP metrics collector on its own thread: what the planes push.
 #[derive(Clone, Default)]
 struct MetricsCollector {
@@ -364,6 +376,8 @@ fn dev_mode_serves_and_stops() {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {BIN} dev: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    // A failed assertion must not leave `dev` running.
+    let mut child = KillOnDrop(child);
     let mut lines = BufReader::new(stdout).lines();
     let mut endpoint = |label: &str| -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -490,12 +504,12 @@ fn dev_mode_serves_and_stops() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.0.try_wait() {
             assert!(status.success(), "dev exited with {status}");
             break;
         }
