@@ -787,6 +787,78 @@ async fn batch_is_all_or_nothing(backend: Backend) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// PostgreSQL: tenants cannot take session-level advisory locks (provisioning revokes
+/// them), transaction-level ones work in a Batch, and a tenant database where the
+/// functions are granted again (as for a tenant provisioned before the revoke) still
+/// gets its locks released between requests on the same connection.
+async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
+    let id = sandbox.tid("lock");
+    sandbox.create(&id).await;
+    let refused = sandbox
+        .query(&id, "SELECT pg_advisory_lock(42)", vec![])
+        .await
+        .err();
+    assert_eq!(
+        refused.as_ref().map(|s| s.code()),
+        Some(Code::InvalidArgument),
+        "{refused:?}"
+    );
+    assert!(
+        refused.is_some_and(|s| s.message().contains("pg_advisory_xact_lock")),
+        "the refusal says what to use instead"
+    );
+    sandbox
+        .batch(&id, &[("SELECT pg_advisory_xact_lock(42)", vec![])])
+        .await
+        .unwrap_or_else(|e| panic!("transaction-level advisory lock in a Batch: {e}"));
+
+    // A tenant whose role can take them: granted back before its first connection.
+    let legacy = sandbox.tid("legacy");
+    let tenant = sandbox.create(&legacy).await;
+    let admin = sandbox
+        .pg_admin_url
+        .as_deref()
+        .unwrap_or_else(|| panic!("PostgreSQL sandbox without an admin URL"));
+    {
+        use sqlx::Connection;
+        let mut connection =
+            sqlx::PgConnection::connect(&common::with_database(admin, &tenant.database_name))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql("GRANT EXECUTE ON FUNCTION pg_catalog.pg_advisory_lock(bigint) TO PUBLIC")
+            .execute(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = connection.close().await;
+    }
+    let locked = sandbox
+        .query(
+            &legacy,
+            "SELECT pg_backend_pid() AS pid FROM (SELECT pg_advisory_lock(42)) AS l",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a role granted pg_advisory_lock may take it: {e}"));
+    let after = sandbox
+        .query(
+            &legacy,
+            "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_locks \
+             WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS held",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        after.rows[0].values[0], locked.rows[0].values[0],
+        "the next request ran on the same connection"
+    );
+    assert_eq!(
+        after.rows[0].values[1],
+        int(0),
+        "a session-level advisory lock outlived its request"
+    );
+}
+
 async fn session_state_does_not_leak(backend: Backend) {
     // One connection per tenant, so the next request surely reuses the connection.
     let sandbox = Sandbox::start_with(
@@ -861,6 +933,7 @@ async fn session_state_does_not_leak(backend: Backend) {
                 Some(Code::InvalidArgument),
                 "a temp table outlived its request"
             );
+            advisory_locks_do_not_outlive_requests(&sandbox).await;
         }
         Backend::Sqlite => {
             let begin = sandbox

@@ -129,11 +129,16 @@ pub async fn start(
         .await
         .context("opening the tenant registry")?;
     let tenant_migrations = match &config.tenant_migrations_dir {
-        Some(dir) => Some(Arc::new(
-            sqlx::migrate::Migrator::new(dir.as_path())
+        Some(dir) => {
+            let mut migrator = sqlx::migrate::Migrator::new(dir.as_path())
                 .await
-                .with_context(|| format!("reading tenant migrations from {}", dir.display()))?,
-        )),
+                .with_context(|| format!("reading tenant migrations from {}", dir.display()))?;
+            // No advisory lock around a tenant's migrations: tenant roles cannot take
+            // session-level ones (see the provisioner's lock-down), and the control plane
+            // runs one sequence per tenant at a time already.
+            migrator.set_locking(false);
+            Some(Arc::new(migrator))
+        }
         None => None,
     };
     if let Some(directory) = &config.sqlite_directory {

@@ -32,6 +32,9 @@ pub struct ConnectionControls {
     /// Statements running past this instant (microseconds since `CLOCK_EPOCH`; 0 = no
     /// deadline) are interrupted.
     deadline_micros: AtomicU64,
+    /// PostgreSQL: the connection's role cannot take session-level advisory locks (checked
+    /// when it connected), so its session reset need not release any.
+    pub advisory_locks_revoked: AtomicBool,
 }
 
 static CLOCK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -77,8 +80,10 @@ pub type Harden<DB> = for<'c> fn(
 ) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
 
 /// Cleans a connection that comes back from a request; false closes it instead.
-pub type Clean<DB> =
-    for<'c> fn(&'c mut <DB as Database>::Connection) -> futures::future::BoxFuture<'c, bool>;
+pub type Clean<DB> = for<'c> fn(
+    &'c mut <DB as Database>::Connection,
+    &'c ConnectionControls,
+) -> futures::future::BoxFuture<'c, bool>;
 
 pub struct PoolOptions {
     pub max_connections: u32,
@@ -694,9 +699,10 @@ impl<DB: Database> Drop for PooledConnection<DB> {
                 tokio::spawn(async move {
                     // A server that stopped answering must not keep the connection (and
                     // its slots) forever.
-                    let cleaned = tokio::time::timeout(CLEAN_TIMEOUT, clean(&mut connection))
-                        .await
-                        .unwrap_or(false);
+                    let cleaned =
+                        tokio::time::timeout(CLEAN_TIMEOUT, clean(&mut connection, &controls))
+                            .await
+                            .unwrap_or(false);
                     if cleaned {
                         give_back(&pool, connection, controls, slot);
                     } else {

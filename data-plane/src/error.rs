@@ -150,6 +150,13 @@ fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) 
             "the statement was cancelled at the request's deadline ({full})"
         )),
         (_, "40001") | (_, "40P01") => DataPlaneError::Aborted(full),
+        (_, "42501") if message.contains("advisory_lock") => {
+            DataPlaneError::InvalidArgument(format!(
+                "{full}; session-level advisory locks are not available to tenants (a \
+                 connection serves one request after another): take \
+                 pg_advisory_xact_lock() inside a Batch, which holds it until the Batch ends"
+            ))
+        }
         // connection exceptions, insufficient resources, operator intervention, auth,
         // database missing: not the statement's fault.
         ("08", _) | ("53", _) | ("57", _) | ("28", _) | ("3D", _) | ("58", _) | ("XX", _) => {

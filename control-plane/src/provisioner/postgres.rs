@@ -11,6 +11,18 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions};
 
+/// Session-level advisory lock functions, taken away from tenants (see `lock_down`).
+const REVOKE_SESSION_ADVISORY_LOCKS: &str = "REVOKE EXECUTE ON FUNCTION \
+     pg_catalog.pg_advisory_lock(bigint), \
+     pg_catalog.pg_advisory_lock(integer, integer), \
+     pg_catalog.pg_advisory_lock_shared(bigint), \
+     pg_catalog.pg_advisory_lock_shared(integer, integer), \
+     pg_catalog.pg_try_advisory_lock(bigint), \
+     pg_catalog.pg_try_advisory_lock(integer, integer), \
+     pg_catalog.pg_try_advisory_lock_shared(bigint), \
+     pg_catalog.pg_try_advisory_lock_shared(integer, integer) \
+     FROM PUBLIC";
+
 /// Admin access to one PostgreSQL database server.
 pub struct PostgresServer {
     admin_pool: PgPool,
@@ -232,6 +244,23 @@ impl PostgresServer {
         sqlx::raw_sql(AssertSqlSafe(statements))
             .execute(&self.admin_pool)
             .await?;
+        // Inside the tenant's database: no session-level advisory locks. A data-plane
+        // connection serves one request after another, so a lock that outlives its
+        // request would only mislead; transaction-level ones (pg_advisory_xact_lock)
+        // stay. Without this the data plane must release locks after every request.
+        // An admin that is not a superuser cannot revoke these (PostgreSQL warns and
+        // goes on); data planes check per connection, so nothing breaks either way.
+        let mut connection = self
+            .admin_options
+            .clone()
+            .database(database)
+            .connect()
+            .await?;
+        let revoked = sqlx::raw_sql(REVOKE_SESSION_ADVISORY_LOCKS)
+            .execute(&mut connection)
+            .await;
+        let _ = sqlx::Connection::close(connection).await;
+        revoked?;
         Ok(())
     }
 
