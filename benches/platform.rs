@@ -8,14 +8,20 @@
 //!    with no tenant layers, vs the routed data plane with 1 tenant and with many tenants
 //!    (1,000 on SQLite, 50 on PostgreSQL), traffic spread uniformly.
 //!
-//! `TENANTRY_BENCH_SECONDS` (default 3) sets the length of each measured round; rounds
-//! of the scenarios are interleaved three times and the median round is reported.
+//! Scenarios are measured in `TENANTRY_BENCH_ROUNDS` (default 12) rounds of
+//! `TENANTRY_BENCH_SECONDS / 2` each (default 3, so 1.5 s rounds, after 1 s of unmeasured
+//! load): every round runs each scenario once, back to back,
+//! starting with a different scenario each time, so a machine's drift hits all alike.
+//! A ratio is the median over rounds of the ratio within a round; its spread is shown.
+//! `TENANTRY_BENCH_ONLY=layers,sqlite,postgres` picks parts (default all);
+//! `TENANTRY_BENCH_VERBOSE=1` prints every round.
 
 #[path = "support.rs"]
 mod support;
 #[path = "../tests/common/postgres.rs"]
 mod test_postgres;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +46,29 @@ use support::{ms, percentile, run_id, seconds_per_round};
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 const ROWS_PER_TENANT: i64 = 100;
-const ROUNDS: usize = 3;
+/// Rounds per scenario (`TENANTRY_BENCH_ROUNDS`, default 12); each measures half of
+/// `TENANTRY_BENCH_SECONDS`.
+fn round_count() -> usize {
+    std::env::var("TENANTRY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(12)
+}
+
+/// Whether scenario `n` (0 = baseline) runs: `TENANTRY_BENCH_SCENARIOS=1,2` (default all)
+/// runs only those, e.g. to profile one.
+fn scenario_wanted(n: usize) -> bool {
+    std::env::var("TENANTRY_BENCH_SCENARIOS")
+        .map(|only| only.split(',').any(|s| s.trim() == n.to_string()))
+        .unwrap_or(true)
+}
+
+fn wanted(part: &str) -> bool {
+    std::env::var("TENANTRY_BENCH_ONLY")
+        .map(|only| only.split(',').any(|s| s.trim() == part))
+        .unwrap_or(true)
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -49,9 +77,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("# Tenantry benchmarks\n");
-    layers().await?;
-    let sqlite = end_to_end(Backend::Sqlite, 1000).await?;
-    let postgres = end_to_end(Backend::Postgres, 50).await?;
+    if wanted("layers") {
+        layers().await?;
+    }
+    let sqlite = if wanted("sqlite") {
+        end_to_end(Backend::Sqlite, 1000).await?
+    } else {
+        Vec::new()
+    };
+    let postgres = if wanted("postgres") {
+        end_to_end(Backend::Postgres, 50).await?
+    } else {
+        Vec::new()
+    };
     println!("\n## Summary\n");
     println!("| backend | scenario | throughput (req/s) | p50 | p99 | ratio |");
     println!("| --- | --- | --- | --- | --- | --- |");
@@ -144,8 +182,35 @@ enum BaselinePool {
     Postgres(sqlx::PgPool),
 }
 
+/// A plain tonic `SqlService` without Tenantry: a map from tenant id (`x-tenant-id`) to a
+/// pre-opened sqlx pool, the home-made way to serve a database per tenant.
 struct Baseline {
-    pool: BaselinePool,
+    pools: Arc<HashMap<String, BaselinePool>>,
+}
+
+impl BaselinePool {
+    async fn close(&self) {
+        match self {
+            Self::Sqlite(pool) => pool.close().await,
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Serves `pools` on a port of its own; returns channels to it.
+async fn baseline_server(pools: HashMap<String, BaselinePool>) -> anyhow::Result<Vec<Channel>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let service = SqlServiceServer::new(Baseline {
+        pools: Arc::new(pools),
+    });
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tenantry_shared::grpc::incoming(listener))
+            .await;
+    });
+    channels(&format!("http://{address}")).await
 }
 
 fn to_value_i64(v: i64) -> dp::Value {
@@ -167,13 +232,20 @@ impl SqlService for Baseline {
         &self,
         request: tonic::Request<dp::QueryRequest>,
     ) -> Result<tonic::Response<dp::QueryResponse>, tonic::Status> {
+        let pool = request
+            .metadata()
+            .get("x-tenant-id")
+            .and_then(|id| id.to_str().ok())
+            .and_then(|id| self.pools.get(id))
+            .ok_or_else(|| tonic::Status::not_found("no pool for this x-tenant-id"))?
+            .clone();
         let statement = request.into_inner().statement.unwrap_or_default();
         let id = match statement.params.first().and_then(|p| p.kind.clone()) {
             Some(dp::value::Kind::Int64(id)) => id,
             _ => 0,
         };
         let sql = sqlx::AssertSqlSafe(statement.sql);
-        let row: (String,) = match &self.pool {
+        let row: (String,) = match &pool {
             BaselinePool::Sqlite(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await,
             BaselinePool::Postgres(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await,
         }
@@ -199,6 +271,37 @@ impl SqlService for Baseline {
 /// A load scenario: its label, where it sends requests, and which tenants it uses.
 type Scenario<'a> = (String, &'a [Channel], Arc<Vec<String>>);
 
+/// A ratio over rounds: the median and the lowest and highest round.
+struct Ratio {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Ratio {
+    /// Scenario `n`'s throughput over scenario `against`'s, round by round.
+    fn of(rounds: &[Vec<Measured>], n: usize, against: usize) -> Self {
+        let mut ratios: Vec<f64> = rounds[n]
+            .iter()
+            .zip(&rounds[against])
+            .map(|(a, b)| a.throughput / b.throughput)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        Self {
+            median: ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
+            low: ratios.first().copied().unwrap_or(f64::NAN),
+            high: ratios.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} ({:.2}–{:.2})", self.median, self.low, self.high)
+    }
+}
+
+#[derive(Default)]
 struct Measured {
     throughput: f64,
     p50: Duration,
@@ -206,9 +309,21 @@ struct Measured {
     errors: usize,
 }
 
-/// Runs point selects from CONCURRENCY tasks for one round against `tenants`.
-async fn run_load(channels: &[Channel], tenants: Arc<Vec<String>>, placeholder: &str) -> Measured {
+/// Load that runs before a round's measured time: the requests of the first second after
+/// a switch of scenario (while caches, threads and connections of the scenario warm up
+/// again) are not counted.
+const RAMP: Duration = Duration::from_secs(1);
+
+/// Runs point selects from CONCURRENCY tasks against `tenants`: `RAMP`, then one measured
+/// round of `round`.
+async fn run_load(
+    channels: &[Channel],
+    tenants: Arc<Vec<String>>,
+    placeholder: &str,
+    round: Duration,
+) -> Measured {
     let stop = Arc::new(AtomicBool::new(false));
+    let measure_from = Instant::now() + RAMP;
     let sql = Arc::new(format!("SELECT v FROM kv WHERE id = {placeholder}"));
     let mut tasks = Vec::new();
     for worker in 0..CONCURRENCY {
@@ -237,7 +352,11 @@ async fn run_load(channels: &[Channel], tenants: Arc<Vec<String>>, placeholder: 
                     request.metadata_mut().insert("x-tenant-id", value);
                 }
                 let started = Instant::now();
-                match client.query(request).await {
+                let result = client.query(request).await;
+                if started < measure_from || stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match result {
                     Ok(_) => latencies.push(started.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -245,8 +364,7 @@ async fn run_load(channels: &[Channel], tenants: Arc<Vec<String>>, placeholder: 
             (latencies, errors)
         }));
     }
-    let round = seconds_per_round();
-    tokio::time::sleep(round).await;
+    tokio::time::sleep_until((measure_from + round).into()).await;
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -398,48 +516,55 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         sql_client.batch(request).await?;
     }
 
-    // The baseline server: the first tenant's database on one pre-opened pool.
-    let first = tenants_client
-        .get_tenant(cp::GetTenantRequest {
-            tenant_id: tenant_ids[0].clone(),
-        })
-        .await?
-        .into_inner();
-    let baseline_pool = match &admin_url {
-        Some(url) => {
-            let mut parsed = url::Url::parse(url)?;
-            parsed.set_path(&format!("/{}", first.database_name));
-            BaselinePool::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(connections_per_pool)
-                    .test_before_acquire(false)
-                    .connect(parsed.as_str())
-                    .await?,
-            )
-        }
-        None => BaselinePool::Sqlite(
-            sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(connections_per_pool)
-                .test_before_acquire(false)
-                .connect_with(
-                    sqlx::sqlite::SqliteConnectOptions::new()
-                        .filename(temp.path().join("tenants").join(&first.database_name)),
-                )
-                .await?,
-        ),
-    };
-    let baseline_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let baseline_addr = baseline_listener.local_addr()?;
-    let baseline_service = SqlServiceServer::new(Baseline {
-        pool: baseline_pool.clone(),
-    });
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(baseline_service)
-            .serve_with_incoming(tenantry_shared::grpc::incoming(baseline_listener))
-            .await;
-    });
-    let baseline_channels = channels(&format!("http://{baseline_addr}")).await?;
+    // The baselines: the first tenant's database on one pre-opened pool, and every
+    // tenant's database on a pool of its own (sized like the data plane's), in a map.
+    let mut baseline_pools = HashMap::new();
+    for (n, tenant_id) in tenant_ids.iter().enumerate() {
+        let tenant = tenants_client
+            .get_tenant(cp::GetTenantRequest {
+                tenant_id: tenant_id.clone(),
+            })
+            .await?
+            .into_inner();
+        let connections = if n == 0 {
+            connections_per_pool
+        } else {
+            other_tenant_connections
+        };
+        let pool = match &admin_url {
+            Some(url) => {
+                let mut parsed = url::Url::parse(url)?;
+                parsed.set_path(&format!("/{}", tenant.database_name));
+                let options = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(connections)
+                    .test_before_acquire(false);
+                BaselinePool::Postgres(if n == 0 {
+                    options.connect(parsed.as_str()).await?
+                } else {
+                    options.connect_lazy(parsed.as_str())?
+                })
+            }
+            None => {
+                let options = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(connections)
+                    .test_before_acquire(false);
+                let connect = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(temp.path().join("tenants").join(&tenant.database_name));
+                BaselinePool::Sqlite(if n == 0 {
+                    options.connect_with(connect).await?
+                } else {
+                    options.connect_lazy_with(connect)
+                })
+            }
+        };
+        baseline_pools.insert(tenant_id.clone(), pool);
+    }
+    let baseline_pool = baseline_pools[&tenant_ids[0]].clone();
+    let baseline_channels = baseline_server(HashMap::from([(
+        tenant_ids[0].clone(),
+        baseline_pool.clone(),
+    )]))
+    .await?;
 
     let one = Arc::new(vec![tenant_ids[0].clone()]);
     let all = Arc::new(tenant_ids.clone());
@@ -499,61 +624,65 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             one.clone(),
         ));
     }
-    let mut rounds: Vec<Vec<Measured>> = scenarios.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for (n, (_, scenario_channels, tenants)) in scenarios.iter().enumerate() {
-            rounds[n].push(run_load(scenario_channels, tenants.clone(), placeholder).await);
-        }
+    // Creating the tenants' databases leaves dirty pages behind; flush them now so the
+    // rounds measure requests, not the server's catch-up writes.
+    if let Some(url) = &admin_url {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(url).await?;
+        sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
+        admin.close().await?;
     }
-    let median: Vec<Measured> = rounds
-        .into_iter()
-        .map(|mut r| {
-            r.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
-            r.swap_remove(r.len() / 2)
-        })
-        .collect();
     println!(
-        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connections in the baseline's and the first tenant's pool, {other_tenant_connections} in the others', median of {ROUNDS} rounds of {:?})\n",
-        seconds_per_round()
+        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connections in the baseline's and the first tenant's pool, {other_tenant_connections} in the others', {} rounds of {:?} per scenario)\n",
+        round_count(),
+        seconds_per_round() / 2
     );
-    println!("| scenario | throughput (req/s) | p50 | p99 | errors |");
-    println!("| --- | --- | --- | --- | --- |");
-    let mut summary = Vec::new();
-    for (n, ((label, _, _), m)) in scenarios.iter().zip(&median).enumerate() {
-        println!(
-            "| {label} | {:.0} | {} | {} | {} |",
-            m.throughput,
-            ms(m.p50),
-            ms(m.p99),
-            m.errors
-        );
-        let ratio = match n {
-            0 => "1.00 (baseline)".to_owned(),
-            2 => format!(
-                "{:.2} of baseline, {:.2} of 1 tenant",
-                m.throughput / median[0].throughput,
-                m.throughput / median[1].throughput
-            ),
-            _ => format!("{:.2} of baseline", m.throughput / median[0].throughput),
-        };
-        summary.push(format!(
-            "{label} | {:.0} | {} | {} | {ratio}",
-            m.throughput,
-            ms(m.p50),
-            ms(m.p99)
-        ));
-    }
+    let rounds = measure(name, &scenarios, placeholder).await;
+    let mut summary = report(&scenarios, &rounds, |n| match n {
+        0 => "1.00 (baseline)".to_owned(),
+        2 => format!(
+            "{} of baseline, {} of 1 tenant",
+            Ratio::of(&rounds, 2, 0),
+            Ratio::of(&rounds, 2, 1)
+        ),
+        _ => format!("{} of baseline", Ratio::of(&rounds, n, 0)),
+    });
     if let Some(plane) = no_reset_plane {
         plane.server.shutdown().await?;
     }
+    data_plane.server.shutdown().await?;
+
+    // The same load without Tenantry: the 1-pool baseline against a map of pools, one per
+    // tenant (after the data planes closed their connections, so that on PostgreSQL both
+    // fit in the server's connection limit). Tells what many databases cost the database
+    // engine and a home-made service, apart from Tenantry.
+    let map_channels = baseline_server(baseline_pools.clone()).await?;
+    let without: Vec<Scenario<'_>> = vec![
+        (
+            "baseline (1 pool, no tenant layers)".to_owned(),
+            &baseline_channels,
+            one.clone(),
+        ),
+        (
+            format!("baseline, {many} tenants (a map of {many} sqlx pools, no tenant layers)"),
+            &map_channels,
+            all.clone(),
+        ),
+    ];
+    // Opens the map's pools before the rounds.
+    run_load(&map_channels, all.clone(), placeholder, Duration::ZERO).await;
+    println!("\n## {name}: the same without Tenantry (a map of sqlx pools)\n");
+    let without_rounds = measure(name, &without, placeholder).await;
+    summary.extend(report(&without, &without_rounds, |n| match n {
+        0 => "1.00 (baseline)".to_owned(),
+        _ => format!("{} of 1 pool", Ratio::of(&without_rounds, n, 0)),
+    }));
     println!();
 
     // Clean up: delete every tenant (drops PostgreSQL databases and roles).
-    match baseline_pool {
-        BaselinePool::Sqlite(pool) => pool.close().await,
-        BaselinePool::Postgres(pool) => pool.close().await,
+    for pool in baseline_pools.values() {
+        pool.close().await;
     }
-    data_plane.server.shutdown().await?;
     for tenant_id in &tenant_ids {
         tenants_client
             .delete_tenant(cp::DeleteTenantRequest {
@@ -563,4 +692,72 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     }
     control_plane.shutdown().await?;
     Ok(summary)
+}
+
+/// Runs `round_count()` rounds of every scenario (each round starts with the next
+/// scenario) and returns each scenario's rounds.
+async fn measure(name: &str, scenarios: &[Scenario<'_>], placeholder: &str) -> Vec<Vec<Measured>> {
+    let round_length = seconds_per_round() / 2;
+    let mut rounds: Vec<Vec<Measured>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for round in 0..round_count() {
+        for step in 0..scenarios.len() {
+            let n = (round + step) % scenarios.len();
+            if !scenario_wanted(n) {
+                rounds[n].push(Measured::default());
+                continue;
+            }
+            let (_, scenario_channels, tenants) = &scenarios[n];
+            let measured = run_load(
+                scenario_channels,
+                tenants.clone(),
+                placeholder,
+                round_length,
+            )
+            .await;
+            rounds[n].push(measured);
+        }
+        if std::env::var_os("TENANTRY_BENCH_VERBOSE").is_some() {
+            let line: Vec<String> = rounds
+                .iter()
+                .map(|r| format!("{:.0}", r[round].throughput))
+                .collect();
+            eprintln!("{name} round {round}: {} req/s", line.join(" / "));
+        }
+    }
+    rounds
+}
+
+/// Prints a scenario table (median round of each, and `ratio(n)`); returns summary lines.
+fn report(
+    scenarios: &[Scenario<'_>],
+    rounds: &[Vec<Measured>],
+    ratio: impl Fn(usize) -> String,
+) -> Vec<String> {
+    println!(
+        "| scenario | throughput (req/s, median round) | p50 | p99 | errors | ratio (median of rounds, range) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let mut summary = Vec::new();
+    for (n, ((label, _, _), scenario_rounds)) in scenarios.iter().zip(rounds).enumerate() {
+        let mut sorted: Vec<&Measured> = scenario_rounds.iter().collect();
+        sorted.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+        let Some(m) = sorted.get(sorted.len() / 2) else {
+            continue;
+        };
+        let ratio = ratio(n);
+        println!(
+            "| {label} | {:.0} | {} | {} | {} | {ratio} |",
+            m.throughput,
+            ms(m.p50),
+            ms(m.p99),
+            m.errors
+        );
+        summary.push(format!(
+            "{label} | {:.0} | {} | {} | {ratio}",
+            m.throughput,
+            ms(m.p50),
+            ms(m.p99)
+        ));
+    }
+    summary
 }
