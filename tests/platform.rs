@@ -840,12 +840,7 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
         .await
         .unwrap_or_else(|e| panic!("a role granted pg_advisory_lock may take it: {e}"));
     let after = sandbox
-        .query(
-            &legacy,
-            "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_locks \
-             WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS held",
-            vec![],
-        )
+        .query(&legacy, LOCKS_HELD, vec![])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -857,7 +852,36 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
         int(0),
         "a session-level advisory lock outlived its request"
     );
+    // The first reset of a connection also found out that its role can take them; the
+    // later resets must release them too.
+    for _ in 0..2 {
+        sandbox
+            .query(
+                &legacy,
+                "SELECT pg_backend_pid() AS pid FROM (SELECT pg_advisory_lock(42)) AS l",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let later = sandbox
+            .query(&legacy, LOCKS_HELD, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            later.rows[0].values[0], locked.rows[0].values[0],
+            "the next request ran on the same connection"
+        );
+        assert_eq!(
+            later.rows[0].values[1],
+            int(0),
+            "a session-level advisory lock outlived a later request"
+        );
+    }
 }
+
+/// The backend's pid and the advisory locks it holds.
+const LOCKS_HELD: &str = "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_locks \
+     WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS held";
 
 async fn session_state_does_not_leak(backend: Backend) {
     // One connection per tenant, so the next request surely reuses the connection.

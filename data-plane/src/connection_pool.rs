@@ -32,9 +32,12 @@ pub struct ConnectionControls {
     /// Statements running past this instant (microseconds since `CLOCK_EPOCH`; 0 = no
     /// deadline) are interrupted.
     deadline_micros: AtomicU64,
-    /// PostgreSQL: the connection's role cannot take session-level advisory locks (checked
-    /// when it connected), so its session reset need not release any.
+    /// PostgreSQL: the connection's role cannot take session-level advisory locks (valid
+    /// once `advisory_locks_checked`), so its session reset need not release any.
     pub advisory_locks_revoked: AtomicBool,
+    /// PostgreSQL: `advisory_locks_revoked` has been found out (by the connection's first
+    /// session reset, so that a cold request does not wait for it).
+    pub advisory_locks_checked: AtomicBool,
 }
 
 static CLOCK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);

@@ -315,7 +315,7 @@ impl PoolManager {
                 TenantPool::Postgres(PgTenantPool::new_lazy(
                     connect,
                     self.connection_pool_options(max_connections),
-                    check_advisory_locks,
+                    postgres_connected,
                     reset,
                     Some(self.budget(host, *port)),
                 ))
@@ -504,38 +504,62 @@ impl pb::pool_service_server::PoolService for PoolApi {
     }
 }
 
+/// A connection's first session reset: releases any advisory locks, and finds out
+/// whether the role can take them at all (the last statement's one row).
+static POSTGRES_FIRST_SESSION_RESET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("{POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS}; {POSTGRES_CAN_TAKE_ADVISORY_LOCKS}")
+});
+
 /// Resets a PostgreSQL connection that comes back from a request. One round trip, which
 /// also tells that the connection still works (a failing one is closed).
+///
+/// The first reset of a connection also asks whether its role can take session-level
+/// advisory locks; later resets release them only if it can. The question loads catalog
+/// entries on a fresh backend (about 3 ms), so it runs here, after the first response,
+/// rather than when the connection opens, on the way of a cold tenant's first request.
 fn reset_session<'c>(
     connection: &'c mut PgConnection,
     controls: &'c ConnectionControls,
 ) -> futures::future::BoxFuture<'c, bool> {
-    let reset = if controls
-        .advisory_locks_revoked
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
-        POSTGRES_SESSION_RESET
-    } else {
-        POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS
-    };
-    Box::pin(async move { sqlx::raw_sql(reset).execute(connection).await.is_ok() })
+    use std::sync::atomic::Ordering;
+    Box::pin(async move {
+        if controls.advisory_locks_checked.load(Ordering::Acquire) {
+            let reset = if controls.advisory_locks_revoked.load(Ordering::Acquire) {
+                POSTGRES_SESSION_RESET
+            } else {
+                POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS
+            };
+            return sqlx::raw_sql(reset).execute(connection).await.is_ok();
+        }
+        let Ok(rows) = sqlx::raw_sql(POSTGRES_FIRST_SESSION_RESET.as_str())
+            .fetch_all(connection)
+            .await
+        else {
+            return false;
+        };
+        // Unanswered, the next reset asks again (and releases locks meanwhile).
+        if let Some(can_take) = rows
+            .last()
+            .and_then(|row| sqlx::Row::try_get::<bool, _>(row, 0).ok())
+        {
+            controls
+                .advisory_locks_revoked
+                .store(!can_take, Ordering::Release);
+            controls
+                .advisory_locks_checked
+                .store(true, Ordering::Release);
+        }
+        true
+    })
 }
 
-/// A new PostgreSQL tenant connection: finds out whether its role can take session-level
-/// advisory locks (which its session reset must then release).
-fn check_advisory_locks(
-    connection: &mut PgConnection,
-    controls: std::sync::Arc<ConnectionControls>,
+/// A new PostgreSQL tenant connection needs nothing before its first request: its
+/// session reset finds out the rest (see `reset_session`).
+fn postgres_connected(
+    _connection: &mut PgConnection,
+    _controls: std::sync::Arc<ConnectionControls>,
 ) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        let can_take: bool = sqlx::query_scalar(POSTGRES_CAN_TAKE_ADVISORY_LOCKS)
-            .fetch_one(connection)
-            .await?;
-        controls
-            .advisory_locks_revoked
-            .store(!can_take, std::sync::atomic::Ordering::Release);
-        Ok(())
-    })
+    Box::pin(std::future::ready(Ok(())))
 }
 
 /// Pragmas that take an argument but only read (e.g. `PRAGMA table_info(t)`).
