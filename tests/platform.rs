@@ -831,50 +831,32 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
             .unwrap_or_else(|e| panic!("{e}"));
         let _ = connection.close().await;
     }
-    let locked = sandbox
-        .query(
-            &legacy,
-            "SELECT pg_backend_pid() AS pid FROM (SELECT pg_advisory_lock(42)) AS l",
-            vec![],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("a role granted pg_advisory_lock may take it: {e}"));
-    let after = sandbox
-        .query(&legacy, LOCKS_HELD, vec![])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        after.rows[0].values[0], locked.rows[0].values[0],
-        "the next request ran on the same connection"
-    );
-    assert_eq!(
-        after.rows[0].values[1],
-        int(0),
-        "a session-level advisory lock outlived its request"
-    );
-    // The first reset of a connection also found out that its role can take them; the
-    // later resets must release them too.
-    for _ in 0..2 {
-        sandbox
+    // The connection's first reset releases them and finds out that its role can take
+    // them; the later resets must release them too.
+    let mut first_pid = None;
+    for request in 0..3 {
+        let locked = sandbox
             .query(
                 &legacy,
                 "SELECT pg_backend_pid() AS pid FROM (SELECT pg_advisory_lock(42)) AS l",
                 vec![],
             )
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let later = sandbox
+            .unwrap_or_else(|e| panic!("a role granted pg_advisory_lock may take it: {e}"));
+        let after = sandbox
             .query(&legacy, LOCKS_HELD, vec![])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let pid = first_pid.get_or_insert_with(|| locked.rows[0].values[0].clone());
         assert_eq!(
-            later.rows[0].values[0], locked.rows[0].values[0],
-            "the next request ran on the same connection"
+            (&locked.rows[0].values[0], &after.rows[0].values[0]),
+            (&*pid, &*pid),
+            "every request ran on the same connection"
         );
         assert_eq!(
-            later.rows[0].values[1],
+            after.rows[0].values[1],
             int(0),
-            "a session-level advisory lock outlived a later request"
+            "a session-level advisory lock outlived its request (lock {request})"
         );
     }
 }
