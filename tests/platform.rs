@@ -477,6 +477,20 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
         .err()
         .map(|s| s.code());
     assert_eq!(too_many, Some(Code::InvalidArgument));
+    // One statement per Execute or Query: a second one is refused, never skipped.
+    let two = sandbox.query(&id, "SELECT 1; SELECT 2", vec![]).await.err();
+    assert_eq!(two.as_ref().map(|s| s.code()), Some(Code::InvalidArgument));
+    let two_writes = sandbox
+        .execute(&id, "SELECT 1; SELECT 2", vec![])
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(two_writes, Some(Code::InvalidArgument));
+    let trailing = sandbox
+        .query(&id, "SELECT 1 AS one; -- nothing after this", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("a trailing semicolon and comment: {e}"));
+    assert_eq!(trailing.rows.len(), 1);
     let missing_statement = sandbox
         .sql()
         .query(with_tenant(dp::QueryRequest { statement: None }, &id))
@@ -519,6 +533,16 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
                 Some(Code::InvalidArgument)
             );
             assert!(named.is_some_and(|s| s.message().contains("?NNN")));
+            // $NNN takes the parameter of that number, wherever it stands.
+            let numbered = sandbox
+                .query(
+                    &id,
+                    "SELECT $2 AS b, $1 AS a, ?3 AS c",
+                    vec![int(1), int(2), int(3)],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(numbered.rows[0].values, vec![int(2), int(1), int(3)]);
             // Reading PRAGMAs is fine.
             sandbox
                 .query(&id, "PRAGMA journal_mode", vec![])

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::{ConnectOptions, Connection, Database};
+use futures::future::BoxFuture;
+use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
@@ -76,17 +77,65 @@ const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a request waits for a connection that is being cleaned before it opens one.
 const CLEANING_WAIT: Duration = Duration::from_millis(20);
 
+/// What the pool needs of a database driver: open a connection, close one.
+pub trait Backend: Sized + Send + Sync + 'static {
+    type Connection: Send + 'static;
+    type ConnectOptions: Send + Sync + 'static;
+    fn connect(
+        options: &Self::ConnectOptions,
+    ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>>;
+    /// Closes the connection (gracefully where the protocol has a goodbye).
+    fn close(connection: Self::Connection) -> BoxFuture<'static, ()>;
+}
+
+/// Why a new connection could not be opened or set up.
+#[derive(Debug)]
+pub enum ConnectError {
+    Sqlx(sqlx::Error),
+    Sqlite(rusqlite::Error),
+    /// The blocking task opening or setting up a SQLite connection panicked.
+    WorkerPanicked,
+}
+
+impl From<sqlx::Error> for ConnectError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Sqlx(error)
+    }
+}
+
+impl From<rusqlite::Error> for ConnectError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error)
+    }
+}
+
+/// PostgreSQL tenant connections are sqlx's.
+impl Backend for sqlx::Postgres {
+    type Connection = sqlx::postgres::PgConnection;
+    type ConnectOptions = sqlx::postgres::PgConnectOptions;
+
+    fn connect(
+        options: &Self::ConnectOptions,
+    ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>> {
+        Box::pin(async move { Ok(options.connect().await?) })
+    }
+
+    fn close(connection: Self::Connection) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = connection.close().await;
+        })
+    }
+}
+
 /// Sets up a new connection with its controls (authorizer, progress handler, limits).
-pub type Harden<DB> = for<'c> fn(
-    &'c mut <DB as Database>::Connection,
+pub type Harden<B> = for<'c> fn(
+    &'c mut <B as Backend>::Connection,
     Arc<ConnectionControls>,
-) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>;
+) -> BoxFuture<'c, Result<(), ConnectError>>;
 
 /// Cleans a connection that comes back from a request; false closes it instead.
-pub type Clean<DB> = for<'c> fn(
-    &'c mut <DB as Database>::Connection,
-    &'c ConnectionControls,
-) -> futures::future::BoxFuture<'c, bool>;
+pub type Clean<B> =
+    for<'c> fn(&'c mut <B as Backend>::Connection, &'c ConnectionControls) -> BoxFuture<'c, bool>;
 
 pub struct PoolOptions {
     pub max_connections: u32,
@@ -117,18 +166,18 @@ pub enum AcquireError {
         connecting: Duration,
     },
     /// Connecting or setting up the connection failed.
-    Connect(sqlx::Error),
+    Connect(ConnectError),
 }
 
 /// A connection budget shared by every pool of tenants on one database server.
-pub struct ServerBudget<DB: Database> {
+pub struct ServerBudget<B: Backend> {
     server: String,
     budget: u32,
     slots: Arc<Semaphore>,
     /// Woken whenever a connection goes idle somewhere on the server (so it can be
     /// evicted) or a slot frees.
     changed: Notify,
-    pools: Mutex<Vec<Weak<Inner<DB>>>>,
+    pools: Mutex<Vec<Weak<Inner<B>>>>,
     evictions: AtomicU64,
     /// Requests of pools with no connection at all waiting for a slot. While there are
     /// any, pools that have connections do not take free slots, and a connection coming
@@ -137,7 +186,7 @@ pub struct ServerBudget<DB: Database> {
     starving: AtomicU32,
 }
 
-impl<DB: Database> ServerBudget<DB> {
+impl<B: Backend> ServerBudget<B> {
     pub fn new(server: String, budget: u32) -> Arc<Self> {
         Arc::new(Self {
             server,
@@ -174,7 +223,7 @@ impl<DB: Database> ServerBudget<DB> {
         self.pools.lock().map_or(0, |pools| pools.len())
     }
 
-    fn register(&self, pool: &Arc<Inner<DB>>) {
+    fn register(&self, pool: &Arc<Inner<B>>) {
         if let Ok(mut pools) = self.pools.lock() {
             pools.retain(|weak| weak.strong_count() > 0);
             pools.push(Arc::downgrade(pool));
@@ -214,7 +263,7 @@ impl<DB: Database> ServerBudget<DB> {
                     mut slot,
                     ..
                 } = evicted;
-                let _ = tokio::time::timeout_at(deadline, connection.close()).await;
+                let _ = tokio::time::timeout_at(deadline, B::close(connection)).await;
                 if let Some(server) = slot.server.take() {
                     return Ok(server);
                 }
@@ -229,10 +278,10 @@ impl<DB: Database> ServerBudget<DB> {
 
     /// Takes out the idle connection (of any pool on this server) that has been idle
     /// longest, for the caller to close. None if no connection is idle.
-    fn take_least_recently_used(&self) -> Option<Idle<DB>> {
+    fn take_least_recently_used(&self) -> Option<Idle<B>> {
         // Another request may take the chosen connection first; then look again.
         for _ in 0..8 {
-            let pools: Vec<Arc<Inner<DB>>> = match self.pools.lock() {
+            let pools: Vec<Arc<Inner<B>>> = match self.pools.lock() {
                 Ok(pools) => pools.iter().filter_map(Weak::upgrade).collect(),
                 Err(_) => return None,
             };
@@ -257,12 +306,12 @@ impl<DB: Database> ServerBudget<DB> {
 
 /// What an open connection holds: its place in the pool's count and, for a pool under a
 /// server budget, one of the budget's slots. Both free when the connection is closed.
-struct Slot<DB: Database> {
-    pool: Arc<Inner<DB>>,
+struct Slot<B: Backend> {
+    pool: Arc<Inner<B>>,
     server: Option<OwnedSemaphorePermit>,
 }
 
-impl<DB: Database> Drop for Slot<DB> {
+impl<B: Backend> Drop for Slot<B> {
     fn drop(&mut self) {
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
         self.pool.returned.notify_waiters();
@@ -274,22 +323,22 @@ impl<DB: Database> Drop for Slot<DB> {
     }
 }
 
-struct Idle<DB: Database> {
-    connection: DB::Connection,
+struct Idle<B: Backend> {
+    connection: B::Connection,
     controls: Arc<ConnectionControls>,
     since: Instant,
-    slot: Slot<DB>,
+    slot: Slot<B>,
 }
 
-pub struct Inner<DB: Database> {
-    connect: <DB::Connection as Connection>::Options,
+pub struct Inner<B: Backend> {
+    connect: B::ConnectOptions,
     options: PoolOptions,
-    harden: Harden<DB>,
-    clean: Option<Clean<DB>>,
-    idle: Mutex<Vec<Idle<DB>>>,
+    harden: Harden<B>,
+    clean: Option<Clean<B>>,
+    idle: Mutex<Vec<Idle<B>>>,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
-    budget: Option<Arc<ServerBudget<DB>>>,
+    budget: Option<Arc<ServerBudget<B>>>,
     /// Connections open (idle, lent, or being cleaned).
     open: AtomicU32,
     /// Requests waiting in `acquire`.
@@ -311,11 +360,11 @@ pub struct PoolFigures {
 }
 
 /// Cheap to clone; every clone is the same pool.
-pub struct ConnectionPool<DB: Database> {
-    inner: Arc<Inner<DB>>,
+pub struct ConnectionPool<B: Backend> {
+    inner: Arc<Inner<B>>,
 }
 
-impl<DB: Database> Clone for ConnectionPool<DB> {
+impl<B: Backend> Clone for ConnectionPool<B> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -325,27 +374,27 @@ impl<DB: Database> Clone for ConnectionPool<DB> {
 
 /// A connection lent to one request. Dropping it gives the connection back, unless
 /// `close_on_drop` was called (the request was abandoned half-way) or the pool is closed.
-pub struct PooledConnection<DB: Database> {
+pub struct PooledConnection<B: Backend> {
     /// Taken out exactly once, in `drop`.
-    connection: ManuallyDrop<DB::Connection>,
+    connection: ManuallyDrop<B::Connection>,
     controls: Arc<ConnectionControls>,
-    pool: Arc<Inner<DB>>,
+    pool: Arc<Inner<B>>,
     close: bool,
     /// Held while the connection is lent (and while it is cleaned afterwards).
     permit: Option<OwnedSemaphorePermit>,
-    slot: Option<Slot<DB>>,
+    slot: Option<Slot<B>>,
 }
 
-impl<DB: Database> ConnectionPool<DB> {
+impl<B: Backend> ConnectionPool<B> {
     /// A pool that opens connections on first use; `harden` runs on each new connection,
     /// `clean` on each one that comes back. With a `budget`, every connection takes one
     /// of the server's slots.
     pub fn new_lazy(
-        connect: <DB::Connection as Connection>::Options,
+        connect: B::ConnectOptions,
         options: PoolOptions,
-        harden: Harden<DB>,
-        clean: Option<Clean<DB>>,
-        budget: Option<Arc<ServerBudget<DB>>>,
+        harden: Harden<B>,
+        clean: Option<Clean<B>>,
+        budget: Option<Arc<ServerBudget<B>>>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.max_connections.max(1) as usize));
         let inner = Arc::new(Inner {
@@ -371,7 +420,7 @@ impl<DB: Database> ConnectionPool<DB> {
 
     /// A free connection: an idle one, or a new one while under the tenant's maximum and
     /// the server's budget. Waits at most the acquire timeout in all.
-    pub async fn acquire(&self) -> Result<PooledConnection<DB>, AcquireError> {
+    pub async fn acquire(&self) -> Result<PooledConnection<B>, AcquireError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(AcquireError::Closed);
         }
@@ -395,7 +444,7 @@ impl<DB: Database> ConnectionPool<DB> {
         let (mut reused, expired) = self.take_idle();
         for stale in expired {
             tokio::spawn(async move {
-                let _ = stale.connection.close().await;
+                B::close(stale.connection).await;
                 drop(stale.slot);
             });
         }
@@ -424,10 +473,10 @@ impl<DB: Database> ConnectionPool<DB> {
                     };
                     let connecting = Instant::now();
                     let connected = tokio::time::timeout_at(deadline, async {
-                        let mut connection = self.inner.connect.connect().await?;
+                        let mut connection = B::connect(&self.inner.connect).await?;
                         let controls = Arc::new(ConnectionControls::default());
                         (self.inner.harden)(&mut connection, controls.clone()).await?;
-                        Ok::<_, sqlx::Error>((connection, controls))
+                        Ok::<_, ConnectError>((connection, controls))
                     })
                     .await
                     .map_err(|_| AcquireError::ConnectTimeout {
@@ -439,7 +488,7 @@ impl<DB: Database> ConnectionPool<DB> {
                         // The route changed while this connected: never use it.
                         let (connection, _) = connected;
                         tokio::spawn(async move {
-                            let _ = connection.close().await;
+                            B::close(connection).await;
                             drop(slot);
                         });
                         return Err(AcquireError::Closed);
@@ -468,7 +517,7 @@ impl<DB: Database> ConnectionPool<DB> {
         &self,
         deadline: tokio::time::Instant,
         started: Instant,
-    ) -> Result<Result<Idle<DB>, Option<OwnedSemaphorePermit>>, AcquireError> {
+    ) -> Result<Result<Idle<B>, Option<OwnedSemaphorePermit>>, AcquireError> {
         let Some(budget) = &self.inner.budget else {
             return Ok(Err(None));
         };
@@ -548,7 +597,7 @@ impl<DB: Database> ConnectionPool<DB> {
     }
 
     /// The most recently used idle connection, and the idle ones past the idle timeout.
-    fn take_idle(&self) -> (Option<Idle<DB>>, Vec<Idle<DB>>) {
+    fn take_idle(&self) -> (Option<Idle<B>>, Vec<Idle<B>>) {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
         };
@@ -571,11 +620,11 @@ impl<DB: Database> ConnectionPool<DB> {
 
     /// Closes idle connections past the idle timeout (called periodically).
     pub async fn close_expired_idle(&self) {
-        let expired: Vec<Idle<DB>> = match self.inner.idle.lock() {
+        let expired: Vec<Idle<B>> = match self.inner.idle.lock() {
             Ok(mut idle) => {
                 let now = Instant::now();
                 let idle_timeout = self.inner.options.idle_timeout;
-                let (expired, kept): (Vec<Idle<DB>>, Vec<Idle<DB>>) = idle
+                let (expired, kept): (Vec<Idle<B>>, Vec<Idle<B>>) = idle
                     .drain(..)
                     .partition(|entry| now.duration_since(entry.since) > idle_timeout);
                 *idle = kept;
@@ -584,7 +633,7 @@ impl<DB: Database> ConnectionPool<DB> {
             Err(_) => Vec::new(),
         };
         for entry in expired {
-            let _ = entry.connection.close().await;
+            B::close(entry.connection).await;
             drop(entry.slot);
         }
     }
@@ -595,7 +644,7 @@ impl<DB: Database> ConnectionPool<DB> {
             connection, slot, ..
         } in self.shut()
         {
-            let _ = connection.close().await;
+            B::close(connection).await;
             drop(slot);
         }
     }
@@ -610,7 +659,7 @@ impl<DB: Database> ConnectionPool<DB> {
                     connection, slot, ..
                 } in idle
                 {
-                    let _ = connection.close().await;
+                    B::close(connection).await;
                     drop(slot);
                 }
             });
@@ -619,8 +668,8 @@ impl<DB: Database> ConnectionPool<DB> {
 
     /// Marks the pool closed and takes its idle connections out, under the idle lock so
     /// that none is handed out or put back meanwhile.
-    fn shut(&self) -> Vec<Idle<DB>> {
-        let idle: Vec<Idle<DB>> = match self.inner.idle.lock() {
+    fn shut(&self) -> Vec<Idle<B>> {
+        let idle: Vec<Idle<B>> = match self.inner.idle.lock() {
             Ok(mut idle) => {
                 self.inner.closed.store(true, Ordering::Release);
                 idle.drain(..).collect()
@@ -639,7 +688,7 @@ impl<DB: Database> ConnectionPool<DB> {
     }
 }
 
-impl<DB: Database> PooledConnection<DB> {
+impl<B: Backend> PooledConnection<B> {
     /// Close the connection instead of giving it back (its state is unknown).
     pub fn close_on_drop(&mut self) {
         self.close = true;
@@ -659,20 +708,20 @@ impl<DB: Database> PooledConnection<DB> {
     }
 }
 
-impl<DB: Database> std::ops::Deref for PooledConnection<DB> {
-    type Target = DB::Connection;
-    fn deref(&self) -> &DB::Connection {
+impl<B: Backend> std::ops::Deref for PooledConnection<B> {
+    type Target = B::Connection;
+    fn deref(&self) -> &B::Connection {
         &self.connection
     }
 }
 
-impl<DB: Database> std::ops::DerefMut for PooledConnection<DB> {
-    fn deref_mut(&mut self) -> &mut DB::Connection {
+impl<B: Backend> std::ops::DerefMut for PooledConnection<B> {
+    fn deref_mut(&mut self) -> &mut B::Connection {
         &mut self.connection
     }
 }
 
-impl<DB: Database> Drop for PooledConnection<DB> {
+impl<B: Backend> Drop for PooledConnection<B> {
     fn drop(&mut self) {
         // SAFETY: `drop` runs once and nothing uses `self.connection` after this.
         let mut connection = unsafe { ManuallyDrop::take(&mut self.connection) };
@@ -686,7 +735,7 @@ impl<DB: Database> Drop for PooledConnection<DB> {
         };
         if self.close || pool.closed.load(Ordering::Acquire) {
             tokio::spawn(async move {
-                let _ = connection.close().await;
+                B::close(connection).await;
                 drop(slot);
             });
             return;
@@ -709,7 +758,7 @@ impl<DB: Database> Drop for PooledConnection<DB> {
                     if cleaned {
                         give_back(&pool, connection, controls, slot);
                     } else {
-                        let _ = connection.close().await;
+                        B::close(connection).await;
                         drop(slot);
                     }
                     pool.cleaning.fetch_sub(1, Ordering::AcqRel);
@@ -722,11 +771,11 @@ impl<DB: Database> Drop for PooledConnection<DB> {
 }
 
 /// Puts a clean connection back among the idle ones (or closes it if the pool closed).
-fn give_back<DB: Database>(
-    pool: &Arc<Inner<DB>>,
-    connection: DB::Connection,
+fn give_back<B: Backend>(
+    pool: &Arc<Inner<B>>,
+    connection: B::Connection,
     controls: Arc<ConnectionControls>,
-    slot: Slot<DB>,
+    slot: Slot<B>,
 ) {
     // A tenant with no connection waits for a slot: free this one's, unless it is the
     // pool's last.
@@ -735,7 +784,7 @@ fn give_back<DB: Database>(
         && pool.open.load(Ordering::Acquire) > 1
     {
         tokio::spawn(async move {
-            let _ = connection.close().await;
+            B::close(connection).await;
             drop(slot);
         });
         return;
@@ -760,7 +809,7 @@ fn give_back<DB: Database>(
         return;
     }
     tokio::spawn(async move {
-        let _ = connection.close().await;
+        B::close(connection).await;
         drop(slot);
     });
 }

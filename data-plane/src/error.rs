@@ -1,7 +1,7 @@
 //! The data plane's error type, its mapping from database errors (by SQLSTATE or SQLite
 //! result code), and its one mapping to gRPC status codes.
 
-use crate::connection_pool::AcquireError;
+use crate::connection_pool::{AcquireError, ConnectError};
 use tonic::Status;
 
 pub type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
@@ -92,7 +92,34 @@ pub fn from_acquire(error: AcquireError, tenant: &str) -> DataPlaneError {
                 waited.as_millis()
             ))
         }
-        AcquireError::Connect(error) => from_sqlx(error, tenant),
+        AcquireError::Connect(ConnectError::Sqlx(error)) => from_sqlx(error, tenant),
+        AcquireError::Connect(ConnectError::Sqlite(error)) => from_sqlite(error, tenant),
+        AcquireError::Connect(ConnectError::WorkerPanicked) => DataPlaneError::Internal(format!(
+            "opening a connection to the database of tenant {tenant} failed inside the data plane"
+        )),
+    }
+}
+
+/// Maps an error from a SQLite tenant database (the data plane's own SQLite
+/// connections; see `sqlite_connection`).
+pub fn from_sqlite(error: rusqlite::Error, tenant: &str) -> DataPlaneError {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, message) => {
+            let message = message.unwrap_or_else(|| failure.to_string());
+            from_sqlite_code(failure.extended_code, &message, tenant)
+        }
+        rusqlite::Error::InvalidParameterCount(given, expected) => {
+            crate::sql::parameter_count_error(expected, given)
+        }
+        rusqlite::Error::Utf8Error(_) | rusqlite::Error::NulError(_) => {
+            DataPlaneError::InvalidArgument(format!(
+                "the statement cannot be passed to SQLite: {error}"
+            ))
+        }
+        other => {
+            tracing::error!(tenant.id = %tenant, error = %other, "unexpected SQLite error");
+            DataPlaneError::Internal(format!("unexpected database error for tenant {tenant}"))
+        }
     }
 }
 
@@ -108,7 +135,7 @@ pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
             if let Some(pg) = db_error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
                 return from_sqlstate(&code, &message, pg.detail(), tenant);
             }
-            from_sqlite_code(&code, &message, tenant)
+            from_sqlite_code(code.parse().unwrap_or(1), &message, tenant)
         }
         sqlx::Error::PoolTimedOut => DataPlaneError::Unavailable(format!(
             "no connection to the database of tenant {tenant} became free in time; retry later"
@@ -169,8 +196,7 @@ fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) 
     }
 }
 
-fn from_sqlite_code(code: &str, message: &str, tenant: &str) -> DataPlaneError {
-    let extended: i32 = code.parse().unwrap_or(1);
+fn from_sqlite_code(extended: i32, message: &str, tenant: &str) -> DataPlaneError {
     let primary = extended & 0xff;
     let full = format!("SQLite error {extended}: {message}");
     match primary {

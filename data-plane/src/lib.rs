@@ -11,6 +11,7 @@ pub mod pools;
 pub mod route_stream;
 pub mod router;
 pub mod sql;
+pub mod sqlite_connection;
 pub mod tenant_layer;
 
 use std::net::SocketAddr;

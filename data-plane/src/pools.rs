@@ -10,9 +10,8 @@
 //! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
 //!   settings, `load_extension()` and transaction control (only Batch's own BEGIN and
 //!   COMMIT/ROLLBACK pass), and extension loading is switched off, so no statement can
-//!   leave state on the connection.
+//!   leave state on the connection (`sqlite_connection`).
 
-use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +19,20 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
-use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_shared::TenantId;
 
 use crate::connection_pool::{
-    ConnectionControls, ConnectionPool, PoolFigures, PoolOptions as ConnectionPoolOptions,
-    ServerBudget,
+    ConnectError, ConnectionControls, ConnectionPool, PoolFigures,
+    PoolOptions as ConnectionPoolOptions, ServerBudget,
 };
 use crate::router::{Route, RouteState, Router, Target};
+use crate::sqlite_connection::{SqliteBackend, SqliteConnectOptions, harden_connection};
 
 /// A PostgreSQL tenant's pool.
 pub type PgTenantPool = ConnectionPool<Postgres>;
 /// A SQLite tenant's pool.
-pub type SqliteTenantPool = ConnectionPool<Sqlite>;
+pub type SqliteTenantPool = ConnectionPool<SqliteBackend>;
 
 /// What a PostgreSQL connection runs when it goes back to its pool.
 ///
@@ -321,13 +320,10 @@ impl PoolManager {
                 ))
             }
             Target::Sqlite { path, .. } => {
-                let connect = SqliteConnectOptions::new()
-                    .filename(path)
-                    .create_if_missing(false)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(5))
-                    .foreign_keys(true)
-                    .disable_statement_logging();
+                let connect = SqliteConnectOptions {
+                    path: path.into(),
+                    busy_timeout: Duration::from_secs(5),
+                };
                 TenantPool::Sqlite(SqliteTenantPool::new_lazy(
                     connect,
                     self.connection_pool_options(max_connections),
@@ -558,116 +554,6 @@ fn reset_session<'c>(
 fn postgres_connected(
     _connection: &mut PgConnection,
     _controls: std::sync::Arc<ConnectionControls>,
-) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+) -> futures::future::BoxFuture<'_, Result<(), ConnectError>> {
     Box::pin(std::future::ready(Ok(())))
-}
-
-/// Pragmas that take an argument but only read (e.g. `PRAGMA table_info(t)`).
-const READ_ONLY_PRAGMAS_WITH_ARGUMENT: &[&str] = &[
-    "table_info",
-    "table_xinfo",
-    "table_list",
-    "index_list",
-    "index_info",
-    "index_xinfo",
-    "foreign_key_list",
-    "foreign_key_check",
-    "integrity_check",
-    "quick_check",
-];
-
-/// Refuses what would let a statement reach outside the tenant's file or leave state
-/// behind on the connection.
-unsafe extern "C" fn tenant_authorizer(
-    user_data: *mut c_void,
-    action: c_int,
-    arg1: *const c_char,
-    arg2: *const c_char,
-    _database: *const c_char,
-    _trigger: *const c_char,
-) -> c_int {
-    use libsqlite3_sys as ffi;
-    match action {
-        ffi::SQLITE_TRANSACTION | ffi::SQLITE_SAVEPOINT => {
-            // SAFETY: `user_data` points at the connection's controls, kept alive by the
-            // connection's progress handler (see `harden_connection`).
-            let controls = unsafe { &*(user_data as *const ConnectionControls) };
-            if controls.transaction_control_allowed() {
-                ffi::SQLITE_OK
-            } else {
-                ffi::SQLITE_DENY
-            }
-        }
-        ffi::SQLITE_ATTACH
-        | ffi::SQLITE_DETACH
-        | ffi::SQLITE_CREATE_TEMP_INDEX
-        | ffi::SQLITE_CREATE_TEMP_TABLE
-        | ffi::SQLITE_CREATE_TEMP_TRIGGER
-        | ffi::SQLITE_CREATE_TEMP_VIEW => ffi::SQLITE_DENY,
-        ffi::SQLITE_PRAGMA => {
-            if arg2.is_null() {
-                return ffi::SQLITE_OK;
-            }
-            // SAFETY: SQLite passes NUL-terminated strings valid for this call.
-            let name = unsafe { CStr::from_ptr(arg1) }
-                .to_string_lossy()
-                .to_ascii_lowercase();
-            if READ_ONLY_PRAGMAS_WITH_ARGUMENT.contains(&name.as_str()) {
-                ffi::SQLITE_OK
-            } else {
-                ffi::SQLITE_DENY
-            }
-        }
-        ffi::SQLITE_FUNCTION => {
-            if arg2.is_null() {
-                return ffi::SQLITE_OK;
-            }
-            // SAFETY: as above.
-            let name = unsafe { CStr::from_ptr(arg2) }.to_string_lossy();
-            if name.eq_ignore_ascii_case("load_extension") {
-                ffi::SQLITE_DENY
-            } else {
-                ffi::SQLITE_OK
-            }
-        }
-        _ => ffi::SQLITE_OK,
-    }
-}
-
-/// Runs on every new SQLite tenant connection: the progress handler interrupts statements
-/// past their request's deadline, the authorizer reads the same controls.
-fn harden_connection(
-    connection: &mut SqliteConnection,
-    controls: Arc<ConnectionControls>,
-) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        let mut handle = connection.lock_handle().await?;
-        // The handler keeps `controls` alive for as long as the handle can prepare or run
-        // statements, which is what the authorizer's pointer below relies on.
-        let for_progress = controls.clone();
-        handle.set_progress_handler(PROGRESS_CHECK_EVERY_OPS, move || {
-            for_progress.may_continue()
-        });
-        harden_sqlite(handle.as_raw_handle().as_ptr(), Arc::as_ptr(&controls));
-        Ok(())
-    })
-}
-
-/// SQLite VM instructions between deadline checks.
-const PROGRESS_CHECK_EVERY_OPS: i32 = 10_000;
-
-fn harden_sqlite(db: *mut libsqlite3_sys::sqlite3, controls: *const ConnectionControls) {
-    use libsqlite3_sys as ffi;
-    // SAFETY: `db` is the open handle of a connection whose worker is locked out by the
-    // caller for the duration of these calls.
-    unsafe {
-        ffi::sqlite3_db_config(
-            db,
-            ffi::SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION,
-            0 as c_int,
-            std::ptr::null_mut::<c_int>(),
-        );
-        ffi::sqlite3_limit(db, ffi::SQLITE_LIMIT_ATTACHED, 0);
-        ffi::sqlite3_set_authorizer(db, Some(tenant_authorizer), controls as *mut c_void);
-    }
 }

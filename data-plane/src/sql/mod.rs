@@ -221,14 +221,14 @@ pub fn push_row(
     response: &mut pb::QueryResponse,
     size: &mut usize,
     row: pb::Row,
-    call: &Call<'_>,
+    max_response_bytes: usize,
 ) -> Result<()> {
     *size += prost::Message::encoded_len(&row) + 4;
-    if *size > call.limits.max_response_bytes {
+    if *size > max_response_bytes {
         return Err(DataPlaneError::ResourceExhausted(format!(
             "the result is larger than the response limit of {} bytes (stopped after {} rows); \
              add a LIMIT or fetch it in pages",
-            call.limits.max_response_bytes,
+            max_response_bytes,
             response.rows.len()
         )));
     }

@@ -188,7 +188,12 @@ pub async fn query(
             .await
             .map_err(|error| from_sqlx(error, call.tenant))?
         {
-            push_row(&mut response, &mut size, decode_row(&row)?, call)?;
+            push_row(
+                &mut response,
+                &mut size,
+                decode_row(&row)?,
+                call.limits.max_response_bytes,
+            )?;
         }
     }
     session.finished = true;

@@ -4,26 +4,27 @@
 //! progress handler (see `connection_pool::ConnectionControls`), and the connection's
 //! authorizer refuses transaction control from tenant statements, so no request can
 //! leave a transaction open for the next one. Batch alone opens and ends transactions.
+//!
+//! Each call runs whole on one of tokio's blocking threads (`SqliteConnection::run`):
+//! prepare, bind, step, read.
 
-use futures::TryStreamExt;
-use sqlx::query::Query;
-use sqlx::sqlite::{SqliteArguments, SqliteRow, SqliteValueRef};
-use sqlx::{
-    AssertSqlSafe, Column, Connection, Decode, Executor, Row, SqlSafeStr, Sqlite, Statement,
-    TypeInfo, ValueRef,
-};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rusqlite::types::{Null, ValueRef};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
 use super::{Call, at_statement, null_value, parameter_count_error, push_row};
-use crate::connection_pool::PooledConnection;
-use crate::error::{DataPlaneError, Result, from_acquire, from_sqlx};
+use crate::connection_pool::{ConnectionControls, PooledConnection};
+use crate::error::{DataPlaneError, Result, from_acquire, from_sqlite};
 use crate::pools::SqliteTenantPool;
+use crate::sqlite_connection::{SqliteBackend, WorkerPanicked, has_second_statement};
 
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
 struct Session {
-    connection: PooledConnection<Sqlite>,
+    connection: PooledConnection<SqliteBackend>,
     finished: bool,
 }
 
@@ -36,136 +37,51 @@ impl Drop for Session {
     }
 }
 
-async fn session(pool: &SqliteTenantPool, call: &Call<'_>) -> Result<Session> {
-    let connection = pool
-        .acquire()
-        .await
-        .map_err(|error| from_acquire(error, call.tenant))?;
-    connection.controls().set_deadline(call.deadline);
-    Ok(Session {
-        connection,
-        finished: false,
-    })
-}
-
-fn bind<'q>(
-    mut query: Query<'q, Sqlite, SqliteArguments>,
-    params: &'q [pb::Value],
-) -> Query<'q, Sqlite, SqliteArguments> {
-    for value in params {
-        query = match &value.kind {
-            Some(Kind::Int64(v)) => query.bind(*v),
-            Some(Kind::Double(v)) => query.bind(*v),
-            Some(Kind::Text(v)) => query.bind(v.as_str()),
-            Some(Kind::Bytes(v)) => query.bind(v.as_slice()),
-            Some(Kind::Bool(v)) => query.bind(*v),
-            Some(Kind::Null(_)) | None => query.bind(None::<i64>),
-        };
+impl Session {
+    async fn open(pool: &SqliteTenantPool, call: &Call<'_>) -> Result<Self> {
+        let connection = pool
+            .acquire()
+            .await
+            .map_err(|error| from_acquire(error, call.tenant))?;
+        connection.controls().set_deadline(call.deadline);
+        Ok(Self {
+            connection,
+            finished: false,
+        })
     }
-    query
-}
 
-/// Parameter counts by SQL text. A statement's placeholders depend on its text alone, so
-/// the count is learned once per text (one extra trip to the connection's worker
-/// thread) and the statement then runs in a single trip like any sqlx query.
-static PARAMETER_COUNTS: std::sync::LazyLock<dashmap::DashMap<String, usize>> =
-    std::sync::LazyLock::new(dashmap::DashMap::new);
-const MAX_REMEMBERED_STATEMENTS: usize = 10_000;
-/// Longest SQL text remembered (at most 10,000 x 4 KiB = 40 MiB in all).
-const MAX_REMEMBERED_SQL_LEN: usize = 4096;
-
-/// Refuses a request whose parameter count does not match its statement (SQLite itself
-/// would bind missing parameters as NULL).
-async fn check_parameter_count(
-    connection: &mut sqlx::SqliteConnection,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<()> {
-    let expected = match PARAMETER_COUNTS.get(&statement.sql) {
-        Some(count) => *count,
-        None => {
-            let prepared = prepare(connection, statement, call).await?;
-            let count = match prepared.parameters() {
-                Some(sqlx::Either::Left(types)) => types.len(),
-                Some(sqlx::Either::Right(count)) => count,
-                None => statement.params.len(),
-            };
-            // Long texts are not remembered, so the cache stays small whatever callers send.
-            if statement.sql.len() <= MAX_REMEMBERED_SQL_LEN {
-                if PARAMETER_COUNTS.len() >= MAX_REMEMBERED_STATEMENTS {
-                    PARAMETER_COUNTS.clear();
-                }
-                PARAMETER_COUNTS.insert(statement.sql.clone(), count);
+    /// Runs `work` on the connection. The connection goes back to the pool if the work
+    /// ran to its end (`reusable` says whether it left the connection clean).
+    async fn run<T, F>(mut self, tenant: &str, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> (Result<T>, bool) + Send + 'static,
+    {
+        match self.connection.run(work).await {
+            Ok((result, reusable)) => {
+                self.finished = reusable;
+                result
             }
-            count
+            Err(WorkerPanicked) => Err(DataPlaneError::Internal(format!(
+                "a statement on tenant {tenant} failed inside the data plane; the connection was closed"
+            ))),
         }
-    };
-    if expected != statement.params.len() {
-        return Err(parameter_count_error(expected, statement.params.len()));
     }
-    Ok(())
 }
 
-async fn prepare(
-    connection: &mut sqlx::SqliteConnection,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<sqlx::sqlite::SqliteStatement> {
-    connection
-        .prepare(AssertSqlSafe(statement.sql.clone()).into_sql_str())
-        .await
-        .map_err(|error| from_sqlx(error, call.tenant))
+/// Text a statement runs with, owned so that it can move to a blocking thread.
+struct Owned {
+    tenant: String,
+    max_response_bytes: usize,
 }
 
-fn query_of(statement: &pb::Statement) -> Query<'_, Sqlite, SqliteArguments> {
-    bind(
-        sqlx::query(AssertSqlSafe(statement.sql.as_str())),
-        &statement.params,
-    )
-}
-
-/// SQLite's change counters of a connection: total changes and last inserted rowid.
-async fn change_counters(
-    connection: &mut sqlx::SqliteConnection,
-    call: &Call<'_>,
-) -> Result<(i64, i64)> {
-    let mut handle = connection
-        .lock_handle()
-        .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
-    let db = handle.as_raw_handle().as_ptr();
-    // SAFETY: the worker is locked out while `handle` lives.
-    Ok(unsafe {
-        (
-            libsqlite3_sys::sqlite3_total_changes64(db),
-            libsqlite3_sys::sqlite3_last_insert_rowid(db),
-        )
-    })
-}
-
-async fn execute_on(
-    connection: &mut sqlx::SqliteConnection,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<pb::ExecuteResponse> {
-    check_parameter_count(connection, statement, call).await?;
-    // sqlite3_changes() and last_insert_rowid() keep the values of the last statement that
-    // changed something, on this connection; compare counters so that a statement that
-    // changed nothing reports 0 and no insert id.
-    let (changes_before, rowid_before) = change_counters(connection, call).await?;
-    let result = query_of(statement)
-        .execute(&mut *connection)
-        .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
-    let (changes_after, rowid_after) = change_counters(connection, call).await?;
-    Ok(pb::ExecuteResponse {
-        rows_affected: if changes_after == changes_before {
-            0
-        } else {
-            result.rows_affected()
-        },
-        last_insert_id: (rowid_after != rowid_before).then_some(rowid_after),
-    })
+impl Owned {
+    fn of(call: &Call<'_>) -> Self {
+        Self {
+            tenant: call.tenant.to_owned(),
+            max_response_bytes: call.limits.max_response_bytes,
+        }
+    }
 }
 
 pub async fn execute(
@@ -173,10 +89,14 @@ pub async fn execute(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
-    let mut session = session(pool, call).await?;
-    let response = execute_on(&mut session.connection, statement, call).await;
-    session.finished = true;
-    response
+    let session = Session::open(pool, call).await?;
+    let statement = statement.clone();
+    let owned = Owned::of(call);
+    session
+        .run(call.tenant, move |db| {
+            (execute_on(db, &statement, &owned.tenant), true)
+        })
+        .await
 }
 
 pub async fn query(
@@ -184,43 +104,14 @@ pub async fn query(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
-    let mut session = session(pool, call).await?;
-    let response = query_on(&mut session.connection, statement, call).await;
-    session.finished = true;
-    response
-}
-
-async fn query_on(
-    connection: &mut sqlx::SqliteConnection,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<pb::QueryResponse> {
-    check_parameter_count(connection, statement, call).await?;
-    let mut response = pb::QueryResponse::default();
-    let mut size = 0;
-    {
-        let mut rows = query_of(statement).fetch(&mut *connection);
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?
-        {
-            if response.columns.is_empty() {
-                response.columns = row.columns().iter().map(|c| c.name().to_owned()).collect();
-            }
-            push_row(&mut response, &mut size, decode_row(&row)?, call)?;
-        }
-    }
-    if response.rows.is_empty() {
-        // No row to read the column names from: ask the prepared statement.
-        let prepared = prepare(connection, statement, call).await?;
-        response.columns = prepared
-            .columns()
-            .iter()
-            .map(|c| c.name().to_owned())
-            .collect();
-    }
-    Ok(response)
+    let session = Session::open(pool, call).await?;
+    let statement = statement.clone();
+    let owned = Owned::of(call);
+    session
+        .run(call.tenant, move |db| {
+            (query_on(db, &statement, &owned), true)
+        })
+        .await
 }
 
 pub async fn batch(
@@ -228,23 +119,44 @@ pub async fn batch(
     statements: &[pb::Statement],
     call: &Call<'_>,
 ) -> Result<Vec<pb::ExecuteResponse>> {
-    let mut session = session(pool, call).await?;
+    let session = Session::open(pool, call).await?;
     let controls = session.connection.shared_controls();
-    let allow = |allowed: bool| {
+    let statements = statements.to_vec();
+    let owned = Owned::of(call);
+    session
+        .run(call.tenant, move |db| {
+            batch_on(db, &controls, &statements, &owned.tenant)
+        })
+        .await
+}
+
+/// Runs a Batch in one transaction. The flag says whether the transaction was ended
+/// (committed or rolled back): a connection left inside one is closed, never reused.
+fn batch_on(
+    db: &rusqlite::Connection,
+    controls: &ConnectionControls,
+    statements: &[pb::Statement],
+    tenant: &str,
+) -> (Result<Vec<pb::ExecuteResponse>>, bool) {
+    let transaction_control = |sql: &str| {
         controls
             .allow_transaction_control
-            .store(allowed, std::sync::atomic::Ordering::Release)
+            .store(true, Ordering::Release);
+        let result = db.execute_batch(sql);
+        controls
+            .allow_transaction_control
+            .store(false, Ordering::Release);
+        result.map_err(|error| from_sqlite(error, tenant))
     };
     // IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
     // batch that reads before it writes cannot fail on a concurrent writer.
-    allow(true);
-    let begun = session.connection.begin_with("BEGIN IMMEDIATE").await;
-    allow(false);
-    let mut transaction = begun.map_err(|error| from_sqlx(error, call.tenant))?;
+    if let Err(error) = transaction_control("BEGIN IMMEDIATE") {
+        return (Err(error), false);
+    }
     let mut results = Vec::with_capacity(statements.len());
     let mut failure = None;
     for (position, statement) in statements.iter().enumerate() {
-        match execute_on(&mut transaction, statement, call).await {
+        match execute_on(db, statement, tenant) {
             Ok(result) => results.push(result),
             Err(error) => {
                 failure = Some(at_statement(position)(error));
@@ -252,47 +164,172 @@ pub async fn batch(
             }
         }
     }
-    allow(true);
-    let ended = match failure {
-        None => transaction.commit().await,
-        Some(_) => transaction.rollback().await,
+    let ended = transaction_control(match failure {
+        None => "COMMIT",
+        Some(_) => "ROLLBACK",
+    });
+    let reusable = ended.is_ok();
+    let result = match (failure, ended) {
+        (Some(error), _) | (None, Err(error)) => Err(error),
+        (None, Ok(())) => Ok(results),
     };
-    allow(false);
-    // A connection whose transaction could not be ended is closed, never reused.
-    session.finished = ended.is_ok();
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    ended.map_err(|error| from_sqlx(error, call.tenant))?;
-    Ok(results)
+    (result, reusable)
 }
 
-fn decode_row(row: &SqliteRow) -> Result<pb::Row> {
-    let mut values = Vec::with_capacity(row.len());
-    for (index, column) in row.columns().iter().enumerate() {
-        let raw = row.try_get_raw(index).map_err(|error| {
-            DataPlaneError::Internal(format!("cannot read column {index}: {error}"))
+/// SQL texts known to hold a single statement, so that the check runs once per text.
+static SINGLE_STATEMENTS: std::sync::LazyLock<dashmap::DashSet<Arc<str>>> =
+    std::sync::LazyLock::new(dashmap::DashSet::new);
+const MAX_REMEMBERED_STATEMENTS: usize = 10_000;
+/// Longest SQL text remembered (at most 10,000 x 4 KiB = 40 MiB in all).
+const MAX_REMEMBERED_SQL_LEN: usize = 4096;
+
+/// The statement, prepared (from the connection's cache when it ran before) and bound.
+fn prepare<'c>(
+    db: &'c rusqlite::Connection,
+    statement: &pb::Statement,
+    tenant: &str,
+) -> Result<rusqlite::CachedStatement<'c>> {
+    let sql = statement.sql.as_str();
+    if !SINGLE_STATEMENTS.contains(sql) {
+        if has_second_statement(db, sql) {
+            return Err(DataPlaneError::InvalidArgument(
+                "the SQL holds more than one statement; Execute and Query run one \
+                 statement each: send several as a Batch"
+                    .to_owned(),
+            ));
+        }
+        // Long texts are not remembered, so the set stays small whatever callers send.
+        if sql.len() <= MAX_REMEMBERED_SQL_LEN {
+            if SINGLE_STATEMENTS.len() >= MAX_REMEMBERED_STATEMENTS {
+                SINGLE_STATEMENTS.clear();
+            }
+            SINGLE_STATEMENTS.insert(Arc::from(sql));
+        }
+    }
+    let mut prepared = db
+        .prepare_cached(sql)
+        .map_err(|error| from_sqlite(error, tenant))?;
+    bind(&mut prepared, &statement.params)?;
+    Ok(prepared)
+}
+
+/// Which request parameter (1-based) a statement parameter takes: `?` and `?NNN` by
+/// their position, `$NNN` by its number. Named parameters are refused.
+fn parameter_number(statement: &rusqlite::Statement<'_>, index: usize) -> Result<usize> {
+    let Some(name) = statement.parameter_name(index) else {
+        return Ok(index);
+    };
+    if let Some(number) = name.strip_prefix('?') {
+        return Ok(number.parse().unwrap_or(index));
+    }
+    match name.strip_prefix('$').map(str::parse::<usize>) {
+        Some(Ok(number)) if number > 0 => Ok(number),
+        _ => Err(DataPlaneError::InvalidArgument(format!(
+            "named parameter {name} is not supported; SQLite statements take ?, ?NNN or $NNN \
+             placeholders"
+        ))),
+    }
+}
+
+/// Binds the request's parameters, refusing a request whose parameter count does not
+/// match the statement's (SQLite itself would bind missing parameters as NULL).
+fn bind(statement: &mut rusqlite::Statement<'_>, params: &[pb::Value]) -> Result<()> {
+    let count = statement.parameter_count();
+    let mut numbers = Vec::with_capacity(count);
+    for index in 1..=count {
+        numbers.push(parameter_number(statement, index)?);
+    }
+    let expected = numbers.iter().copied().max().unwrap_or(0);
+    if expected != params.len() {
+        return Err(parameter_count_error(expected, params.len()));
+    }
+    for (index, number) in (1..=count).zip(numbers) {
+        let bound = match params.get(number - 1).and_then(|value| value.kind.as_ref()) {
+            Some(Kind::Int64(v)) => statement.raw_bind_parameter(index, v),
+            Some(Kind::Double(v)) => statement.raw_bind_parameter(index, v),
+            Some(Kind::Text(v)) => statement.raw_bind_parameter(index, v.as_str()),
+            Some(Kind::Bytes(v)) => statement.raw_bind_parameter(index, v.as_slice()),
+            Some(Kind::Bool(v)) => statement.raw_bind_parameter(index, v),
+            Some(Kind::Null(_)) | None => statement.raw_bind_parameter(index, Null),
+        };
+        bound.map_err(|error| {
+            DataPlaneError::InvalidArgument(format!("cannot bind parameter {number}: {error}"))
         })?;
-        values.push(decode_value(raw, column.name())?);
     }
-    Ok(pb::Row { values })
+    Ok(())
 }
 
-fn decode_value(raw: SqliteValueRef<'_>, column: &str) -> Result<pb::Value> {
-    if raw.is_null() {
-        return Ok(null_value());
+fn execute_on(
+    db: &rusqlite::Connection,
+    statement: &pb::Statement,
+    tenant: &str,
+) -> Result<pb::ExecuteResponse> {
+    let mut prepared = prepare(db, statement, tenant)?;
+    // sqlite3_changes() and last_insert_rowid() keep the values of the last statement that
+    // changed something, on this connection; compare counters so that a statement that
+    // changed nothing reports 0 and no insert id.
+    let (changes_before, rowid_before) = (db.total_changes(), db.last_insert_rowid());
+    let mut rows = prepared.raw_query();
+    // Rows a statement returns (say, INSERT ... RETURNING) are read and dropped.
+    while rows
+        .next()
+        .map_err(|error| from_sqlite(error, tenant))?
+        .is_some()
+    {}
+    drop(rows);
+    let changed = db.total_changes() != changes_before;
+    let rowid_after = db.last_insert_rowid();
+    Ok(pb::ExecuteResponse {
+        rows_affected: if changed { db.changes() } else { 0 },
+        last_insert_id: (rowid_after != rowid_before).then_some(rowid_after),
+    })
+}
+
+fn query_on(
+    db: &rusqlite::Connection,
+    statement: &pb::Statement,
+    owned: &Owned,
+) -> Result<pb::QueryResponse> {
+    let mut prepared = prepare(db, statement, &owned.tenant)?;
+    let columns: Vec<String> = prepared
+        .column_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let mut response = pb::QueryResponse::default();
+    let mut size = 0;
+    let mut rows = prepared.raw_query();
+    while let Some(row) = rows
+        .next()
+        .map_err(|error| from_sqlite(error, &owned.tenant))?
+    {
+        let mut values = Vec::with_capacity(columns.len());
+        for (index, column) in columns.iter().enumerate() {
+            let value = row.get_ref(index).map_err(|error| {
+                DataPlaneError::Internal(format!("cannot read column {column:?}: {error}"))
+            })?;
+            values.push(decode_value(value, column)?);
+        }
+        push_row(
+            &mut response,
+            &mut size,
+            pb::Row { values },
+            owned.max_response_bytes,
+        )?;
     }
-    let storage_class = raw.type_info().name().to_owned();
-    let failed = |error: sqlx::error::BoxDynError| {
-        DataPlaneError::Internal(format!(
-            "cannot decode column {column:?} ({storage_class}): {error}"
-        ))
-    };
-    let kind = match storage_class.as_str() {
-        "INTEGER" => Kind::Int64(<i64 as Decode<Sqlite>>::decode(raw).map_err(failed)?),
-        "REAL" => Kind::Double(<f64 as Decode<Sqlite>>::decode(raw).map_err(failed)?),
-        "BLOB" => Kind::Bytes(<Vec<u8> as Decode<Sqlite>>::decode(raw).map_err(failed)?),
-        _ => Kind::Text(<String as Decode<Sqlite>>::decode(raw).map_err(failed)?),
+    response.columns = columns;
+    Ok(response)
+}
+
+fn decode_value(value: ValueRef<'_>, column: &str) -> Result<pb::Value> {
+    let kind = match value {
+        ValueRef::Null => return Ok(null_value()),
+        ValueRef::Integer(v) => Kind::Int64(v),
+        ValueRef::Real(v) => Kind::Double(v),
+        ValueRef::Blob(v) => Kind::Bytes(v.to_vec()),
+        ValueRef::Text(v) => Kind::Text(String::from_utf8(v.to_vec()).map_err(|error| {
+            DataPlaneError::Internal(format!("cannot decode column {column:?} (TEXT): {error}"))
+        })?),
     };
     Ok(pb::Value { kind: Some(kind) })
 }
