@@ -25,6 +25,7 @@ backend_tests!(
     batch_is_all_or_nothing,
     session_state_does_not_leak,
     deadline_cancels_the_statement,
+    long_reads_finish_and_stop_at_the_deadline,
     oversized_result_is_refused,
     tenant_migrations_are_applied,
     provisioning_resumes_after_a_crash,
@@ -1073,6 +1074,55 @@ async fn deadline_cancels_the_statement(backend: Backend) {
         rows.rows[0].values[0], expected,
         "the cancelled insert wrote nothing"
     );
+}
+
+/// SQLite runs a read first on the request's own thread, for a moment, then moves it to a
+/// blocking thread: a read that takes longer must still finish with the whole answer, and
+/// one that never ends must still stop at the deadline.
+async fn long_reads_finish_and_stop_at_the_deadline(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("long");
+    sandbox.create(&id).await;
+    let counted = sandbox
+        .query(
+            &id,
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) \
+             SELECT count(*) AS n, sum(x) AS s FROM c",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a long read: {e}"));
+    assert_eq!(
+        counted.rows[0].values,
+        vec![int(300_000), int(300_000 * 300_001 / 2)]
+    );
+    let endless = match backend {
+        Backend::Postgres => "SELECT count(*) FROM generate_series(1, 1000000000)",
+        Backend::Sqlite => {
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        }
+    };
+    let mut request = with_tenant(
+        dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: endless.into(),
+                params: vec![],
+            }),
+        },
+        &id,
+    );
+    request.set_timeout(Duration::from_millis(300));
+    let status = sandbox.sql().query(request).await.err().map(|s| s.code());
+    assert!(
+        matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),
+        "got {status:?}"
+    );
+    // The tenant is served as before.
+    let one = sandbox
+        .query(&id, "SELECT 1 AS one", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("after a read stopped at its deadline: {e}"));
+    assert_eq!(one.rows[0].values, vec![int(1)]);
 }
 
 async fn oversized_result_is_refused(backend: Backend) {

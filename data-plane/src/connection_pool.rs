@@ -39,6 +39,10 @@ pub struct ConnectionControls {
     /// PostgreSQL: `advisory_locks_revoked` has been found out (by the connection's first
     /// session reset, so that a cold request does not wait for it).
     pub advisory_locks_checked: AtomicBool,
+    /// SQLite: a statement running on the request's own thread is interrupted at this
+    /// instant (microseconds since `CLOCK_EPOCH`; 0 = not running there), to go on a
+    /// blocking thread instead.
+    here_until_micros: AtomicU64,
 }
 
 static CLOCK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -62,7 +66,27 @@ impl ConnectionControls {
     /// For the progress handler: may the running statement go on?
     pub fn may_continue(&self) -> bool {
         let deadline = self.deadline_micros.load(Ordering::Acquire);
-        deadline == 0 || micros_since_epoch(Instant::now()) < deadline
+        let here_until = self.here_until_micros.load(Ordering::Acquire);
+        if deadline == 0 && here_until == 0 {
+            return true;
+        }
+        let now = micros_since_epoch(Instant::now());
+        (deadline == 0 || now < deadline) && (here_until == 0 || now < here_until)
+    }
+
+    /// Whether the request's deadline has passed.
+    pub fn deadline_passed(&self) -> bool {
+        let deadline = self.deadline_micros.load(Ordering::Acquire);
+        deadline != 0 && micros_since_epoch(Instant::now()) >= deadline
+    }
+
+    /// Interrupt the running statement once it has run for `budget` (None: no such
+    /// limit; the request's deadline still holds).
+    pub fn set_time_budget(&self, budget: Option<Duration>) {
+        let micros = budget.map_or(0, |budget| {
+            micros_since_epoch(Instant::now() + budget).max(1)
+        });
+        self.here_until_micros.store(micros, Ordering::Release);
     }
 
     pub fn transaction_control_allowed(&self) -> bool {

@@ -26,8 +26,8 @@ use crate::connection_pool::{Backend, ConnectError, ConnectionControls};
 /// Statements a connection keeps prepared (as many as sqlx's default).
 const STATEMENT_CACHE_CAPACITY: usize = 100;
 
-/// SQLite VM instructions between deadline checks.
-const PROGRESS_CHECK_EVERY_OPS: c_int = 10_000;
+/// SQLite VM instructions between deadline checks (a few microseconds' worth).
+const PROGRESS_CHECK_EVERY_OPS: c_int = 1_000;
 
 /// Where and how to open a tenant's SQLite file.
 #[derive(Clone, Debug)]
@@ -50,6 +50,7 @@ struct Shared {
     /// pointer to them.
     connection: Mutex<rusqlite::Connection>,
     controls: OnceLock<Arc<ConnectionControls>>,
+    busy_timeout: Duration,
 }
 
 /// The blocking task running a statement panicked.
@@ -78,6 +79,22 @@ impl SqliteConnection {
         .await
         .map_err(|_| WorkerPanicked)
     }
+
+    /// Runs `work` on the caller's own thread, for work expected to take microseconds
+    /// (see `sql::sqlite`). Meanwhile the connection does not wait for locks: a database
+    /// locked by a writer fails at once with SQLITE_BUSY instead of sleeping on an async
+    /// worker thread.
+    pub fn run_here<T>(&self, work: impl FnOnce(&rusqlite::Connection) -> T) -> T {
+        let connection = self
+            .shared
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = connection.busy_timeout(Duration::ZERO);
+        let result = work(&connection);
+        let _ = connection.busy_timeout(self.shared.busy_timeout);
+        result
+    }
 }
 
 impl Backend for SqliteBackend {
@@ -88,6 +105,7 @@ impl Backend for SqliteBackend {
         options: &Self::ConnectOptions,
     ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>> {
         let options = options.clone();
+        let busy_timeout = options.busy_timeout;
         Box::pin(async move {
             let connection = tokio::task::spawn_blocking(move || open(&options))
                 .await
@@ -96,6 +114,7 @@ impl Backend for SqliteBackend {
                 shared: Arc::new(Shared {
                     connection: Mutex::new(connection),
                     controls: OnceLock::new(),
+                    busy_timeout,
                 }),
             })
         })

@@ -5,12 +5,18 @@
 //! authorizer refuses transaction control from tenant statements, so no request can
 //! leave a transaction open for the next one. Batch alone opens and ends transactions.
 //!
-//! Each call runs whole on one of tokio's blocking threads (`SqliteConnection::run`):
-//! prepare, bind, step, read.
+//! Where statements run. A read-only Query first runs on the request's own thread, for
+//! at most `RUN_HERE_BUDGET`: a point select takes microseconds, less than handing it to
+//! another thread and back. A statement that runs longer is interrupted there and run
+//! again, from the start, on one of tokio's blocking threads, like every statement that
+//! writes (`SqliteConnection::run`). A read that meets a locked database goes there too:
+//! only blocking threads wait for locks.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use rusqlite::ErrorCode;
 use rusqlite::types::{Null, ValueRef};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
@@ -104,14 +110,60 @@ pub async fn query(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
-    let session = Session::open(pool, call).await?;
-    let statement = statement.clone();
+    let mut session = Session::open(pool, call).await?;
     let owned = Owned::of(call);
+    if let Some(result) = session.query_here(statement, &owned) {
+        session.finished = true;
+        return result;
+    }
+    let statement = statement.clone();
     session
         .run(call.tenant, move |db| {
             (query_on(db, &statement, &owned), true)
         })
         .await
+}
+
+/// Longest a read-only statement runs on the request's own thread before it moves to a
+/// blocking thread.
+const RUN_HERE_BUDGET: Duration = Duration::from_micros(200);
+
+impl Session {
+    /// Runs a read-only statement on this thread within `RUN_HERE_BUDGET`. None if it
+    /// writes, does not prepare, runs past the budget or meets a locked database: it then
+    /// runs on a blocking thread (from the start: it changed nothing), which also reports
+    /// any error.
+    fn query_here(
+        &self,
+        statement: &pb::Statement,
+        owned: &Owned,
+    ) -> Option<Result<pb::QueryResponse>> {
+        let controls = self.connection.controls();
+        self.connection.run_here(|db| {
+            let mut prepared = prepare(db, statement, &owned.tenant).ok()?;
+            if !prepared.readonly() {
+                return None;
+            }
+            controls.set_time_budget(Some(RUN_HERE_BUDGET));
+            let read = read_rows(&mut prepared, owned);
+            controls.set_time_budget(None);
+            match read {
+                Err(Stop::Sqlite(error))
+                    if matches!(
+                        error.sqlite_error_code(),
+                        Some(
+                            ErrorCode::OperationInterrupted
+                                | ErrorCode::DatabaseBusy
+                                | ErrorCode::DatabaseLocked
+                        )
+                    ) && !controls.deadline_passed() =>
+                {
+                    None
+                }
+                other => Some(other.map_err(|stop| stop.into_error(&owned.tenant))),
+            }
+        })
+    }
 }
 
 pub async fn batch(
@@ -291,6 +343,31 @@ fn query_on(
     owned: &Owned,
 ) -> Result<pb::QueryResponse> {
     let mut prepared = prepare(db, statement, &owned.tenant)?;
+    read_rows(&mut prepared, owned).map_err(|stop| stop.into_error(&owned.tenant))
+}
+
+/// Why reading rows stopped early.
+enum Stop {
+    /// SQLite failed (kept as is: the caller may retry elsewhere).
+    Sqlite(rusqlite::Error),
+    /// The rows cannot be returned (too large, undecodable).
+    Refused(DataPlaneError),
+}
+
+impl Stop {
+    fn into_error(self, tenant: &str) -> DataPlaneError {
+        match self {
+            Self::Sqlite(error) => from_sqlite(error, tenant),
+            Self::Refused(error) => error,
+        }
+    }
+}
+
+/// Runs a prepared, bound statement and reads its rows into a response.
+fn read_rows(
+    prepared: &mut rusqlite::CachedStatement<'_>,
+    owned: &Owned,
+) -> std::result::Result<pb::QueryResponse, Stop> {
     let columns: Vec<String> = prepared
         .column_names()
         .into_iter()
@@ -299,23 +376,23 @@ fn query_on(
     let mut response = pb::QueryResponse::default();
     let mut size = 0;
     let mut rows = prepared.raw_query();
-    while let Some(row) = rows
-        .next()
-        .map_err(|error| from_sqlite(error, &owned.tenant))?
-    {
+    while let Some(row) = rows.next().map_err(Stop::Sqlite)? {
         let mut values = Vec::with_capacity(columns.len());
         for (index, column) in columns.iter().enumerate() {
             let value = row.get_ref(index).map_err(|error| {
-                DataPlaneError::Internal(format!("cannot read column {column:?}: {error}"))
+                Stop::Refused(DataPlaneError::Internal(format!(
+                    "cannot read column {column:?}: {error}"
+                )))
             })?;
-            values.push(decode_value(value, column)?);
+            values.push(decode_value(value, column).map_err(Stop::Refused)?);
         }
         push_row(
             &mut response,
             &mut size,
             pb::Row { values },
             owned.max_response_bytes,
-        )?;
+        )
+        .map_err(Stop::Refused)?;
     }
     response.columns = columns;
     Ok(response)
