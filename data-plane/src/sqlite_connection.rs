@@ -256,10 +256,11 @@ unsafe extern "C" fn tenant_authorizer(
 
 /// Whether `sql` holds a statement after its first one. SQLite prepares the first
 /// statement of a text and leaves the rest, which would then be silently skipped; this
-/// prepares the rest too (comments, blanks and semicolons prepare to nothing).
-pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> bool {
+/// prepares the rest too (comments, blanks and semicolons prepare to nothing). An error
+/// if the first statement does not prepare (call it once that has succeeded).
+pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> rusqlite::Result<bool> {
     let Ok(length) = c_int::try_from(sql.len()) else {
-        return true;
+        return Ok(true);
     };
     // SAFETY: `db` is an open handle used by this thread alone (the caller holds its
     // lock); `sql` outlives both calls and SQLite reads at most `length` bytes of it;
@@ -271,16 +272,15 @@ pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> bool {
         let mut tail: *const c_char = std::ptr::null();
         let rc = ffi::sqlite3_prepare_v2(handle, start, length, &mut statement, &mut tail);
         ffi::sqlite3_finalize(statement);
-        if rc != ffi::SQLITE_OK || tail.is_null() {
-            // The first statement does not prepare: the caller reports that error.
-            return false;
+        if rc != ffi::SQLITE_OK {
+            return Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None));
         }
-        let consumed = tail.offset_from(start);
-        let Ok(consumed) = c_int::try_from(consumed) else {
-            return false;
-        };
+        if tail.is_null() {
+            return Ok(false);
+        }
+        let consumed = c_int::try_from(tail.offset_from(start)).unwrap_or(length);
         if consumed >= length {
-            return false;
+            return Ok(false);
         }
         let mut second = std::ptr::null_mut();
         let rc = ffi::sqlite3_prepare_v2(
@@ -290,8 +290,9 @@ pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> bool {
             &mut second,
             std::ptr::null_mut(),
         );
+        // Something that does not prepare is still something.
         let found = rc != ffi::SQLITE_OK || !second.is_null();
         ffi::sqlite3_finalize(second);
-        found
+        Ok(found)
     }
 }

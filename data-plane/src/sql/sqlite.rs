@@ -242,8 +242,11 @@ fn prepare<'c>(
     tenant: &str,
 ) -> Result<rusqlite::CachedStatement<'c>> {
     let sql = statement.sql.as_str();
+    let mut prepared = db
+        .prepare_cached(sql)
+        .map_err(|error| from_sqlite(error, tenant))?;
     if !SINGLE_STATEMENTS.contains(sql) {
-        if has_second_statement(db, sql) {
+        if has_second_statement(db, sql).map_err(|error| from_sqlite(error, tenant))? {
             return Err(DataPlaneError::InvalidArgument(
                 "the SQL holds more than one statement; Execute and Query run one \
                  statement each: send several as a Batch"
@@ -258,9 +261,6 @@ fn prepare<'c>(
             SINGLE_STATEMENTS.insert(Arc::from(sql));
         }
     }
-    let mut prepared = db
-        .prepare_cached(sql)
-        .map_err(|error| from_sqlite(error, tenant))?;
     bind(&mut prepared, &statement.params)?;
     Ok(prepared)
 }
@@ -296,7 +296,8 @@ fn bind(statement: &mut rusqlite::Statement<'_>, params: &[pb::Value]) -> Result
         return Err(parameter_count_error(expected, params.len()));
     }
     for (index, number) in (1..=count).zip(numbers) {
-        let bound = match params.get(number - 1).and_then(|value| value.kind.as_ref()) {
+        let value = number.checked_sub(1).and_then(|at| params.get(at));
+        let bound = match value.and_then(|value| value.kind.as_ref()) {
             Some(Kind::Int64(v)) => statement.raw_bind_parameter(index, v),
             Some(Kind::Double(v)) => statement.raw_bind_parameter(index, v),
             Some(Kind::Text(v)) => statement.raw_bind_parameter(index, v.as_str()),
