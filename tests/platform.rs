@@ -544,6 +544,13 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(numbered.rows[0].values, vec![int(2), int(1), int(3)]);
+            // A text with no statement at all is refused with a message saying so.
+            let nothing = sandbox.query(&id, "-- only a comment", vec![]).await.err();
+            assert_eq!(
+                nothing.as_ref().map(|s| s.code()),
+                Some(Code::InvalidArgument)
+            );
+            assert!(nothing.is_some_and(|s| s.message().contains("no statement")));
             // Reading PRAGMAs is fine.
             sandbox
                 .query(&id, "PRAGMA journal_mode", vec![])
@@ -1117,6 +1124,55 @@ async fn long_reads_finish_and_stop_at_the_deadline(backend: Backend) {
         matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),
         "got {status:?}"
     );
+    // Large values: SQLite reads them on a blocking thread (on the request's own thread
+    // it refuses values over a few KiB, to keep every step short there).
+    let large = "x".repeat(100_000);
+    sandbox
+        .execute(&id, "CREATE TABLE docs (body TEXT)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sandbox
+        .execute(
+            &id,
+            &format!("INSERT INTO docs VALUES ({})", placeholder(backend, 1)),
+            vec![text(&large)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let read = sandbox
+        .query(&id, "SELECT body, length(body) AS n FROM docs", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("reading a large value: {e}"));
+    assert_eq!(read.rows[0].values, vec![text(&large), int(100_000)]);
+    let made = match backend {
+        Backend::Postgres => "SELECT length(repeat('y', 1000000)) AS n",
+        Backend::Sqlite => "SELECT length(zeroblob(1000000)) AS n",
+    };
+    let made = sandbox
+        .query(&id, made, vec![])
+        .await
+        .unwrap_or_else(|e| panic!("making a large value: {e}"));
+    assert_eq!(made.rows[0].values, vec![int(1_000_000)]);
+    // A count over many rows is one long step in SQLite (the watchdog's case): whether
+    // or not it is interrupted on the request's thread, the answer is whole.
+    sandbox
+        .execute(&id, "CREATE TABLE nums (x BIGINT)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sandbox
+        .execute(
+            &id,
+            "INSERT INTO nums WITH RECURSIVE c(x) AS \
+             (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT x FROM c",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let count = sandbox
+        .query(&id, "SELECT count(*) AS n FROM nums", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("counting many rows: {e}"));
+    assert_eq!(count.rows[0].values, vec![int(300_000)]);
     // The tenant is served as before.
     let one = sandbox
         .query(&id, "SELECT 1 AS one", vec![])

@@ -81,19 +81,155 @@ impl SqliteConnection {
     }
 
     /// Runs `work` on the caller's own thread, for work expected to take microseconds
-    /// (see `sql::sqlite`). Meanwhile the connection does not wait for locks: a database
-    /// locked by a writer fails at once with SQLITE_BUSY instead of sleeping on an async
-    /// worker thread.
+    /// (see `sql::sqlite`). Meanwhile:
+    /// - the connection does not wait for locks: a database locked by a writer fails at
+    ///   once with SQLITE_BUSY instead of sleeping on an async worker thread;
+    /// - strings and blobs over `RUN_HERE_MAX_LENGTH` bytes (read or made) and LIKE/GLOB
+    ///   patterns over `RUN_HERE_MAX_PATTERN` fail with SQLITE_TOOBIG, so that no single
+    ///   function call (which the progress handler cannot stop) works on large values;
+    /// - the watchdog interrupts the work if it runs past `WATCHDOG_LIMIT`, for the few
+    ///   steps that run long without calling the progress handler (`count(*)` of a
+    ///   large table).
+    ///
+    /// The caller runs the work again on a blocking thread when it fails for these.
     pub fn run_here<T>(&self, work: impl FnOnce(&rusqlite::Connection) -> T) -> T {
         let connection = self
             .shared
             .connection
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SAFETY: the handle is open, and used by this thread alone while the lock is
+        // held; the watchdog forgets it (under its own lock) before the lock is released.
+        let handle = unsafe { connection.handle() };
         let _ = connection.busy_timeout(Duration::ZERO);
+        // SAFETY: as above.
+        let (length, pattern) = unsafe {
+            (
+                ffi::sqlite3_limit(handle, ffi::SQLITE_LIMIT_LENGTH, RUN_HERE_MAX_LENGTH),
+                ffi::sqlite3_limit(
+                    handle,
+                    ffi::SQLITE_LIMIT_LIKE_PATTERN_LENGTH,
+                    RUN_HERE_MAX_PATTERN,
+                ),
+            )
+        };
+        let watched = WATCHDOG.watch(handle);
         let result = work(&connection);
+        drop(watched);
+        // SAFETY: as above.
+        unsafe {
+            ffi::sqlite3_limit(handle, ffi::SQLITE_LIMIT_LENGTH, length);
+            ffi::sqlite3_limit(handle, ffi::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, pattern);
+        }
         let _ = connection.busy_timeout(self.shared.busy_timeout);
         result
+    }
+}
+
+/// Longest string or blob a statement running on an async thread may read or make.
+const RUN_HERE_MAX_LENGTH: c_int = 16 * 1024;
+/// Longest LIKE or GLOB pattern there.
+const RUN_HERE_MAX_PATTERN: c_int = 64;
+/// The watchdog interrupts work on an async thread that runs longer than this.
+const WATCHDOG_LIMIT: Duration = Duration::from_millis(5);
+/// How often the watchdog looks, while anything runs on an async thread.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(2);
+
+/// Interrupts statements that run on an async thread for longer than `WATCHDOG_LIMIT`.
+/// One thread for the process, started on first use; it sleeps while nothing runs there.
+struct Watchdog {
+    running: Mutex<Running>,
+    work: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Running {
+    /// Handles running on async threads (by address), and since when.
+    handles: std::collections::HashMap<usize, std::time::Instant>,
+    /// The watchdog waits for work (and must be woken for it).
+    idle: bool,
+}
+
+static WATCHDOG: std::sync::LazyLock<&'static Watchdog> = std::sync::LazyLock::new(|| {
+    let watchdog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+        running: Mutex::new(Running::default()),
+        work: std::sync::Condvar::new(),
+    }));
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-watchdog".into())
+        .spawn(move || watchdog.patrol());
+    if let Err(error) = spawned {
+        // Without it, statements are still bounded by the progress handler and the
+        // limits above; only the rare long single step goes unchecked.
+        tracing::error!(%error, "cannot start the SQLite watchdog thread");
+    }
+    watchdog
+});
+
+/// Watched while it lives.
+struct Watched {
+    watchdog: &'static Watchdog,
+    handle: usize,
+}
+
+impl Watchdog {
+    fn watch(&'static self, handle: *mut ffi::sqlite3) -> Watched {
+        let handle = handle as usize;
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.handles.insert(handle, std::time::Instant::now());
+        if running.idle {
+            running.idle = false;
+            self.work.notify_one();
+        }
+        Watched {
+            watchdog: self,
+            handle,
+        }
+    }
+
+    fn patrol(&self) {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            while running.handles.is_empty() {
+                running.idle = true;
+                running = self
+                    .work
+                    .wait(running)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            running.idle = false;
+            for (&handle, since) in running.handles.iter() {
+                if since.elapsed() > WATCHDOG_LIMIT {
+                    // SAFETY: a handle stays in `running` only while `run_here` holds
+                    // its connection open (it is removed under this lock first), and
+                    // sqlite3_interrupt may be called from any thread.
+                    unsafe { ffi::sqlite3_interrupt(handle as *mut ffi::sqlite3) };
+                }
+            }
+            drop(running);
+            std::thread::sleep(WATCHDOG_PERIOD);
+            running = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.watchdog
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .handles
+            .remove(&self.handle);
     }
 }
 
@@ -254,13 +390,23 @@ unsafe extern "C" fn tenant_authorizer(
     }
 }
 
-/// Whether `sql` holds a statement after its first one. SQLite prepares the first
-/// statement of a text and leaves the rest, which would then be silently skipped; this
-/// prepares the rest too (comments, blanks and semicolons prepare to nothing). An error
-/// if the first statement does not prepare (call it once that has succeeded).
-pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> rusqlite::Result<bool> {
+/// How many statements a SQL text holds, as far as running it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Statements {
+    /// Only comments, blanks or semicolons.
+    None,
+    One,
+    /// More than one. SQLite prepares the first statement of a text and leaves the rest,
+    /// which would then be silently skipped.
+    Several,
+}
+
+/// Counts the statements of `sql` by preparing the first and then the rest (comments,
+/// blanks and semicolons prepare to nothing). An error if the first statement does not
+/// prepare (call it once that has succeeded).
+pub fn count_statements(db: &rusqlite::Connection, sql: &str) -> rusqlite::Result<Statements> {
     let Ok(length) = c_int::try_from(sql.len()) else {
-        return Ok(true);
+        return Ok(Statements::Several);
     };
     // SAFETY: `db` is an open handle used by this thread alone (the caller holds its
     // lock); `sql` outlives both calls and SQLite reads at most `length` bytes of it;
@@ -271,16 +417,20 @@ pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> rusqlite::R
         let mut statement = std::ptr::null_mut();
         let mut tail: *const c_char = std::ptr::null();
         let rc = ffi::sqlite3_prepare_v2(handle, start, length, &mut statement, &mut tail);
+        let empty = statement.is_null();
         ffi::sqlite3_finalize(statement);
         if rc != ffi::SQLITE_OK {
             return Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None));
         }
+        if empty {
+            return Ok(Statements::None);
+        }
         if tail.is_null() {
-            return Ok(false);
+            return Ok(Statements::One);
         }
         let consumed = c_int::try_from(tail.offset_from(start)).unwrap_or(length);
         if consumed >= length {
-            return Ok(false);
+            return Ok(Statements::One);
         }
         let mut second = std::ptr::null_mut();
         let rc = ffi::sqlite3_prepare_v2(
@@ -293,6 +443,10 @@ pub fn has_second_statement(db: &rusqlite::Connection, sql: &str) -> rusqlite::R
         // Something that does not prepare is still something.
         let found = rc != ffi::SQLITE_OK || !second.is_null();
         ffi::sqlite3_finalize(second);
-        Ok(found)
+        Ok(if found {
+            Statements::Several
+        } else {
+            Statements::One
+        })
     }
 }

@@ -25,7 +25,7 @@ use super::{Call, at_statement, null_value, parameter_count_error, push_row};
 use crate::connection_pool::{ConnectionControls, PooledConnection};
 use crate::error::{DataPlaneError, Result, from_acquire, from_sqlite};
 use crate::pools::SqliteTenantPool;
-use crate::sqlite_connection::{SqliteBackend, WorkerPanicked, has_second_statement};
+use crate::sqlite_connection::{SqliteBackend, Statements, WorkerPanicked, count_statements};
 
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
@@ -130,9 +130,10 @@ const RUN_HERE_BUDGET: Duration = Duration::from_micros(200);
 
 impl Session {
     /// Runs a read-only statement on this thread within `RUN_HERE_BUDGET`. None if it
-    /// writes, does not prepare, runs past the budget or meets a locked database: it then
-    /// runs on a blocking thread (from the start: it changed nothing), which also reports
-    /// any error.
+    /// writes, does not prepare, runs past the budget (or the watchdog's limit), meets a
+    /// locked database or a large value (`SqliteConnection::run_here`): it then runs on a
+    /// blocking thread (from the start: it changed nothing), which also reports any
+    /// error.
     fn query_here(
         &self,
         statement: &pb::Statement,
@@ -155,6 +156,7 @@ impl Session {
                             ErrorCode::OperationInterrupted
                                 | ErrorCode::DatabaseBusy
                                 | ErrorCode::DatabaseLocked
+                                | ErrorCode::TooBig
                         )
                     ) && !controls.deadline_passed() =>
                 {
@@ -246,12 +248,20 @@ fn prepare<'c>(
         .prepare_cached(sql)
         .map_err(|error| from_sqlite(error, tenant))?;
     if !SINGLE_STATEMENTS.contains(sql) {
-        if has_second_statement(db, sql).map_err(|error| from_sqlite(error, tenant))? {
-            return Err(DataPlaneError::InvalidArgument(
-                "the SQL holds more than one statement; Execute and Query run one \
-                 statement each: send several as a Batch"
-                    .to_owned(),
-            ));
+        match count_statements(db, sql).map_err(|error| from_sqlite(error, tenant))? {
+            Statements::One => {}
+            Statements::None => {
+                return Err(DataPlaneError::InvalidArgument(
+                    "the SQL holds no statement, only comments or semicolons".to_owned(),
+                ));
+            }
+            Statements::Several => {
+                return Err(DataPlaneError::InvalidArgument(
+                    "the SQL holds more than one statement; Execute and Query run one \
+                     statement each: send several as a Batch"
+                        .to_owned(),
+                ));
+            }
         }
         // Long texts are not remembered, so the set stays small whatever callers send.
         if sql.len() <= MAX_REMEMBERED_SQL_LEN {
