@@ -718,6 +718,39 @@ async fn values_round_trip(backend: Backend) {
                 text("P0M1DT7200S"),
             ]
         );
+        // A function that returns nothing (void) gives NULL; a column with no Value
+        // mapping is refused before the statement runs.
+        let void = sandbox
+            .query(&id, "SELECT pg_sleep(0) AS nothing", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(void.rows[0].values, vec![null()]);
+        sandbox
+            .execute(&id, "CREATE TABLE side_effects (n int4)", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let refused = sandbox
+            .query(
+                &id,
+                "INSERT INTO side_effects VALUES (1) RETURNING '10.0.0.1'::inet AS addr",
+                vec![],
+            )
+            .await
+            .err();
+        assert_eq!(
+            refused.as_ref().map(|s| s.code()),
+            Some(Code::InvalidArgument),
+            "{refused:?}"
+        );
+        let count = sandbox
+            .query(&id, "SELECT count(*) FROM side_effects", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            count.rows[0].values[0],
+            int(0),
+            "the refused statement did not run"
+        );
         // The same SQL with another parameter kind gets its own prepared statement.
         sandbox
             .execute(&id, "CREATE TABLE t (v int4)", vec![])
@@ -836,8 +869,10 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
         "{refused:?}"
     );
     assert!(
-        refused.is_some_and(|s| s.message().contains("pg_advisory_xact_lock")),
-        "the refusal says what to use instead"
+        refused
+            .as_ref()
+            .is_some_and(|s| s.message().contains("pg_advisory_xact_lock")),
+        "the refusal says what to use instead: {refused:?}"
     );
     sandbox
         .batch(&id, &[("SELECT pg_advisory_xact_lock(42)", vec![])])
@@ -971,6 +1006,19 @@ async fn session_state_does_not_leak(backend: Backend) {
                 Some(Code::InvalidArgument),
                 "a temp table outlived its request"
             );
+            // A statement that drops the connection's prepared statements on the server
+            // does not break the ones the connection had cached.
+            for drop_all in ["DEALLOCATE ALL", "DISCARD ALL", "DISCARD PLANS"] {
+                sandbox
+                    .execute(&id, drop_all, vec![])
+                    .await
+                    .unwrap_or_else(|e| panic!("{drop_all}: {e}"));
+                let again = sandbox
+                    .query(&id, "SELECT current_setting('search_path') AS p", vec![])
+                    .await
+                    .unwrap_or_else(|e| panic!("a cached statement after {drop_all}: {e}"));
+                assert_eq!(before.rows, again.rows);
+            }
             advisory_locks_do_not_outlive_requests(&sandbox).await;
         }
         Backend::Sqlite => {

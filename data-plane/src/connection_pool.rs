@@ -20,7 +20,6 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
@@ -108,6 +107,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn connect(
         options: &Self::ConnectOptions,
     ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>>;
+    /// Whether a connection coming back from a request is already clean (its clean-up
+    /// ran as part of the request), so that it skips the pool's clean-up. Consumes that.
+    fn take_clean(_connection: &mut Self::Connection) -> bool {
+        false
+    }
     /// Closes the connection (gracefully where the protocol has a goodbye).
     fn close(connection: Self::Connection) -> BoxFuture<'static, ()>;
 }
@@ -115,39 +119,15 @@ pub trait Backend: Sized + Send + Sync + 'static {
 /// Why a new connection could not be opened or set up.
 #[derive(Debug)]
 pub enum ConnectError {
-    Sqlx(sqlx::Error),
+    Postgres(tokio_postgres::Error),
     Sqlite(rusqlite::Error),
     /// The blocking task opening or setting up a SQLite connection panicked.
     WorkerPanicked,
 }
 
-impl From<sqlx::Error> for ConnectError {
-    fn from(error: sqlx::Error) -> Self {
-        Self::Sqlx(error)
-    }
-}
-
 impl From<rusqlite::Error> for ConnectError {
     fn from(error: rusqlite::Error) -> Self {
         Self::Sqlite(error)
-    }
-}
-
-/// PostgreSQL tenant connections are sqlx's.
-impl Backend for sqlx::Postgres {
-    type Connection = sqlx::postgres::PgConnection;
-    type ConnectOptions = sqlx::postgres::PgConnectOptions;
-
-    fn connect(
-        options: &Self::ConnectOptions,
-    ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>> {
-        Box::pin(async move { Ok(options.connect().await?) })
-    }
-
-    fn close(connection: Self::Connection) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            let _ = connection.close().await;
-        })
     }
 }
 
@@ -767,6 +747,9 @@ impl<B: Backend> Drop for PooledConnection<B> {
         controls.set_deadline(None);
         match pool.clean {
             None => give_back(&pool, connection, controls, slot),
+            Some(_) if B::take_clean(&mut connection) => {
+                give_back(&pool, connection, controls, slot);
+            }
             Some(clean) => {
                 // The permit goes with the task: nobody gets a connection slot before
                 // this one is clean again (or closed).

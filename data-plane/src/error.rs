@@ -92,7 +92,7 @@ pub fn from_acquire(error: AcquireError, tenant: &str) -> DataPlaneError {
                 waited.as_millis()
             ))
         }
-        AcquireError::Connect(ConnectError::Sqlx(error)) => from_sqlx(error, tenant),
+        AcquireError::Connect(ConnectError::Postgres(error)) => from_postgres(error, tenant),
         AcquireError::Connect(ConnectError::Sqlite(error)) => from_sqlite(error, tenant),
         AcquireError::Connect(ConnectError::WorkerPanicked) => DataPlaneError::Internal(format!(
             "opening a connection to the database of tenant {tenant} failed inside the data plane"
@@ -123,47 +123,27 @@ pub fn from_sqlite(error: rusqlite::Error, tenant: &str) -> DataPlaneError {
     }
 }
 
-/// Maps an error from a tenant database. `tenant` names the tenant in messages.
-pub fn from_sqlx(error: sqlx::Error, tenant: &str) -> DataPlaneError {
-    match error {
-        sqlx::Error::Database(db_error) => {
-            let code = db_error
-                .code()
-                .map(|code| code.into_owned())
-                .unwrap_or_default();
-            let message = db_error.message().to_owned();
-            if let Some(pg) = db_error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                return from_sqlstate(&code, &message, pg.detail(), tenant);
-            }
-            from_sqlite_code(code.parse().unwrap_or(1), &message, tenant)
-        }
-        sqlx::Error::PoolTimedOut => DataPlaneError::Unavailable(format!(
-            "no connection to the database of tenant {tenant} became free in time; retry later"
-        )),
-        sqlx::Error::PoolClosed => DataPlaneError::Unavailable(format!(
-            "the connection pool of tenant {tenant} was closed (route changed); retry"
-        )),
-        // sqlx-sqlite refuses named parameters (:name, @name) this way.
-        sqlx::Error::Protocol(message) if message.contains("parameter") => {
-            DataPlaneError::InvalidArgument(format!(
-                "{message}; SQLite statements take ?, ?NNN or $NNN placeholders"
-            ))
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => {
-            tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
-            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
-        }
-        sqlx::Error::ColumnDecode { index, source } => DataPlaneError::Internal(format!(
-            "cannot decode column {index} of the result: {source}"
-        )),
-        other => {
-            tracing::error!(tenant.id = %tenant, error = %other, "unexpected database error");
-            DataPlaneError::Internal(format!("unexpected database error for tenant {tenant}"))
-        }
+/// Maps an error from a PostgreSQL tenant database (the data plane's own connections;
+/// see `postgres_connection`).
+pub fn from_postgres(error: tokio_postgres::Error, tenant: &str) -> DataPlaneError {
+    if let Some(db_error) = error.as_db_error() {
+        return from_sqlstate(
+            db_error.code().code(),
+            db_error.message(),
+            db_error.detail(),
+            tenant,
+        );
     }
+    if error.is_closed() {
+        tracing::warn!(tenant.id = %tenant, %error, "tenant database connection closed");
+        return DataPlaneError::Unavailable(format!(
+            "the connection to the database of tenant {tenant} closed; retry"
+        ));
+    }
+    // Everything else is the connection or the protocol (I/O, timeouts, unexpected
+    // messages, authentication the client cannot do): not the statement's fault.
+    tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
+    DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
 }
 
 fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) -> DataPlaneError {

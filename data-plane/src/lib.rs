@@ -8,6 +8,7 @@ pub mod context;
 pub mod error;
 pub mod metrics;
 pub mod pools;
+pub mod postgres_connection;
 pub mod route_stream;
 pub mod router;
 pub mod sql;

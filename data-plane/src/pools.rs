@@ -4,9 +4,11 @@
 //!
 //! Connections are cleaned between requests so that no session state outlives the
 //! request that set it:
-//! - PostgreSQL: every connection returned to a pool runs `RESET ALL; CLOSE ALL; ...`
-//!   (what `DISCARD ALL` does, minus dropping sqlx's cached prepared statements) before
-//!   the next request can take it; transaction control is refused in tenant statements.
+//! - PostgreSQL: every request's statement is followed, in the same write, by
+//!   `RESET ALL; CLOSE ALL; ...` (what `DISCARD ALL` does, minus dropping the
+//!   connection's prepared statements), and the connection goes back to its pool only
+//!   once that has been answered (`postgres_connection`); transaction control is refused
+//!   in tenant statements.
 //! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
 //!   settings, `load_extension()` and transaction control (only Batch's own BEGIN and
 //!   COMMIT/ROLLBACK pass), and extension loading is switched off, so no statement can
@@ -17,50 +19,20 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_shared::TenantId;
 
 use crate::connection_pool::{
-    ConnectError, ConnectionControls, ConnectionPool, PoolFigures,
-    PoolOptions as ConnectionPoolOptions, ServerBudget,
+    ConnectionPool, PoolFigures, PoolOptions as ConnectionPoolOptions, ServerBudget,
 };
+use crate::postgres_connection::{PgBackend, PgConnectOptions, postgres_connected, reset_session};
 use crate::router::{Route, RouteState, Router, Target};
 use crate::sqlite_connection::{SqliteBackend, SqliteConnectOptions, harden_connection};
 
 /// A PostgreSQL tenant's pool.
-pub type PgTenantPool = ConnectionPool<Postgres>;
+pub type PgTenantPool = ConnectionPool<PgBackend>;
 /// A SQLite tenant's pool.
 pub type SqliteTenantPool = ConnectionPool<SqliteBackend>;
-
-/// What a PostgreSQL connection runs when it goes back to its pool.
-///
-/// No ROLLBACK: tenant statements cannot open a transaction (transaction control is
-/// refused), Batch ends its own, and a connection whose request failed or was abandoned
-/// is closed instead of reset.
-const POSTGRES_SESSION_RESET: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; \
-     DISCARD TEMP; DISCARD SEQUENCES";
-
-/// The same plus releasing session-level advisory locks, for a connection whose role may
-/// take them (a tenant provisioned before they were revoked, or by an admin that could
-/// not revoke them). The one statement of the reset that returns rows: it costs about a
-/// sixth of a point select's throughput, so it runs only where it is needed.
-const POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; \
-     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
-
-/// Whether the connection's role may take a session-level advisory lock. Provisioning
-/// revokes these functions from PUBLIC in every tenant database
-/// (`tenantry_control_plane::provisioner`); this tells per connection whether that holds.
-const POSTGRES_CAN_TAKE_ADVISORY_LOCKS: &str = "SELECT \
-     has_function_privilege('pg_catalog.pg_advisory_lock(bigint)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_advisory_lock(integer,integer)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_advisory_lock_shared(bigint)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_advisory_lock_shared(integer,integer)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_try_advisory_lock(bigint)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_try_advisory_lock(integer,integer)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_try_advisory_lock_shared(bigint)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_try_advisory_lock_shared(integer,integer)', 'EXECUTE')";
 
 #[derive(Clone)]
 pub enum TenantPool {
@@ -164,7 +136,7 @@ struct PoolEntry {
 pub struct PoolManager {
     pools: DashMap<TenantId, Arc<PoolEntry>>,
     /// Connection budgets of PostgreSQL servers, by `host:port`.
-    budgets: DashMap<String, Arc<ServerBudget<Postgres>>>,
+    budgets: DashMap<String, Arc<ServerBudget<PgBackend>>>,
     options: PoolOptions,
 }
 
@@ -277,7 +249,7 @@ impl PoolManager {
         }
     }
 
-    fn budget(&self, host: &str, port: u16) -> Arc<ServerBudget<Postgres>> {
+    fn budget(&self, host: &str, port: u16) -> Arc<ServerBudget<PgBackend>> {
         let server = format!("{host}:{port}");
         self.budgets
             .entry(server.clone())
@@ -294,18 +266,9 @@ impl PoolManager {
                 username,
                 password,
             } => {
-                let connect = PgConnectOptions::new()
-                    .host(host)
-                    .port(*port)
-                    .database(database)
-                    .username(username)
-                    .password(password)
-                    .application_name("tenantry-data-plane")
-                    // The session reset's ROLLBACK warns when no transaction is open;
-                    // notices are not passed to callers, so do not send them at all.
-                    .options([("client_min_messages", "error")])
-                    .disable_statement_logging();
-                let reset: Option<crate::connection_pool::Clean<Postgres>> =
+                let mut connect = PgConnectOptions::new(host, *port, database, username, password);
+                connect.session_reset = self.options.postgres_session_reset;
+                let reset: Option<crate::connection_pool::Clean<PgBackend>> =
                     if self.options.postgres_session_reset {
                         Some(reset_session)
                     } else {
@@ -498,62 +461,4 @@ impl pb::pool_service_server::PoolService for PoolApi {
             route_version: *self.route_stream.applied().borrow(),
         }))
     }
-}
-
-/// A connection's first session reset: releases any advisory locks, and finds out
-/// whether the role can take them at all (the last statement's one row).
-static POSTGRES_FIRST_SESSION_RESET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("{POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS}; {POSTGRES_CAN_TAKE_ADVISORY_LOCKS}")
-});
-
-/// Resets a PostgreSQL connection that comes back from a request. One round trip, which
-/// also tells that the connection still works (a failing one is closed).
-///
-/// The first reset of a connection also asks whether its role can take session-level
-/// advisory locks; later resets release them only if it can. The question loads catalog
-/// entries on a fresh backend (about 3 ms), so it runs here, after the first response,
-/// rather than when the connection opens, on the way of a cold tenant's first request.
-fn reset_session<'c>(
-    connection: &'c mut PgConnection,
-    controls: &'c ConnectionControls,
-) -> futures::future::BoxFuture<'c, bool> {
-    use std::sync::atomic::Ordering;
-    Box::pin(async move {
-        if controls.advisory_locks_checked.load(Ordering::Acquire) {
-            let reset = if controls.advisory_locks_revoked.load(Ordering::Acquire) {
-                POSTGRES_SESSION_RESET
-            } else {
-                POSTGRES_SESSION_RESET_WITH_ADVISORY_LOCKS
-            };
-            return sqlx::raw_sql(reset).execute(connection).await.is_ok();
-        }
-        let Ok(rows) = sqlx::raw_sql(POSTGRES_FIRST_SESSION_RESET.as_str())
-            .fetch_all(connection)
-            .await
-        else {
-            return false;
-        };
-        // Unanswered, the next reset asks again (and releases locks meanwhile).
-        if let Some(can_take) = rows
-            .last()
-            .and_then(|row| sqlx::Row::try_get::<bool, _>(row, 0).ok())
-        {
-            controls
-                .advisory_locks_revoked
-                .store(!can_take, Ordering::Release);
-            controls
-                .advisory_locks_checked
-                .store(true, Ordering::Release);
-        }
-        true
-    })
-}
-
-/// A new PostgreSQL tenant connection needs nothing before its first request: its
-/// session reset finds out the rest (see `reset_session`).
-fn postgres_connected(
-    _connection: &mut PgConnection,
-    _controls: std::sync::Arc<ConnectionControls>,
-) -> futures::future::BoxFuture<'_, Result<(), ConnectError>> {
-    Box::pin(std::future::ready(Ok(())))
 }

@@ -1,32 +1,34 @@
 //! Statements on a PostgreSQL tenant database.
 //!
-//! Statements are prepared with the parameter types of the request's values, and the
-//! text sqlx caches them under carries that type signature, so the same SQL sent with
+//! Statements are prepared with the parameter types of the request's values and cached
+//! per connection under their text plus that type signature, so the same SQL sent with
 //! other value kinds gets its own prepared statement instead of a binary-format error.
+//! The statement goes out in one write with the request's statement timeout and the
+//! session reset (`PgConnection::pipelined`).
+
+use std::sync::Arc;
 
 use futures::TryStreamExt;
-use sqlx::postgres::{PgArguments, PgRow, PgTypeInfo, PgValueRef, Postgres};
-use sqlx::query::Query;
-use sqlx::types::chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use sqlx::{
-    AssertSqlSafe, Column, Connection, Decode, Executor, Row, SqlSafeStr, Statement, TypeInfo,
-    ValueRef,
-};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Row, Statement};
 
 use super::{
-    Call, at_statement, comment_end, null_value, parameter_count_error, push_row,
+    Call, at_statement, comment_end, leading_words, null_value, parameter_count_error, push_row,
     refuse_transaction_control, unsupported_column,
 };
-use crate::connection_pool::PooledConnection;
-use crate::error::{DataPlaneError, Result, from_acquire, from_sqlx};
+use crate::connection_pool::{ConnectionControls, PooledConnection};
+use crate::error::{DataPlaneError, Result, from_acquire, from_postgres};
 use crate::pools::PgTenantPool;
+use crate::postgres_connection::{PgBackend, PgConnection};
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
-/// gone) before it finishes, the connection is closed instead of reused.
+/// gone) before it finishes, the connection is closed instead of reused: its statement
+/// may still be running and the reset behind it unanswered.
 struct Session {
-    connection: PooledConnection<Postgres>,
+    connection: PooledConnection<PgBackend>,
+    controls: Arc<ConnectionControls>,
     finished: bool,
 }
 
@@ -39,41 +41,34 @@ impl Drop for Session {
 }
 
 async fn session(pool: &PgTenantPool, call: &Call<'_>) -> Result<Session> {
-    let mut connection = pool
+    let connection = pool
         .acquire()
         .await
         .map_err(|error| from_acquire(error, call.tenant))?;
-    if let Some(remaining) = call.remaining() {
-        // Reset with the rest of the session state when the connection is released.
-        // statement_timeout is an int of milliseconds.
-        let millis = remaining.as_millis().clamp(1, i32::MAX as u128).to_string();
-        sqlx::query("SELECT set_config('statement_timeout', $1, false)")
-            .bind(millis)
-            .execute(&mut *connection)
-            .await
-            .map_err(|error| from_sqlx(error, call.tenant))?;
-    }
+    let controls = connection.shared_controls();
     Ok(Session {
         connection,
+        controls,
         finished: false,
     })
 }
 
-fn type_of(value: &pb::Value) -> PgTypeInfo {
+/// The type a parameter is prepared with; None lets PostgreSQL infer the type of a NULL
+/// from its context.
+fn type_of(value: &pb::Value) -> Option<Type> {
     match &value.kind {
-        Some(Kind::Int64(_)) => PgTypeInfo::with_name("INT8"),
-        Some(Kind::Double(_)) => PgTypeInfo::with_name("FLOAT8"),
-        Some(Kind::Text(_)) => PgTypeInfo::with_name("TEXT"),
-        Some(Kind::Bytes(_)) => PgTypeInfo::with_name("BYTEA"),
-        Some(Kind::Bool(_)) => PgTypeInfo::with_name("BOOL"),
-        // Unspecified: PostgreSQL infers the type of a NULL from its context.
-        Some(Kind::Null(_)) | None => PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0)),
+        Some(Kind::Int64(_)) => Some(Type::INT8),
+        Some(Kind::Double(_)) => Some(Type::FLOAT8),
+        Some(Kind::Text(_)) => Some(Type::TEXT),
+        Some(Kind::Bytes(_)) => Some(Type::BYTEA),
+        Some(Kind::Bool(_)) => Some(Type::BOOL),
+        Some(Kind::Null(_)) | None => None,
     }
 }
 
-/// The SQL under which the statement is prepared and cached: the request's text plus
-/// its parameter type signature in a trailing comment.
-fn keyed_sql(statement: &pb::Statement) -> String {
+/// The key a prepared statement is cached under: the request's text plus its parameter
+/// type signature.
+fn cache_key(statement: &pb::Statement) -> String {
     if statement.params.is_empty() {
         return statement.sql.clone();
     }
@@ -92,62 +87,71 @@ fn keyed_sql(statement: &pb::Statement) -> String {
     format!("{}\n-- tenantry params: {signature}", statement.sql)
 }
 
-fn bind<'q>(
-    mut query: Query<'q, Postgres, PgArguments>,
-    params: &'q [pb::Value],
-) -> Query<'q, Postgres, PgArguments> {
-    for value in params {
-        query = match &value.kind {
-            Some(Kind::Int64(v)) => query.bind(*v),
-            Some(Kind::Double(v)) => query.bind(*v),
-            Some(Kind::Text(v)) => query.bind(v.as_str()),
-            Some(Kind::Bytes(v)) => query.bind(v.as_slice()),
-            Some(Kind::Bool(v)) => query.bind(*v),
-            Some(Kind::Null(_)) | None => query.bind(None::<String>),
-        };
+/// A request value as a statement parameter, in the binary format of the type it was
+/// prepared with (`type_of`).
+#[derive(Debug)]
+struct Param<'a>(&'a pb::Value);
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0.kind {
+            Some(Kind::Int64(v)) => v.to_sql(ty, out),
+            Some(Kind::Double(v)) => v.to_sql(ty, out),
+            Some(Kind::Text(v)) => v.as_str().to_sql(ty, out),
+            Some(Kind::Bytes(v)) => v.as_slice().to_sql(ty, out),
+            Some(Kind::Bool(v)) => v.to_sql(ty, out),
+            Some(Kind::Null(_)) | None => Ok(IsNull::Yes),
+        }
     }
-    query
+
+    /// The statement was prepared with this value's own type (or, for a NULL, any).
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn params(statement: &pb::Statement) -> impl ExactSizeIterator<Item = Param<'_>> {
+    statement.params.iter().map(Param)
 }
 
 async fn prepare(
-    connection: &mut sqlx::PgConnection,
+    connection: &mut PgConnection,
     statement: &pb::Statement,
     call: &Call<'_>,
-) -> Result<sqlx::postgres::PgStatement> {
+) -> Result<Statement> {
     refuse_transaction_control(&statement.sql)?;
-    let types: Vec<PgTypeInfo> = statement.params.iter().map(type_of).collect();
+    let types: Vec<Option<Type>> = statement.params.iter().map(type_of).collect();
+    // DEALLOCATE and DISCARD ALL/PLANS drop the connection's prepared statements on the
+    // server (and this one with them).
+    let drops_statements = matches!(
+        leading_words(&statement.sql, 1).first().map(String::as_str),
+        Some("DEALLOCATE" | "DISCARD")
+    );
+    if drops_statements {
+        connection.forget_statements();
+    }
     let prepared = connection
-        .prepare_with(AssertSqlSafe(keyed_sql(statement)).into_sql_str(), &types)
+        .prepare(
+            &cache_key(statement),
+            &statement.sql,
+            &types,
+            !drops_statements,
+        )
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
-    let expected = match prepared.parameters() {
-        Some(sqlx::Either::Left(types)) => types.len(),
-        Some(sqlx::Either::Right(count)) => count,
-        None => statement.params.len(),
-    };
+        .map_err(|error| from_postgres(error, call.tenant))?;
     // PostgreSQL accepts more declared parameter types than the text uses: count the
     // placeholders to refuse extra parameters too.
-    let expected = expected.min(max_placeholder(&statement.sql));
+    let expected = prepared.params().len().min(max_placeholder(&statement.sql));
     if expected != statement.params.len() {
         return Err(parameter_count_error(expected, statement.params.len()));
     }
     Ok(prepared)
-}
-
-async fn execute_on(
-    connection: &mut sqlx::PgConnection,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<pb::ExecuteResponse> {
-    let prepared = prepare(connection, statement, call).await?;
-    let result = bind(prepared.query(), &statement.params)
-        .execute(&mut *connection)
-        .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
-    Ok(pb::ExecuteResponse {
-        rows_affected: result.rows_affected(),
-        last_insert_id: None,
-    })
 }
 
 pub async fn execute(
@@ -156,10 +160,27 @@ pub async fn execute(
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
     let mut session = session(pool, call).await?;
-    let response = execute_on(&mut session.connection, statement, call).await;
-    // After an error sqlx may still owe the server's ReadyForQuery, and then the session
-    // reset cannot be queued: close such connections rather than reuse them.
-    session.finished = response.is_ok();
+    let controls = session.controls.clone();
+    let connection = &mut *session.connection;
+    let response = async {
+        let prepared = prepare(connection, statement, call).await?;
+        let rows_affected = connection
+            .pipelined(&controls, call.remaining(), |client| async move {
+                client.execute_raw(&prepared, params(statement)).await
+            })
+            .await
+            .and_then(|result| result)
+            .map_err(|error| from_postgres(error, call.tenant))?;
+        Ok(pb::ExecuteResponse {
+            rows_affected,
+            last_insert_id: None,
+        })
+    }
+    .await;
+    connection.finish_reset().await;
+    // Failed or not, the statement has run to its end (and an implicit transaction with
+    // it): the connection goes back to be reset.
+    session.finished = true;
     response
 }
 
@@ -169,35 +190,57 @@ pub async fn query(
     call: &Call<'_>,
 ) -> Result<pb::QueryResponse> {
     let mut session = session(pool, call).await?;
+    let controls = session.controls.clone();
     let connection = &mut *session.connection;
-    let prepared = prepare(connection, statement, call).await?;
-    let columns: Vec<String> = prepared
-        .columns()
-        .iter()
-        .map(|c| c.name().to_owned())
-        .collect();
-    let mut response = pb::QueryResponse {
-        columns,
-        rows: Vec::new(),
-    };
-    let mut size = 0;
-    {
-        let mut rows = bind(prepared.query(), &statement.params).fetch(&mut *connection);
-        while let Some(row) = rows
-            .try_next()
+    let response = async {
+        let prepared = prepare(connection, statement, call).await?;
+        // Refuse a column type with no Value mapping before running anything.
+        let decoders = prepared
+            .columns()
+            .iter()
+            .map(|column| {
+                decoder_for(column.type_())
+                    .ok_or_else(|| unsupported_column(column.name(), column.type_().name()))
+            })
+            .collect::<Result<Vec<Decoder>>>()?;
+        let max_response_bytes = call.limits.max_response_bytes;
+        connection
+            .pipelined(&controls, call.remaining(), |client| async move {
+                let rows = client
+                    .query_raw(&prepared, params(statement))
+                    .await
+                    .map_err(|error| from_postgres(error, call.tenant))?;
+                let mut rows = std::pin::pin!(rows);
+                let mut response = pb::QueryResponse {
+                    columns: prepared
+                        .columns()
+                        .iter()
+                        .map(|column| column.name().to_owned())
+                        .collect(),
+                    rows: Vec::new(),
+                };
+                let mut size = 0;
+                while let Some(row) = rows
+                    .try_next()
+                    .await
+                    .map_err(|error| from_postgres(error, call.tenant))?
+                {
+                    push_row(
+                        &mut response,
+                        &mut size,
+                        decode_row(&row, &decoders)?,
+                        max_response_bytes,
+                    )?;
+                }
+                Ok(response)
+            })
             .await
-            .map_err(|error| from_sqlx(error, call.tenant))?
-        {
-            push_row(
-                &mut response,
-                &mut size,
-                decode_row(&row)?,
-                call.limits.max_response_bytes,
-            )?;
-        }
+            .map_err(|error| from_postgres(error, call.tenant))?
     }
+    .await;
+    connection.finish_reset().await;
     session.finished = true;
-    Ok(response)
+    response
 }
 
 pub async fn batch(
@@ -206,121 +249,256 @@ pub async fn batch(
     call: &Call<'_>,
 ) -> Result<Vec<pb::ExecuteResponse>> {
     let mut session = session(pool, call).await?;
-    let mut transaction = session
-        .connection
-        .begin()
+    let controls = session.controls.clone();
+    let connection = &mut *session.connection;
+    // SET LOCAL: the timeout ends with the transaction.
+    let begin = match call.remaining() {
+        Some(remaining) => format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            remaining.as_millis().clamp(1, i32::MAX as u128)
+        ),
+        None => "BEGIN".to_owned(),
+    };
+    connection
+        .run(|client| client.batch_execute(&begin))
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
+        .map_err(|error| from_postgres(error, call.tenant))?;
     let mut results = Vec::with_capacity(statements.len());
     for (position, statement) in statements.iter().enumerate() {
-        let result = execute_on(&mut transaction, statement, call)
-            .await
-            .map_err(at_statement(position))?;
-        results.push(result);
-    }
-    transaction
-        .commit()
+        let executed = async {
+            let prepared = prepare(connection, statement, call).await?;
+            connection
+                .run(|client| client.execute_raw(&prepared, params(statement)))
+                .await
+                .map_err(|error| from_postgres(error, call.tenant))
+        }
         .await
-        .map_err(|error| from_sqlx(error, call.tenant))?;
+        .map_err(at_statement(position));
+        match executed {
+            Ok(rows_affected) => results.push(pb::ExecuteResponse {
+                rows_affected,
+                last_insert_id: None,
+            }),
+            Err(error) => {
+                // All or nothing. A connection that cannot roll back is closed.
+                session.finished = connection
+                    .run(|client| client.batch_execute("ROLLBACK"))
+                    .await
+                    .is_ok();
+                return Err(error);
+            }
+        }
+    }
+    connection
+        .pipelined(&controls, None, |client| client.batch_execute("COMMIT"))
+        .await
+        .and_then(|result| result)
+        .map_err(|error| from_postgres(error, call.tenant))?;
+    connection.finish_reset().await;
     session.finished = true;
     Ok(results)
 }
 
-fn decode_row(row: &PgRow) -> Result<pb::Row> {
-    let mut values = Vec::with_capacity(row.len());
-    for (index, column) in row.columns().iter().enumerate() {
-        let raw = row.try_get_raw(index).map_err(|error| {
-            DataPlaneError::Internal(format!("cannot read column {index}: {error}"))
-        })?;
-        values.push(decode_value(raw, column.name(), column.type_info())?);
+/// How a column's binary values become `Value`s.
+#[derive(Clone, Copy, Debug)]
+enum Decoder {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Float4,
+    Float8,
+    Text,
+    Char,
+    Bytea,
+    Numeric,
+    Date,
+    Time,
+    Timestamp,
+    Timestamptz,
+    Interval,
+    Uuid,
+    Json,
+    Jsonb,
+    /// A function that returns nothing (`SELECT pg_sleep(1)`): NULL.
+    Void,
+}
+
+const DECODERS: [(Type, Decoder); 24] = [
+    (Type::BOOL, Decoder::Bool),
+    (Type::INT2, Decoder::Int2),
+    (Type::INT4, Decoder::Int4),
+    (Type::INT8, Decoder::Int8),
+    (Type::OID, Decoder::Oid),
+    (Type::FLOAT4, Decoder::Float4),
+    (Type::FLOAT8, Decoder::Float8),
+    (Type::TEXT, Decoder::Text),
+    (Type::VARCHAR, Decoder::Text),
+    (Type::BPCHAR, Decoder::Text),
+    (Type::NAME, Decoder::Text),
+    (Type::UNKNOWN, Decoder::Text),
+    (Type::CHAR, Decoder::Char),
+    (Type::BYTEA, Decoder::Bytea),
+    (Type::NUMERIC, Decoder::Numeric),
+    (Type::DATE, Decoder::Date),
+    (Type::TIME, Decoder::Time),
+    (Type::TIMESTAMP, Decoder::Timestamp),
+    (Type::TIMESTAMPTZ, Decoder::Timestamptz),
+    (Type::INTERVAL, Decoder::Interval),
+    (Type::UUID, Decoder::Uuid),
+    (Type::JSON, Decoder::Json),
+    (Type::JSONB, Decoder::Jsonb),
+    (Type::VOID, Decoder::Void),
+];
+
+fn decoder_for(ty: &Type) -> Option<Decoder> {
+    if let Some((_, decoder)) = DECODERS.iter().find(|(known, _)| known == ty) {
+        return Some(*decoder);
+    }
+    // An extension type, found by name: its text is the value.
+    (ty.name() == "citext").then_some(Decoder::Text)
+}
+
+fn decode_row(row: &Row, decoders: &[Decoder]) -> Result<pb::Row> {
+    let mut values = Vec::with_capacity(decoders.len());
+    for (index, (column, decoder)) in row.columns().iter().zip(decoders).enumerate() {
+        let raw = row
+            .try_get::<_, Option<RawValue<'_>>>(index)
+            .map_err(|error| {
+                DataPlaneError::Internal(format!("cannot read column {index}: {error}"))
+            })?;
+        let value = match raw {
+            None => null_value(),
+            Some(RawValue(raw)) => {
+                decode_value(raw, *decoder, column.type_()).map_err(|error| {
+                    DataPlaneError::Internal(format!(
+                        "cannot decode column {:?} of type {}: {error}",
+                        column.name(),
+                        column.type_().name()
+                    ))
+                })?
+            }
+        };
+        values.push(value);
     }
     Ok(pb::Row { values })
 }
 
-fn decode_value(raw: PgValueRef<'_>, column: &str, type_info: &PgTypeInfo) -> Result<pb::Value> {
-    if raw.is_null() {
-        return Ok(null_value());
+/// A column's value as the server sent it (binary format).
+struct RawValue<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for RawValue<'a> {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(raw))
     }
-    let type_name = type_info.name().to_ascii_uppercase();
-    let failed = |error: sqlx::error::BoxDynError| {
-        DataPlaneError::Internal(format!(
-            "cannot decode column {column:?} of type {type_name}: {error}"
-        ))
-    };
-    let kind = match type_name.as_str() {
-        "BOOL" => Kind::Bool(<bool as Decode<Postgres>>::decode(raw).map_err(failed)?),
-        "INT2" => Kind::Int64(i64::from(
-            <i16 as Decode<Postgres>>::decode(raw).map_err(failed)?,
-        )),
-        "INT4" => Kind::Int64(i64::from(
-            <i32 as Decode<Postgres>>::decode(raw).map_err(failed)?,
-        )),
-        "INT8" => Kind::Int64(<i64 as Decode<Postgres>>::decode(raw).map_err(failed)?),
-        "OID" => Kind::Int64(i64::from(
-            <sqlx::postgres::types::Oid as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
-                .0,
-        )),
-        "FLOAT4" => Kind::Double(f64::from(
-            <f32 as Decode<Postgres>>::decode(raw).map_err(failed)?,
-        )),
-        "FLOAT8" => Kind::Double(<f64 as Decode<Postgres>>::decode(raw).map_err(failed)?),
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CITEXT" | "UNKNOWN" => {
-            Kind::Text(<String as Decode<Postgres>>::decode(raw).map_err(failed)?)
-        }
-        "\"CHAR\"" | "CHAR" => Kind::Text(
-            (<i8 as Decode<Postgres>>::decode(raw).map_err(failed)? as u8 as char).to_string(),
-        ),
-        "BYTEA" => Kind::Bytes(<Vec<u8> as Decode<Postgres>>::decode(raw).map_err(failed)?),
-        "NUMERIC" => Kind::Text(numeric_text(raw.as_bytes().map_err(failed)?).map_err(failed)?),
-        "DATE" => Kind::Text(
-            <NaiveDate as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
-                .format("%Y-%m-%d")
-                .to_string(),
-        ),
-        "TIME" => Kind::Text(
-            <NaiveTime as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+type DecodeResult<T> = std::result::Result<T, Box<dyn std::error::Error + Sync + Send>>;
+
+fn decode_value(raw: &[u8], decoder: Decoder, ty: &Type) -> DecodeResult<pb::Value> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+    let kind = match decoder {
+        Decoder::Bool => Kind::Bool(bool::from_sql(ty, raw)?),
+        Decoder::Int2 => Kind::Int64(i64::from(i16::from_sql(ty, raw)?)),
+        Decoder::Int4 => Kind::Int64(i64::from(i32::from_sql(ty, raw)?)),
+        Decoder::Int8 => Kind::Int64(i64::from_sql(ty, raw)?),
+        Decoder::Oid => Kind::Int64(i64::from(u32::from_sql(ty, raw)?)),
+        Decoder::Float4 => Kind::Double(f64::from(f32::from_sql(ty, raw)?)),
+        Decoder::Float8 => Kind::Double(f64::from_sql(ty, raw)?),
+        Decoder::Text => Kind::Text(std::str::from_utf8(raw)?.to_owned()),
+        Decoder::Char => Kind::Text((i8::from_sql(ty, raw)? as u8 as char).to_string()),
+        Decoder::Bytea => Kind::Bytes(raw.to_vec()),
+        Decoder::Numeric => Kind::Text(numeric_text(raw)?),
+        Decoder::Date => Kind::Text(NaiveDate::from_sql(ty, raw)?.format("%Y-%m-%d").to_string()),
+        Decoder::Time => Kind::Text(
+            NaiveTime::from_sql(ty, raw)?
                 .format("%H:%M:%S%.f")
                 .to_string(),
         ),
-        "TIMESTAMP" => Kind::Text(
-            <NaiveDateTime as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
+        Decoder::Timestamp => Kind::Text(
+            NaiveDateTime::from_sql(ty, raw)?
                 .format("%Y-%m-%dT%H:%M:%S%.f")
                 .to_string(),
         ),
-        "TIMESTAMPTZ" => Kind::Text(
-            <DateTime<Utc> as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
+        Decoder::Timestamptz => Kind::Text(
+            DateTime::<Utc>::from_sql(ty, raw)?
                 .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         ),
-        "INTERVAL" => {
-            let interval = <sqlx::postgres::types::PgInterval as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?;
-            Kind::Text(iso8601_interval(&interval))
-        }
-        "UUID" => Kind::Text(
-            <sqlx::types::Uuid as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
-                .hyphenated()
-                .to_string(),
-        ),
-        "JSON" | "JSONB" => Kind::Text(
-            <sqlx::types::JsonValue as Decode<Postgres>>::decode(raw)
-                .map_err(failed)?
-                .to_string(),
-        ),
-        _ => return Err(unsupported_column(column, type_info.name())),
+        Decoder::Interval => Kind::Text(interval_text(raw)?),
+        Decoder::Uuid => Kind::Text(uuid_text(raw)?),
+        Decoder::Json => Kind::Text(json_text(raw)?),
+        Decoder::Jsonb => match raw.split_first() {
+            Some((1, json)) => Kind::Text(json_text(json)?),
+            _ => return Err("unsupported jsonb format version".into()),
+        },
+        Decoder::Void => return Ok(null_value()),
     };
     Ok(pb::Value { kind: Some(kind) })
 }
 
+/// JSON in its compact form (object keys in their order).
+fn json_text(raw: &[u8]) -> DecodeResult<String> {
+    Ok(serde_json::from_slice::<serde_json::Value>(raw)?.to_string())
+}
+
+/// A binary `uuid` (16 bytes) as hyphenated lowercase hex.
+fn uuid_text(raw: &[u8]) -> DecodeResult<String> {
+    if raw.len() != 16 {
+        return Err(format!("a uuid is 16 bytes, got {}", raw.len()).into());
+    }
+    let hex: String = raw.iter().map(|byte| format!("{byte:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+/// A binary `interval` (microseconds, days, months; big-endian) in ISO 8601.
+fn interval_text(raw: &[u8]) -> DecodeResult<String> {
+    let bytes: [u8; 16] = raw
+        .try_into()
+        .map_err(|_| format!("an interval is 16 bytes, got {}", raw.len()))?;
+    let [
+        m0,
+        m1,
+        m2,
+        m3,
+        m4,
+        m5,
+        m6,
+        m7,
+        d0,
+        d1,
+        d2,
+        d3,
+        n0,
+        n1,
+        n2,
+        n3,
+    ] = bytes;
+    Ok(iso8601_interval(
+        i32::from_be_bytes([n0, n1, n2, n3]),
+        i32::from_be_bytes([d0, d1, d2, d3]),
+        i64::from_be_bytes([m0, m1, m2, m3, m4, m5, m6, m7]),
+    ))
+}
+
 /// PostgreSQL's own text for a binary `numeric` (exact, with its display scale):
 /// ndigits, weight, sign, dscale, then base-10000 digits, all big-endian 16-bit.
-fn numeric_text(bytes: &[u8]) -> std::result::Result<String, sqlx::error::BoxDynError> {
-    let word = |i: usize| -> std::result::Result<i32, sqlx::error::BoxDynError> {
+fn numeric_text(bytes: &[u8]) -> DecodeResult<String> {
+    let word = |i: usize| -> DecodeResult<i32> {
         let pair = bytes
             .get(i * 2..i * 2 + 2)
             .ok_or("numeric value is truncated")?;
@@ -449,8 +627,7 @@ fn max_placeholder(sql: &str) -> usize {
 }
 
 /// ISO 8601 duration: `P{months}M{days}DT{seconds}S`, e.g. `P1M2DT3.5S`.
-fn iso8601_interval(interval: &sqlx::postgres::types::PgInterval) -> String {
-    let micros = interval.microseconds;
+fn iso8601_interval(months: i32, days: i32, micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
     let abs = micros.unsigned_abs();
     let seconds = abs / 1_000_000;
@@ -461,7 +638,7 @@ fn iso8601_interval(interval: &sqlx::postgres::types::PgInterval) -> String {
         let fraction = format!("{fraction:06}");
         format!("{sign}{seconds}.{}", fraction.trim_end_matches('0'))
     };
-    format!("P{}M{}DT{seconds_text}S", interval.months, interval.days)
+    format!("P{months}M{days}DT{seconds_text}S")
 }
 
 #[cfg(test)]
@@ -494,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn formats_numeric_like_postgres() -> std::result::Result<(), sqlx::error::BoxDynError> {
+    fn formats_numeric_like_postgres() -> DecodeResult<()> {
         // 12345678901234567890.123
         let big = numeric_bytes(4, 0, 3, &[1234, 5678, 9012, 3456, 7890, 1230]);
         assert_eq!(numeric_text(&big)?, "12345678901234567890.123");
