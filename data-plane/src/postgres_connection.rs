@@ -209,8 +209,14 @@ impl PgConnection {
 
     /// Waits for the answer to the reset sent behind the request's statement, so that
     /// the connection can go straight back to its pool (no clean-up task). The reset
-    /// runs right after the statement on the server, so this is rarely a wait.
-    pub async fn finish_reset(&mut self) {
+    /// runs right after the statement on the server, so this is rarely a wait. Not the
+    /// connection's first reset, whose advisory-lock question takes a fresh backend
+    /// about 3 ms: a cold tenant's first request answers without it, and the pool's
+    /// clean-up collects it.
+    pub async fn finish_reset(&mut self, controls: &ConnectionControls) {
+        if !controls.advisory_locks_checked.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(pending) = self.pending_reset.take() {
             self.reset_done = drive(&mut self.io, pending).await;
         }

@@ -177,7 +177,7 @@ pub async fn execute(
         })
     }
     .await;
-    connection.finish_reset().await;
+    connection.finish_reset(&controls).await;
     // Failed or not, the statement has run to its end (and an implicit transaction with
     // it): the connection goes back to be reset.
     session.finished = true;
@@ -238,7 +238,7 @@ pub async fn query(
             .map_err(|error| from_postgres(error, call.tenant))?
     }
     .await;
-    connection.finish_reset().await;
+    connection.finish_reset(&controls).await;
     session.finished = true;
     response
 }
@@ -294,7 +294,7 @@ pub async fn batch(
         .await
         .and_then(|result| result)
         .map_err(|error| from_postgres(error, call.tenant))?;
-    connection.finish_reset().await;
+    connection.finish_reset(&controls).await;
     session.finished = true;
     Ok(results)
 }
