@@ -1019,6 +1019,7 @@ async fn session_state_does_not_leak(backend: Backend) {
                     .unwrap_or_else(|e| panic!("a cached statement after {drop_all}: {e}"));
                 assert_eq!(before.rows, again.rows);
             }
+            session_reset_runs_before_the_next_statement(&sandbox, &id).await;
             advisory_locks_do_not_outlive_requests(&sandbox).await;
         }
         Backend::Sqlite => {
@@ -1045,6 +1046,132 @@ async fn session_state_does_not_leak(backend: Backend) {
                 .map(|s| s.code());
             assert_eq!(pragma, Some(Code::InvalidArgument));
         }
+    }
+}
+
+/// PostgreSQL: the reset of a connection that served a request runs before anything of
+/// the next request, including the preparation of a new statement, and statements that
+/// cannot run behind it in one transaction (VACUUM) still run.
+async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &str) {
+    for sql in [
+        "CREATE SCHEMA other",
+        "CREATE TABLE other.probe (v TEXT)",
+        "INSERT INTO other.probe VALUES ('other')",
+        "CREATE TABLE public.probe (v TEXT)",
+        "INSERT INTO public.probe VALUES ('public')",
+        "SET search_path TO other, public",
+    ] {
+        sandbox
+            .execute(id, sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // A new text: prepared (names resolved) in the next request.
+    let probe = sandbox
+        .query(id, "SELECT v FROM probe", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        probe.rows[0].values,
+        vec![text("public")],
+        "a statement was prepared with the previous request's search_path"
+    );
+    sandbox
+        .execute(id, "LISTEN tenantry_probe", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("LISTEN: {e}"));
+    let listening = sandbox
+        .query(id, "SELECT count(*) FROM pg_listening_channels()", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        listening.rows[0].values,
+        vec![int(0)],
+        "LISTEN outlived its request"
+    );
+    // VACUUM cannot run in a transaction block or behind other statements: with the
+    // reset (and a deadline's statement timeout) due ahead of it, it still runs.
+    let mut vacuum = with_tenant(
+        dp::ExecuteRequest {
+            statement: Some(dp::Statement {
+                sql: "VACUUM probe".into(),
+                params: vec![],
+            }),
+        },
+        id,
+    );
+    vacuum.set_timeout(Duration::from_secs(60));
+    sandbox
+        .sql()
+        .execute(vacuum)
+        .await
+        .unwrap_or_else(|e| panic!("VACUUM with a deadline: {e}"));
+    sandbox
+        .execute(id, "VACUUM public.probe", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("VACUUM: {e}"));
+    // The deadline's statement timeout ended with its request.
+    let mut timed = with_tenant(
+        dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: "SELECT 1 AS one".into(),
+                params: vec![],
+            }),
+        },
+        id,
+    );
+    timed.set_timeout(Duration::from_secs(60));
+    sandbox
+        .sql()
+        .query(timed)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let timeout = sandbox
+        .query(
+            id,
+            "SELECT current_setting('statement_timeout') AS t",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        timeout.rows[0].values,
+        vec![text("0")],
+        "a request's statement timeout outlived it"
+    );
+    // A connection the server ends under a request is not lent again.
+    let ended = sandbox
+        .query(id, "SELECT pg_terminate_backend(pg_backend_pid())", vec![])
+        .await
+        .err();
+    assert_eq!(
+        ended.as_ref().map(|s| s.code()),
+        Some(Code::Unavailable),
+        "{ended:?}"
+    );
+    sandbox
+        .query(id, "SELECT v FROM probe", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("after the server ended a connection: {e}"));
+    // COPY over the connection is refused, and the tenant's next request runs.
+    for copy in [
+        "COPY public.probe FROM STDIN",
+        "COPY public.probe TO STDOUT",
+    ] {
+        let refused = sandbox.execute(id, copy, vec![]).await.err();
+        assert_eq!(
+            refused.as_ref().map(|s| s.code()),
+            Some(Code::InvalidArgument),
+            "{copy}: {refused:?}"
+        );
+        assert!(
+            refused.is_some_and(|s| s.message().contains("COPY")),
+            "{copy}: the message names COPY"
+        );
+        sandbox
+            .query(id, "SELECT v FROM probe", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("after {copy}: {e}"));
     }
 }
 

@@ -112,6 +112,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn take_clean(_connection: &mut Self::Connection) -> bool {
         false
     }
+    /// False once the connection is known to be unusable (the server closed it, a call on
+    /// it broke off): it is closed instead of going back to the pool.
+    fn is_open(_connection: &Self::Connection) -> bool {
+        true
+    }
     /// Closes the connection (gracefully where the protocol has a goodbye).
     fn close(connection: Self::Connection) -> BoxFuture<'static, ()>;
 }
@@ -119,7 +124,7 @@ pub trait Backend: Sized + Send + Sync + 'static {
 /// Why a new connection could not be opened or set up.
 #[derive(Debug)]
 pub enum ConnectError {
-    Postgres(tokio_postgres::Error),
+    Postgres(crate::postgres_connection::PgError),
     Sqlite(rusqlite::Error),
     /// The blocking task opening or setting up a SQLite connection panicked.
     WorkerPanicked,
@@ -737,7 +742,7 @@ impl<B: Backend> Drop for PooledConnection<B> {
         let Some(slot) = self.slot.take() else {
             return;
         };
-        if self.close || pool.closed.load(Ordering::Acquire) {
+        if self.close || pool.closed.load(Ordering::Acquire) || !B::is_open(&connection) {
             tokio::spawn(async move {
                 B::close(connection).await;
                 drop(slot);

@@ -2,6 +2,7 @@
 //! result code), and its one mapping to gRPC status codes.
 
 use crate::connection_pool::{AcquireError, ConnectError};
+use crate::postgres_connection::PgError;
 use tonic::Status;
 
 pub type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
@@ -125,25 +126,34 @@ pub fn from_sqlite(error: rusqlite::Error, tenant: &str) -> DataPlaneError {
 
 /// Maps an error from a PostgreSQL tenant database (the data plane's own connections;
 /// see `postgres_connection`).
-pub fn from_postgres(error: tokio_postgres::Error, tenant: &str) -> DataPlaneError {
-    if let Some(db_error) = error.as_db_error() {
-        return from_sqlstate(
-            db_error.code().code(),
-            db_error.message(),
-            db_error.detail(),
-            tenant,
-        );
+pub fn from_postgres(error: PgError, tenant: &str) -> DataPlaneError {
+    match error {
+        PgError::Db(db) => from_sqlstate(&db.code, &db.message, db.detail.as_deref(), tenant),
+        PgError::Parameter(message) | PgError::Unsupported(message) => {
+            DataPlaneError::InvalidArgument(message)
+        }
+        PgError::Closed => {
+            tracing::warn!(tenant.id = %tenant, "tenant database connection closed");
+            DataPlaneError::Unavailable(format!(
+                "the connection to the database of tenant {tenant} closed; retry"
+            ))
+        }
+        PgError::Reset(db) => {
+            tracing::warn!(tenant.id = %tenant, sqlstate = %db.code, message = %db.message,
+                "tenant connection's session reset failed");
+            DataPlaneError::Unavailable(format!(
+                "the session reset of a connection to the database of tenant {tenant} failed \
+                 (SQLSTATE {}: {}); the statement did not run; retry",
+                db.code, db.message
+            ))
+        }
+        // The connection or the protocol (I/O, unexpected messages, authentication the
+        // client cannot do): not the statement's fault.
+        PgError::Io(_) | PgError::Protocol(_) => {
+            tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
+            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
+        }
     }
-    if error.is_closed() {
-        tracing::warn!(tenant.id = %tenant, %error, "tenant database connection closed");
-        return DataPlaneError::Unavailable(format!(
-            "the connection to the database of tenant {tenant} closed; retry"
-        ));
-    }
-    // Everything else is the connection or the protocol (I/O, timeouts, unexpected
-    // messages, authentication the client cannot do): not the statement's fault.
-    tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
-    DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
 }
 
 fn from_sqlstate(code: &str, message: &str, detail: Option<&str>, tenant: &str) -> DataPlaneError {

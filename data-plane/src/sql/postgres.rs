@@ -3,16 +3,15 @@
 //! Statements are prepared with the parameter types of the request's values and cached
 //! per connection under their text plus that type signature, so the same SQL sent with
 //! other value kinds gets its own prepared statement instead of a binary-format error.
-//! The statement goes out in one write with the request's statement timeout and the
-//! session reset (`PgConnection::pipelined`).
+//! The statement goes out in one write with the session reset and the request's
+//! statement timeout ahead of it (`PgConnection::run`).
 
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use postgres_protocol::message::backend::DataRowBody;
+use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
-use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Row, Statement};
 
 use super::{
     Call, at_statement, comment_end, leading_words, null_value, parameter_count_error, push_row,
@@ -21,7 +20,7 @@ use super::{
 use crate::connection_pool::{ConnectionControls, PooledConnection};
 use crate::error::{DataPlaneError, Result, from_acquire, from_postgres};
 use crate::pools::PgTenantPool;
-use crate::postgres_connection::{PgBackend, PgConnection};
+use crate::postgres_connection::{Column, PgBackend, PgConnection, Prepared, RunError};
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
 /// gone) before it finishes, the connection is closed instead of reused: its statement
@@ -124,7 +123,7 @@ async fn prepare(
     connection: &mut PgConnection,
     statement: &pb::Statement,
     call: &Call<'_>,
-) -> Result<Statement> {
+) -> Result<Arc<Prepared>> {
     refuse_transaction_control(&statement.sql)?;
     let types: Vec<Option<Type>> = statement.params.iter().map(type_of).collect();
     // DEALLOCATE and DISCARD ALL/PLANS drop the connection's prepared statements on the
@@ -165,12 +164,15 @@ pub async fn execute(
     let response = async {
         let prepared = prepare(connection, statement, call).await?;
         let rows_affected = connection
-            .pipelined(&controls, call.remaining(), |client| async move {
-                client.execute_raw(&prepared, params(statement)).await
-            })
+            .run(
+                &prepared,
+                params(statement),
+                call.remaining(),
+                Some(&controls),
+                |_| Ok(()),
+            )
             .await
-            .and_then(|result| result)
-            .map_err(|error| from_postgres(error, call.tenant))?;
+            .map_err(|error| run_error(error, call.tenant))?;
         Ok(pb::ExecuteResponse {
             rows_affected,
             last_insert_id: None,
@@ -182,6 +184,13 @@ pub async fn execute(
     // it): the connection goes back to be reset.
     session.finished = true;
     response
+}
+
+fn run_error(error: RunError<DataPlaneError>, tenant: &str) -> DataPlaneError {
+    match error {
+        RunError::Postgres(error) => from_postgres(error, tenant),
+        RunError::Row(error) => error,
+    }
 }
 
 pub async fn query(
@@ -204,38 +213,33 @@ pub async fn query(
             })
             .collect::<Result<Vec<Decoder>>>()?;
         let max_response_bytes = call.limits.max_response_bytes;
+        let mut response = pb::QueryResponse {
+            columns: prepared
+                .columns()
+                .iter()
+                .map(|column| column.name().to_owned())
+                .collect(),
+            rows: Vec::new(),
+        };
+        let mut size = 0;
         connection
-            .pipelined(&controls, call.remaining(), |client| async move {
-                let rows = client
-                    .query_raw(&prepared, params(statement))
-                    .await
-                    .map_err(|error| from_postgres(error, call.tenant))?;
-                let mut rows = std::pin::pin!(rows);
-                let mut response = pb::QueryResponse {
-                    columns: prepared
-                        .columns()
-                        .iter()
-                        .map(|column| column.name().to_owned())
-                        .collect(),
-                    rows: Vec::new(),
-                };
-                let mut size = 0;
-                while let Some(row) = rows
-                    .try_next()
-                    .await
-                    .map_err(|error| from_postgres(error, call.tenant))?
-                {
+            .run(
+                &prepared,
+                params(statement),
+                call.remaining(),
+                Some(&controls),
+                |row| {
                     push_row(
                         &mut response,
                         &mut size,
-                        decode_row(&row, &decoders)?,
+                        decode_row(row, prepared.columns(), &decoders)?,
                         max_response_bytes,
-                    )?;
-                }
-                Ok(response)
-            })
+                    )
+                },
+            )
             .await
-            .map_err(|error| from_postgres(error, call.tenant))?
+            .map_err(|error| run_error(error, call.tenant))?;
+        Ok(response)
     }
     .await;
     connection.finish_reset(&controls).await;
@@ -260,7 +264,7 @@ pub async fn batch(
         None => "BEGIN".to_owned(),
     };
     connection
-        .run(|client| client.batch_execute(&begin))
+        .simple(&begin, None)
         .await
         .map_err(|error| from_postgres(error, call.tenant))?;
     let mut results = Vec::with_capacity(statements.len());
@@ -268,9 +272,9 @@ pub async fn batch(
         let executed = async {
             let prepared = prepare(connection, statement, call).await?;
             connection
-                .run(|client| client.execute_raw(&prepared, params(statement)))
+                .run(&prepared, params(statement), None, None, |_| Ok(()))
                 .await
-                .map_err(|error| from_postgres(error, call.tenant))
+                .map_err(|error| run_error(error, call.tenant))
         }
         .await
         .map_err(at_statement(position));
@@ -281,21 +285,18 @@ pub async fn batch(
             }),
             Err(error) => {
                 // All or nothing. A connection that cannot roll back is closed.
-                session.finished = connection
-                    .run(|client| client.batch_execute("ROLLBACK"))
-                    .await
-                    .is_ok();
+                let rolled_back = connection.simple("ROLLBACK", Some(&controls)).await;
+                connection.finish_reset(&controls).await;
+                session.finished = rolled_back.is_ok();
                 return Err(error);
             }
         }
     }
-    connection
-        .pipelined(&controls, None, |client| client.batch_execute("COMMIT"))
-        .await
-        .and_then(|result| result)
-        .map_err(|error| from_postgres(error, call.tenant))?;
+    // A failed COMMIT ends the transaction too (rolled back).
+    let committed = connection.simple("COMMIT", Some(&controls)).await;
     connection.finish_reset(&controls).await;
     session.finished = true;
+    committed.map_err(|error| from_postgres(error, call.tenant))?;
     Ok(results)
 }
 
@@ -360,18 +361,21 @@ fn decoder_for(ty: &Type) -> Option<Decoder> {
     (ty.name() == "citext").then_some(Decoder::Text)
 }
 
-fn decode_row(row: &Row, decoders: &[Decoder]) -> Result<pb::Row> {
+fn decode_row(row: &DataRowBody, columns: &[Column], decoders: &[Decoder]) -> Result<pb::Row> {
+    use fallible_iterator::FallibleIterator;
+    let buffer = row.buffer();
+    let mut ranges = row.ranges();
     let mut values = Vec::with_capacity(decoders.len());
-    for (index, (column, decoder)) in row.columns().iter().zip(decoders).enumerate() {
-        let raw = row
-            .try_get::<_, Option<RawValue<'_>>>(index)
-            .map_err(|error| {
-                DataPlaneError::Internal(format!("cannot read column {index}: {error}"))
-            })?;
-        let value = match raw {
+    for (index, (column, decoder)) in columns.iter().zip(decoders).enumerate() {
+        let range = ranges
+            .next()
+            .ok()
+            .flatten()
+            .ok_or_else(|| DataPlaneError::Internal(format!("cannot read column {index}")))?;
+        let value = match range {
             None => null_value(),
-            Some(RawValue(raw)) => {
-                decode_value(raw, *decoder, column.type_()).map_err(|error| {
+            Some(range) => {
+                decode_value(&buffer[range], *decoder, column.type_()).map_err(|error| {
                     DataPlaneError::Internal(format!(
                         "cannot decode column {:?} of type {}: {error}",
                         column.name(),
@@ -383,22 +387,6 @@ fn decode_row(row: &Row, decoders: &[Decoder]) -> Result<pb::Row> {
         values.push(value);
     }
     Ok(pb::Row { values })
-}
-
-/// A column's value as the server sent it (binary format).
-struct RawValue<'a>(&'a [u8]);
-
-impl<'a> FromSql<'a> for RawValue<'a> {
-    fn from_sql(
-        _: &Type,
-        raw: &'a [u8],
-    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Self(raw))
-    }
-
-    fn accepts(_: &Type) -> bool {
-        true
-    }
 }
 
 type DecodeResult<T> = std::result::Result<T, Box<dyn std::error::Error + Sync + Send>>;
