@@ -8,7 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Backend, Sandbox, SandboxOptions, int, null, placeholder, text, with_tenant};
+use common::{
+    Backend, Sandbox, SandboxOptions, execute_within, int, null, placeholder, query_within, text,
+    with_tenant,
+};
 use tenantry_control_plane::provisioner::{FaultInjection, Step};
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
@@ -1091,16 +1094,7 @@ async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &st
     );
     // VACUUM cannot run in a transaction block or behind other statements: with the
     // reset (and a deadline's statement timeout) due ahead of it, it still runs.
-    let mut vacuum = with_tenant(
-        dp::ExecuteRequest {
-            statement: Some(dp::Statement {
-                sql: "VACUUM probe".into(),
-                params: vec![],
-            }),
-        },
-        id,
-    );
-    vacuum.set_timeout(Duration::from_secs(60));
+    let vacuum = execute_within("VACUUM probe", id, Duration::from_secs(60));
     sandbox
         .sql()
         .execute(vacuum)
@@ -1111,16 +1105,7 @@ async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &st
         .await
         .unwrap_or_else(|e| panic!("VACUUM: {e}"));
     // The deadline's statement timeout ended with its request.
-    let mut timed = with_tenant(
-        dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: "SELECT 1 AS one".into(),
-                params: vec![],
-            }),
-        },
-        id,
-    );
-    timed.set_timeout(Duration::from_secs(60));
+    let timed = query_within("SELECT 1 AS one", id, Duration::from_secs(60));
     sandbox
         .sql()
         .query(timed)
@@ -1198,16 +1183,7 @@ async fn deadline_cancels_the_statement(backend: Backend) {
              SELECT x FROM c"
         }
     };
-    let mut request = with_tenant(
-        dp::ExecuteRequest {
-            statement: Some(dp::Statement {
-                sql: slow.into(),
-                params: vec![],
-            }),
-        },
-        &id,
-    );
-    request.set_timeout(Duration::from_millis(300));
+    let request = execute_within(slow, &id, Duration::from_millis(300));
     let status = sandbox.sql().execute(request).await.err().map(|s| s.code());
     assert!(
         matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),
@@ -1284,16 +1260,7 @@ async fn long_reads_finish_and_stop_at_the_deadline(backend: Backend) {
             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
         }
     };
-    let mut request = with_tenant(
-        dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: endless.into(),
-                params: vec![],
-            }),
-        },
-        &id,
-    );
-    request.set_timeout(Duration::from_millis(300));
+    let request = query_within(endless, &id, Duration::from_millis(300));
     let status = sandbox.sql().query(request).await.err().map(|s| s.code());
     assert!(
         matches!(status, Some(Code::DeadlineExceeded) | Some(Code::Cancelled)),

@@ -531,6 +531,44 @@ pub fn with_tenant<T>(message: T, tenant_id: &str) -> tonic::Request<T> {
     request
 }
 
+/// An Execute request for `tenant_id` whose gRPC deadline is `timeout` away.
+pub fn execute_within(
+    sql: &str,
+    tenant_id: &str,
+    timeout: Duration,
+) -> tonic::Request<dp::ExecuteRequest> {
+    let mut request = with_tenant(
+        dp::ExecuteRequest {
+            statement: Some(dp::Statement {
+                sql: sql.to_owned(),
+                params: vec![],
+            }),
+        },
+        tenant_id,
+    );
+    request.set_timeout(timeout);
+    request
+}
+
+/// A Query request for `tenant_id` whose gRPC deadline is `timeout` away.
+pub fn query_within(
+    sql: &str,
+    tenant_id: &str,
+    timeout: Duration,
+) -> tonic::Request<dp::QueryRequest> {
+    let mut request = with_tenant(
+        dp::QueryRequest {
+            statement: Some(dp::Statement {
+                sql: sql.to_owned(),
+                params: vec![],
+            }),
+        },
+        tenant_id,
+    );
+    request.set_timeout(timeout);
+    request
+}
+
 pub fn int(v: i64) -> dp::Value {
     dp::Value {
         kind: Some(dp::value::Kind::Int64(v)),
