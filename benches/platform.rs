@@ -14,6 +14,7 @@
 //! starting with a different scenario each time, so a machine's drift hits all alike.
 //! A ratio is the median over rounds of the ratio within a round; its spread is shown.
 //! `TENANTRY_BENCH_ONLY=layers,sqlite,postgres` picks parts (default all);
+//! `TENANTRY_BENCH_CONNECTIONS` sizes the baseline's and the first tenant's pool (default 4);
 //! `TENANTRY_BENCH_VERBOSE=1` prints every round.
 
 #[path = "support.rs"]
@@ -54,6 +55,17 @@ fn round_count() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(12)
+}
+
+/// Connections in the baseline's pool and in the first tenant's pool
+/// (`TENANTRY_BENCH_CONNECTIONS`, 1 to 12; default 4, the data plane's default per
+/// tenant). With 50 PostgreSQL tenants, more would not fit the server's 100 connections.
+fn connections_per_pool() -> u32 {
+    std::env::var("TENANTRY_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=12).contains(n))
+        .unwrap_or(4)
 }
 
 /// Whether scenario `n` (0 = baseline) runs: `TENANTRY_BENCH_SCENARIOS=1,2` (default all)
@@ -422,7 +434,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     // The baseline pool and the first tenant's pool (the 1-tenant scenarios) have the
     // same number of connections. PostgreSQL here allows 100 connections, so the other
     // tenants of the 50 get 1 each (their record's max_connections), under a budget of 64.
-    let connections_per_pool = 4;
+    let connections_per_pool = connections_per_pool();
     let other_tenant_connections = match backend {
         Backend::Sqlite => 4,
         Backend::Postgres => 1,
