@@ -1023,6 +1023,7 @@ async fn session_state_does_not_leak(backend: Backend) {
                 assert_eq!(before.rows, again.rows);
             }
             session_reset_runs_before_the_next_statement(&sandbox, &id).await;
+            statement_timeout_ends_with_its_request().await;
             advisory_locks_do_not_outlive_requests(&sandbox).await;
         }
         Backend::Sqlite => {
@@ -1157,6 +1158,51 @@ async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &st
             .query(id, "SELECT v FROM probe", vec![])
             .await
             .unwrap_or_else(|e| panic!("after {copy}: {e}"));
+    }
+}
+
+/// PostgreSQL with the session reset off: a request's statement timeout still ends with
+/// the request, whether its statement succeeded, failed, or had to run alone (VACUUM).
+async fn statement_timeout_ends_with_its_request() {
+    let sandbox = Sandbox::start_with(
+        Backend::Postgres,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            postgres_session_reset: Some(false),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("timeout");
+    sandbox.create(&id).await;
+    sandbox
+        .execute(&id, "CREATE TABLE probe (v TEXT)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (sql, fails) in [
+        ("SELECT 1", false),
+        ("SELECT * FROM nowhere", true),
+        ("VACUUM probe", false),
+        ("VACUUM nowhere", true),
+    ] {
+        let outcome = sandbox
+            .sql()
+            .execute(execute_within(sql, &id, Duration::from_secs(60)))
+            .await;
+        assert_eq!(outcome.is_err(), fails, "{sql}: {outcome:?}");
+        let timeout = sandbox
+            .query(
+                &id,
+                "SELECT current_setting('statement_timeout') AS t",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            timeout.rows[0].values,
+            vec![text("0")],
+            "the statement timeout of {sql:?} outlived its request"
+        );
     }
 }
 

@@ -247,9 +247,6 @@ pub struct PgConnection {
     /// The role cannot take session-level advisory locks (known from the connection's
     /// first reset): its connections are reset ahead of their next request.
     reset_ahead: bool,
-    /// `statement_timeout` was set by a request (with the reset off, the next request
-    /// without a deadline sets it back).
-    timeout_set: bool,
     statements: HashMap<String, Arc<Prepared>>,
     /// Cache keys, oldest first.
     statement_order: VecDeque<String>,
@@ -340,7 +337,6 @@ impl PgConnection {
             status: b'I',
             reset_behind: None,
             reset_ahead: false,
-            timeout_set: false,
             statements: HashMap::new(),
             statement_order: VecDeque::new(),
             next_statement: 0,
@@ -532,12 +528,16 @@ impl PgConnection {
     async fn read_group<E>(
         &mut self,
         mut ahead: usize,
+        only_first: bool,
         on_row: &mut impl FnMut(&DataRowBody) -> Result<(), E>,
     ) -> Result<Outcome<E>, PgError> {
         let mut outcome = Outcome {
             rows_affected: 0,
             error: None,
         };
+        // With `only_first`, the request's statement is the first after those ahead; what
+        // follows it (the end of its statement timeout) has no rows and no count to give.
+        let mut done = false;
         loop {
             match self.next_message().await? {
                 Message::ParseComplete
@@ -549,13 +549,15 @@ impl PgConnection {
                 Message::CommandComplete(body) => {
                     if ahead > 0 {
                         ahead -= 1;
-                    } else {
+                    } else if !done {
                         outcome.rows_affected = rows_affected(body.tag().map_err(protocol)?);
+                        done = only_first;
                     }
                 }
-                Message::EmptyQueryResponse => {}
+                Message::EmptyQueryResponse => done = only_first,
                 Message::DataRow(row) => {
                     if outcome.error.is_none()
+                        && !done
                         && let Err(error) = on_row(&row)
                     {
                         outcome.error = Some(GroupError::Row(error));
@@ -595,11 +597,12 @@ impl PgConnection {
     async fn round_trip<E>(
         &mut self,
         ahead: usize,
+        only_first: bool,
         on_row: &mut impl FnMut(&DataRowBody) -> Result<(), E>,
     ) -> Result<Outcome<E>, PgError> {
         self.in_flight = true;
         self.flush().await?;
-        let outcome = self.read_group(ahead, on_row).await?;
+        let outcome = self.read_group(ahead, only_first, on_row).await?;
         self.in_flight = false;
         Ok(outcome)
     }
@@ -689,7 +692,6 @@ impl PgConnection {
         }
         if ahead > 0 {
             self.dirty = false;
-            self.timeout_set = false;
         }
         self.look_up_types(columns.iter().map(|(_, oid)| *oid))
             .await?;
@@ -765,7 +767,7 @@ impl PgConnection {
         frontend::query(sql, &mut self.write).map_err(encode_error)?;
         let mut rows = Vec::new();
         let outcome = self
-            .round_trip(0, &mut |row: &DataRowBody| {
+            .round_trip(0, false, &mut |row: &DataRowBody| {
                 rows.push(text_row(row)?);
                 Ok::<_, PgError>(())
             })
@@ -843,6 +845,11 @@ impl PgConnection {
             frontend::close(b'S', ONCE, &mut bind)
                 .map_err(|e| RunError::Postgres(encode_error(e)))?;
         }
+        if timeout.is_some() {
+            // The request's statement timeout ends with it: reset here if the statement
+            // succeeded, rolled back with its transaction if it failed.
+            queue_unnamed("RESET statement_timeout", &mut bind).map_err(RunError::Postgres)?;
+        }
         frontend::sync(&mut bind);
 
         self.write.clear();
@@ -853,7 +860,7 @@ impl PgConnection {
         self.dirty = true;
         self.queue_reset_behind(last);
         let outcome = self
-            .round_trip(ahead, &mut on_row)
+            .round_trip(ahead, true, &mut on_row)
             .await
             .map_err(RunError::Postgres)?;
         let outcome = match outcome.error {
@@ -873,7 +880,7 @@ impl PgConnection {
                 ahead += self.queue_timeout(timeout).map_err(RunError::Postgres)?;
                 frontend::sync(&mut self.write);
                 let first = self
-                    .round_trip(ahead, &mut |_: &DataRowBody| Ok::<_, E>(()))
+                    .round_trip(ahead, false, &mut |_: &DataRowBody| Ok::<_, E>(()))
                     .await
                     .map_err(RunError::Postgres)?;
                 if let Some(GroupError::Ahead(error) | GroupError::Statement(error)) = first.error {
@@ -882,16 +889,35 @@ impl PgConnection {
                 }
                 self.write.clear();
                 self.write.extend_from_slice(&bind);
-                self.queue_reset_behind(last);
-                self.round_trip(0, &mut on_row)
+                let alone = self
+                    .round_trip(0, true, &mut on_row)
                     .await
-                    .map_err(RunError::Postgres)?
+                    .map_err(RunError::Postgres)?;
+                if timeout.is_some() && alone.error.is_some() {
+                    // The timeout was set in a transaction of its own: end it now.
+                    self.write.clear();
+                    self.queue_unnamed("RESET statement_timeout")
+                        .map_err(RunError::Postgres)?;
+                    frontend::sync(&mut self.write);
+                    let ended = self
+                        .round_trip(0, false, &mut |_: &DataRowBody| Ok::<_, E>(()))
+                        .await
+                        .map_err(RunError::Postgres)?;
+                    if ended.error.is_some() {
+                        self.broken = true;
+                    }
+                }
+                if self.session_reset && last.is_some() && !self.broken {
+                    // The reset behind, as the first attempt would have sent it.
+                    self.queue_reset_behind(last);
+                    if self.reset_behind.is_some() {
+                        self.flush().await.map_err(RunError::Postgres)?;
+                    }
+                }
+                alone
             }
             _ => outcome,
         };
-        if sent_reset && outcome.error.is_none() {
-            self.timeout_set = timeout.is_some();
-        }
         match outcome.error {
             None => Ok(outcome.rows_affected),
             Some(GroupError::Row(error)) => Err(RunError::Row(error)),
@@ -913,21 +939,13 @@ impl PgConnection {
     /// Queues `SET statement_timeout` for the request's deadline. Returns the statements
     /// queued (0 or 1).
     fn queue_timeout(&mut self, timeout: Option<Duration>) -> Result<usize, PgError> {
-        match timeout {
-            Some(timeout) => {
-                // An int of milliseconds; RESET ALL undoes it.
-                let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
-                self.queue_unnamed(&format!("SET statement_timeout = {millis}"))?;
-                self.timeout_set = true;
-                Ok(1)
-            }
-            None if self.timeout_set && !self.resets_ahead() => {
-                self.queue_unnamed("RESET statement_timeout")?;
-                self.timeout_set = false;
-                Ok(1)
-            }
-            None => Ok(0),
-        }
+        let Some(timeout) = timeout else {
+            return Ok(0);
+        };
+        // An int of milliseconds.
+        let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+        self.queue_unnamed(&format!("SET statement_timeout = {millis}"))?;
+        Ok(1)
     }
 
     /// Queues the reset behind the request's last statement where it cannot wait for
@@ -975,11 +993,8 @@ impl PgConnection {
         self.dirty = true;
         self.queue_reset_behind(last);
         let outcome = self
-            .round_trip(ahead, &mut |_: &DataRowBody| Ok::<_, PgError>(()))
+            .round_trip(ahead, false, &mut |_: &DataRowBody| Ok::<_, PgError>(()))
             .await?;
-        if ahead > 0 {
-            self.timeout_set = false;
-        }
         match outcome.error {
             None => Ok(()),
             Some(GroupError::Row(error)) => Err(error),
@@ -1021,7 +1036,7 @@ impl PgConnection {
     async fn round_trip_read_only(&mut self) -> Result<Outcome<PgError>, PgError> {
         self.in_flight = true;
         let outcome = self
-            .read_group(0, &mut |_: &DataRowBody| Ok::<_, PgError>(()))
+            .read_group(0, false, &mut |_: &DataRowBody| Ok::<_, PgError>(()))
             .await?;
         self.in_flight = false;
         Ok(outcome)
@@ -1035,7 +1050,7 @@ impl PgConnection {
         self.in_flight = true;
         let mut last_row = None;
         let outcome = self
-            .read_group(0, &mut |row: &DataRowBody| {
+            .read_group(0, false, &mut |row: &DataRowBody| {
                 last_row = Some(text_row(row)?);
                 Ok::<_, PgError>(())
             })
@@ -1048,7 +1063,6 @@ impl PgConnection {
             return false;
         }
         self.dirty = false;
-        self.timeout_set = false;
         if asks {
             // The last statement's one row; unanswered, the next reset asks again (and
             // releases locks meanwhile).

@@ -66,6 +66,7 @@ pub struct SandboxOptions {
     pub pool_acquire_timeout_ms: Option<u64>,
     pub unknown_tenant_ttl_ms: Option<u64>,
     pub metrics_tenant_limit: Option<usize>,
+    pub postgres_session_reset: Option<bool>,
 }
 
 pub struct Sandbox {
@@ -171,6 +172,9 @@ impl Sandbox {
             max_response_bytes: options
                 .max_response_bytes
                 .unwrap_or(defaults.max_response_bytes),
+            postgres_session_reset: options
+                .postgres_session_reset
+                .unwrap_or(defaults.postgres_session_reset),
             max_connections_per_tenant: options
                 .max_connections_per_tenant
                 .unwrap_or(defaults.max_connections_per_tenant),
