@@ -1105,6 +1105,18 @@ async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &st
         .execute(id, "VACUUM public.probe", vec![])
         .await
         .unwrap_or_else(|e| panic!("VACUUM: {e}"));
+    // A connection's first request, whose reset goes out behind it: VACUUM there too.
+    let fresh = sandbox.tid("fresh");
+    sandbox.create(&fresh).await;
+    sandbox
+        .sql()
+        .execute(execute_within("VACUUM", &fresh, Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|e| panic!("VACUUM as a connection's first request: {e}"));
+    sandbox
+        .query(&fresh, "SELECT 1 AS one", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("after VACUUM as a connection's first request: {e}"));
     // The deadline's statement timeout ended with its request.
     let timed = query_within("SELECT 1 AS one", id, Duration::from_secs(60));
     sandbox

@@ -869,7 +869,13 @@ impl PgConnection {
             Some(GroupError::Statement(error))
                 if ahead > 0 && error.code == ACTIVE_SQL_TRANSACTION =>
             {
-                self.finish_reset_behind_quietly().await;
+                // The reset queued behind the first attempt (if any) has run: collect it.
+                if let Some(controls) = last
+                    && !self.collect_reset_behind(controls).await
+                {
+                    self.broken = true;
+                    return Err(RunError::Postgres(PgError::Closed));
+                }
                 self.write.clear();
                 let mut ahead = if sent_reset {
                     self.queue_reset();
@@ -1018,28 +1024,6 @@ impl PgConnection {
                 self.broken = true;
             }
         }
-    }
-
-    /// After a statement that must be sent again, reads the reset queued behind it.
-    async fn finish_reset_behind_quietly(&mut self) {
-        if self.reset_behind.take().is_some() {
-            let ok = self
-                .round_trip_read_only()
-                .await
-                .is_ok_and(|outcome| outcome.error.is_none());
-            if !ok {
-                self.broken = true;
-            }
-        }
-    }
-
-    async fn round_trip_read_only(&mut self) -> Result<Outcome<PgError>, PgError> {
-        self.in_flight = true;
-        let outcome = self
-            .read_group(0, false, &mut |_: &DataRowBody| Ok::<_, PgError>(()))
-            .await?;
-        self.in_flight = false;
-        Ok(outcome)
     }
 
     /// Reads the answer of the reset sent behind the last statement. False: it failed.
