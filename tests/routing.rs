@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox, SandboxOptions, connect, with_tenant};
+use common::{Backend, Sandbox, SandboxOptions, connect, plain, with_deadline};
 use futures::StreamExt;
 use tenantry_data_plane::DataPlane;
 use tenantry_proto::controlplane::v1 as cp;
@@ -73,18 +73,13 @@ async fn query_on(
     sql: &str,
     timeout: Option<Duration>,
 ) -> Result<dp::QueryResponse, tonic::Status> {
-    let mut request = with_tenant(
+    let request = with_deadline(
         dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: sql.to_owned(),
-                params: vec![],
-            }),
+            statement: plain(sql),
         },
         tenant_id,
+        timeout,
     );
-    if let Some(timeout) = timeout {
-        request.set_timeout(timeout);
-    }
     SqlServiceClient::new(channel.clone())
         .query(request)
         .await

@@ -535,23 +535,35 @@ pub fn with_tenant<T>(message: T, tenant_id: &str) -> tonic::Request<T> {
     request
 }
 
+/// A statement with no parameters.
+pub fn plain(sql: &str) -> Option<dp::Statement> {
+    Some(dp::Statement {
+        sql: sql.to_owned(),
+        params: vec![],
+    })
+}
+
+/// A request for `tenant_id` whose gRPC deadline is `timeout` away (none: no deadline).
+pub fn with_deadline<T>(
+    message: T,
+    tenant_id: &str,
+    timeout: Option<Duration>,
+) -> tonic::Request<T> {
+    let mut request = with_tenant(message, tenant_id);
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    request
+}
+
 /// An Execute request for `tenant_id` whose gRPC deadline is `timeout` away.
 pub fn execute_within(
     sql: &str,
     tenant_id: &str,
     timeout: Duration,
 ) -> tonic::Request<dp::ExecuteRequest> {
-    let mut request = with_tenant(
-        dp::ExecuteRequest {
-            statement: Some(dp::Statement {
-                sql: sql.to_owned(),
-                params: vec![],
-            }),
-        },
-        tenant_id,
-    );
-    request.set_timeout(timeout);
-    request
+    let statement = plain(sql);
+    with_deadline(dp::ExecuteRequest { statement }, tenant_id, Some(timeout))
 }
 
 /// A Query request for `tenant_id` whose gRPC deadline is `timeout` away.
@@ -560,17 +572,8 @@ pub fn query_within(
     tenant_id: &str,
     timeout: Duration,
 ) -> tonic::Request<dp::QueryRequest> {
-    let mut request = with_tenant(
-        dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: sql.to_owned(),
-                params: vec![],
-            }),
-        },
-        tenant_id,
-    );
-    request.set_timeout(timeout);
-    request
+    let statement = plain(sql);
+    with_deadline(dp::QueryRequest { statement }, tenant_id, Some(timeout))
 }
 
 pub fn int(v: i64) -> dp::Value {
