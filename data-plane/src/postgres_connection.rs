@@ -634,6 +634,11 @@ impl PgConnection {
         Ok(outcome)
     }
 
+    /// The statement kept for `key` on this connection, if any.
+    pub fn cached(&self, key: &str) -> Option<Arc<Prepared>> {
+        self.statements.get(key).cloned()
+    }
+
     /// The statement prepared for `key` on this connection, or a new one prepared from
     /// `sql` with the given parameter types (None: the server infers the type), kept for
     /// next time if `keep`.
@@ -843,7 +848,7 @@ impl PgConnection {
         mut on_row: impl FnMut(&DataRowBody) -> Result<(), E>,
     ) -> Result<u64, RunError<E>> {
         self.start().map_err(RunError::Postgres)?;
-        let mut bind = BytesMut::new();
+        let mut bind = BytesMut::with_capacity(256);
         let formats = std::iter::repeat_n(1, params.len());
         frontend::bind(
             "",

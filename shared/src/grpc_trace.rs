@@ -91,6 +91,10 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !tracing::level_enabled!(tracing::Level::INFO) {
+            // The span would be disabled: skip building its fields.
+            return Box::pin(inner.call(request));
+        }
         let path = request.uri().path().to_owned();
         let (service, method) = service_and_method(&path);
         if service.starts_with("grpc.") {

@@ -111,7 +111,9 @@ impl TenantLabels {
     }
 }
 
-/// A histogram with the `LATENCY_BUCKETS` bounds.
+/// A histogram with the `LATENCY_BUCKETS` bounds. Each observation adds to the one
+/// bucket it falls in (a request touches three counters, not one per bound); rendering
+/// sums them into Prometheus's cumulative buckets.
 pub struct Histogram {
     buckets: Vec<AtomicU64>,
     count: AtomicU64,
@@ -131,10 +133,12 @@ impl Default for Histogram {
 impl Histogram {
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(bucket) = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .and_then(|n| self.buckets.get(n))
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(
@@ -146,14 +150,16 @@ impl Histogram {
     /// Writes the `_bucket`, `_sum` and `_count` lines of one series.
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let separator = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
+                "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = self.count.load(Ordering::Relaxed);
+        // An observation racing this scrape may be in its bucket and not yet counted.
+        let count = self.count.load(Ordering::Relaxed).max(cumulative);
         let _ = writeln!(
             out,
             "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {count}"
@@ -169,17 +175,29 @@ impl Histogram {
 
 /// `key="value"` pairs, values escaped for the text format.
 pub fn labels(pairs: &[(&str, &str)]) -> String {
-    pairs
-        .iter()
-        .map(|(key, value)| {
-            let escaped = value
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{key}=\"{escaped}\"")
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    let mut out = String::with_capacity(
+        pairs
+            .iter()
+            .map(|(key, value)| key.len() + value.len() + 4)
+            .sum(),
+    );
+    for (n, (key, value)) in pairs.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out
 }
 
 /// Writes `# HELP` and `# TYPE` for a metric.
@@ -196,6 +214,11 @@ pub struct CounterFamily {
 
 impl CounterFamily {
     pub fn inc(&self, labels: String) {
+        // A known series takes only a shard's read lock.
+        if let Some(counter) = self.series.get(labels.as_str()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.series
             .entry(labels)
             .or_insert_with(|| AtomicU64::new(0))
@@ -226,6 +249,10 @@ pub struct HistogramFamily {
 
 impl HistogramFamily {
     pub fn observe(&self, labels: String, elapsed: Duration) {
+        if let Some(histogram) = self.series.get(labels.as_str()) {
+            histogram.observe(elapsed);
+            return;
+        }
         let histogram = self.series.entry(labels).or_default().clone();
         histogram.observe(elapsed);
     }
@@ -333,5 +360,41 @@ impl MetricsEndpoint {
 
     pub fn url(&self) -> String {
         format!("http://{}/metrics", self.local_addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(
+            labels(&[("tenant", "acme"), ("note", "a\\b\"c\nd")]),
+            r#"tenant="acme",note="a\\b\"c\nd""#
+        );
+        assert_eq!(labels(&[]), "");
+    }
+
+    #[test]
+    fn histogram_buckets_render_cumulative() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(200));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        histogram.render(&mut out, "t", "m=\"q\"");
+        let value = |le: &str| {
+            out.lines()
+                .find(|line| line.starts_with(&format!("t_bucket{{m=\"q\",le=\"{le}\"}}")))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(value("0.0005").as_deref(), Some("1"));
+        assert_eq!(value("0.0025").as_deref(), Some("1"));
+        assert_eq!(value("0.005").as_deref(), Some("2"));
+        assert_eq!(value("10").as_deref(), Some("2"));
+        assert_eq!(value("+Inf").as_deref(), Some("3"));
+        assert!(out.contains("t_count{m=\"q\"} 3"));
     }
 }

@@ -400,6 +400,10 @@ fn database_of(context: &TenantContext) -> &str {
 /// The statement text is recorded as sent (cut at 2 KiB); parameter values are never
 /// recorded, so pass values as parameters, not as literals in the text.
 fn sql_span(context: &TenantContext, sql: &str) -> tracing::Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        // The span would be disabled: skip building its fields.
+        return tracing::Span::none();
+    }
     let system = match &context.route.target {
         Some(Target::Postgres { .. }) => "postgresql",
         Some(Target::Sqlite { .. }) => "sqlite",

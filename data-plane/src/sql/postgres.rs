@@ -68,22 +68,22 @@ fn type_of(value: &pb::Value) -> Option<Type> {
 /// The key a prepared statement is cached under: the request's text plus its parameter
 /// type signature.
 fn cache_key(statement: &pb::Statement) -> String {
+    const MARK: &str = "\n-- tenantry params: ";
     if statement.params.is_empty() {
         return statement.sql.clone();
     }
-    let signature: String = statement
-        .params
-        .iter()
-        .map(|value| match &value.kind {
-            Some(Kind::Int64(_)) => 'i',
-            Some(Kind::Double(_)) => 'd',
-            Some(Kind::Text(_)) => 't',
-            Some(Kind::Bytes(_)) => 'b',
-            Some(Kind::Bool(_)) => 'o',
-            Some(Kind::Null(_)) | None => 'n',
-        })
-        .collect();
-    format!("{}\n-- tenantry params: {signature}", statement.sql)
+    let mut key = String::with_capacity(statement.sql.len() + MARK.len() + statement.params.len());
+    key.push_str(&statement.sql);
+    key.push_str(MARK);
+    key.extend(statement.params.iter().map(|value| match &value.kind {
+        Some(Kind::Int64(_)) => 'i',
+        Some(Kind::Double(_)) => 'd',
+        Some(Kind::Text(_)) => 't',
+        Some(Kind::Bytes(_)) => 'b',
+        Some(Kind::Bool(_)) => 'o',
+        Some(Kind::Null(_)) | None => 'n',
+    }));
+    key
 }
 
 /// A request value as a statement parameter, in the binary format of the type it was
@@ -124,6 +124,27 @@ async fn prepare(
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<Arc<Prepared>> {
+    let key = cache_key(statement);
+    let prepared = match connection.cached(&key) {
+        // Transaction control is never prepared, nor a statement that drops others.
+        Some(prepared) => prepared,
+        None => prepare_new(connection, statement, &key, call).await?,
+    };
+    // PostgreSQL accepts more declared parameter types than the text uses: count the
+    // placeholders to refuse extra parameters too.
+    let expected = prepared.params().len().min(max_placeholder(&statement.sql));
+    if expected != statement.params.len() {
+        return Err(parameter_count_error(expected, statement.params.len()));
+    }
+    Ok(prepared)
+}
+
+async fn prepare_new(
+    connection: &mut PgConnection,
+    statement: &pb::Statement,
+    key: &str,
+    call: &Call<'_>,
+) -> Result<Arc<Prepared>> {
     refuse_transaction_control(&statement.sql)?;
     let types: Vec<Option<Type>> = statement.params.iter().map(type_of).collect();
     // DEALLOCATE and DISCARD ALL/PLANS drop the connection's prepared statements on the
@@ -135,22 +156,10 @@ async fn prepare(
     if drops_statements {
         connection.forget_statements();
     }
-    let prepared = connection
-        .prepare(
-            &cache_key(statement),
-            &statement.sql,
-            &types,
-            !drops_statements,
-        )
+    connection
+        .prepare(key, &statement.sql, &types, !drops_statements)
         .await
-        .map_err(|error| from_postgres(error, call.tenant))?;
-    // PostgreSQL accepts more declared parameter types than the text uses: count the
-    // placeholders to refuse extra parameters too.
-    let expected = prepared.params().len().min(max_placeholder(&statement.sql));
-    if expected != statement.params.len() {
-        return Err(parameter_count_error(expected, statement.params.len()));
-    }
-    Ok(prepared)
+        .map_err(|error| from_postgres(error, call.tenant))
 }
 
 pub async fn execute(
