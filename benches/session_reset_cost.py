@@ -5,12 +5,14 @@ Sends pipelines over PostgreSQL's wire protocol on one connection and reads that
 backend's CPU time from /proc, so the server must run on this machine and let the user
 in without a password (trust), as the project's test server does:
 
-    python3 benches/session_reset_cost.py [postgres://user@host:port/db] [rounds] [pipelines]
+    python3 benches/session_reset_cost.py [postgres://user@host:port/db] [rounds] [requests]
 
 The URL defaults to TENANTRY_TEST_POSTGRES_URL, else postgres://postgres@127.0.0.1:5432/postgres.
 A scratch database with a unique name is created and dropped. Variants run in
 interleaved rounds; each figure is the median over rounds of the backend's CPU per
-pipeline, and the ratio is against the point select alone from the same rounds.
+request, and the ratio is against the point select alone from the same rounds. The last
+variants send several requests (each with its own Sync) in one write, as the data plane
+does with requests that waited for a connection.
 """
 
 import os
@@ -127,38 +129,50 @@ def main():
         conn.sock.sendall(setup)
         conn.read_until_ready()
         select = bind("sel", [struct.pack("!i", 7)]) + execute()
+        prepared_reset = b"".join(bind(f"r{n}") + execute() for n in range(len(RESET)))
+        # name: (messages of one write, ReadyForQuery answers to read, requests in it)
         variants = {
-            "point select alone": (select + sync(), 1),
+            "point select alone": (select + sync(), 1, 1),
             "reset parsed each time + select": (
                 b"".join(parse("", sql) + bind("") + execute() for sql in RESET) + select + sync(),
                 1,
-            ),
-            "reset prepared once + select (the data plane)": (
-                b"".join(bind(f"r{n}") + execute() for n in range(len(RESET))) + select + sync(),
                 1,
             ),
-            "reset as one simple query + select": (query("; ".join(RESET)) + select + sync(), 2),
+            "reset prepared once + select (the data plane)": (prepared_reset + select + sync(), 1, 1),
+            "reset as one simple query + select": (query("; ".join(RESET)) + select + sync(), 2, 1),
             "BEGIN + reset + select + COMMIT": (
                 query("BEGIN; " + "; ".join(RESET)) + select + sync() + query("COMMIT"),
                 3,
+                1,
+            ),
+            "reset prepared + select, 4 requests per write (waiting requests sent together)": (
+                (prepared_reset + select + sync()) * 4,
+                4,
+                4,
+            ),
+            "reset prepared + select, 8 requests per write": (
+                (prepared_reset + select + sync()) * 8,
+                8,
+                8,
             ),
         }
         tick = os.sysconf("SC_CLK_TCK")
         figures = {name: [] for name in variants}
         for _ in range(rounds):
-            for name, (messages, groups) in variants.items():
+            for name, (messages, groups, requests) in variants.items():
+                writes = max(1, pipelines // requests)
                 before = backend_cpu_ticks(pid)
-                for _ in range(pipelines):
+                for _ in range(writes):
                     conn.sock.sendall(messages)
                     conn.read_until_ready(groups)
                 after = backend_cpu_ticks(pid)
-                figures[name].append((after - before) / tick / pipelines * 1e6)
+                figures[name].append((after - before) / tick / (writes * requests) * 1e6)
         conn.sock.close()
     finally:
         admin.simple(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
     base = statistics.median(figures["point select alone"])
-    print(f"backend CPU per pipeline, median of {rounds} rounds of {pipelines} pipelines\n")
-    print("| pipeline | µs | ratio to the select alone |")
+    print(f"backend CPU per request, median of {rounds} rounds of {pipelines} requests\n")
+    print("| pipeline | µs per request | ratio to the select alone |")
     print("| --- | --- | --- |")
     for name, values in figures.items():
         median = statistics.median(values)

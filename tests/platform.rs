@@ -27,6 +27,7 @@ backend_tests!(
     values_round_trip,
     batch_is_all_or_nothing,
     session_state_does_not_leak,
+    requests_sharing_a_connection_keep_their_own_answers,
     deadline_cancels_the_statement,
     long_reads_finish_and_stop_at_the_deadline,
     oversized_result_is_refused,
@@ -932,6 +933,149 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
 }
 
 /// The backend's pid and the advisory locks it holds.
+/// Many concurrent requests on a tenant with one connection. On PostgreSQL, requests that
+/// wait for the connection go out together in one write (`pipelined_statements`); each
+/// must still get its own answer (or error) and a session no earlier request changed.
+async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) {
+    let sandbox = Arc::new(
+        Sandbox::start_with(
+            backend,
+            SandboxOptions {
+                max_connections_per_tenant: Some(1),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let id = sandbox.tid("pipe");
+    sandbox.create(&id).await;
+    let p1 = placeholder(backend, 1);
+    sandbox
+        .execute(&id, "CREATE TABLE t (id bigint PRIMARY KEY)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (echo, change_session, fail) = match backend {
+        Backend::Postgres => (
+            format!("SELECT CAST({p1} AS bigint) AS echo, current_setting('search_path') AS path"),
+            format!(
+                "SELECT CAST({p1} AS bigint) AS echo, set_config('search_path', 'elsewhere', false) AS path"
+            ),
+            format!("SELECT 1 / (CAST({p1} AS bigint) - CAST({p1} AS bigint)) AS boom"),
+        ),
+        Backend::Sqlite => (
+            format!("SELECT CAST({p1} AS INTEGER) AS echo, 'main' AS path"),
+            format!("SELECT CAST({p1} AS INTEGER) AS echo, 'elsewhere' AS path"),
+            format!("SELECT json_extract('not json' || {p1}, '$') AS boom"),
+        ),
+    };
+    let insert = format!("INSERT INTO t (id) VALUES ({p1})");
+    // Each statement once first, so the connection has them all prepared.
+    let path = |response: &dp::QueryResponse| match &response.rows[0].values[1].kind {
+        Some(dp::value::Kind::Text(path)) => path.clone(),
+        other => panic!("path: {other:?}"),
+    };
+    let default_path = path(
+        &sandbox
+            .query(&id, &echo, vec![int(0)])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    sandbox
+        .query(&id, &change_session, vec![int(0)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let failure = sandbox
+        .query(&id, &fail, vec![int(0)])
+        .await
+        .expect_err("the failing statement succeeded");
+    sandbox
+        .execute(&id, &insert, vec![int(-1)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let requests = 400;
+    let mut tasks = Vec::new();
+    for n in 0..requests {
+        let sandbox = sandbox.clone();
+        let (id, echo, change_session, fail, insert) = (
+            id.clone(),
+            echo.clone(),
+            change_session.clone(),
+            fail.clone(),
+            insert.clone(),
+        );
+        let (default_path, failure_code) = (default_path.clone(), failure.code());
+        tasks.push(tokio::spawn(async move {
+            let value = i64::from(n);
+            match n % 4 {
+                0 | 1 => {
+                    let sql = if n % 4 == 0 { &echo } else { &change_session };
+                    let response = sandbox
+                        .query(&id, sql, vec![int(value)])
+                        .await
+                        .unwrap_or_else(|e| panic!("request {n}: {e}"));
+                    let answered = match &response.rows[0].values[0].kind {
+                        Some(dp::value::Kind::Int64(answered)) => *answered,
+                        other => panic!("request {n}: echo {other:?}"),
+                    };
+                    assert_eq!(answered, value, "request {n} got another request's answer");
+                    if n % 4 == 0 {
+                        assert_eq!(
+                            path(&response),
+                            default_path,
+                            "request {n} ran with search_path set by an earlier request"
+                        );
+                    }
+                }
+                2 => {
+                    let error = sandbox
+                        .query(&id, &fail, vec![int(value)])
+                        .await
+                        .expect_err("the failing statement succeeded");
+                    assert_eq!(error.code(), failure_code, "request {n}: {error}");
+                }
+                _ => {
+                    let response = sandbox
+                        .execute(&id, &insert, vec![int(value)])
+                        .await
+                        .unwrap_or_else(|e| panic!("request {n}: {e}"));
+                    assert_eq!(response.rows_affected, 1, "request {n}");
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let count = sandbox
+        .query(&id, "SELECT count(*) AS n FROM t", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        count.rows[0].values[0].kind,
+        Some(dp::value::Kind::Int64(i64::from(requests / 4) + 1)),
+        "every insert ran exactly once"
+    );
+    let stats = tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient::new(
+        sandbox.data_plane_channel.clone(),
+    )
+    .get_pool_stats(dp::GetPoolStatsRequest {})
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .into_inner();
+    let pipelined = stats
+        .tenants
+        .iter()
+        .find(|tenant| tenant.tenant_id == id)
+        .map(|tenant| tenant.pipelined_statements)
+        .unwrap_or_else(|| panic!("no pool figures for {id}"));
+    match backend {
+        // With 400 requests queued on one connection, most go out with others.
+        Backend::Postgres => assert!(pipelined > 0, "no statement was pipelined"),
+        Backend::Sqlite => assert_eq!(pipelined, 0),
+    }
+}
+
 const LOCKS_HELD: &str = "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_locks \
      WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS held";
 

@@ -104,6 +104,8 @@ const CLEANING_WAIT: Duration = Duration::from_millis(20);
 pub trait Backend: Sized + Send + Sync + 'static {
     type Connection: Send + 'static;
     type ConnectOptions: Send + Sync + 'static;
+    /// What the pool's requests share besides connections (see `ConnectionPool::shared`).
+    type Shared: Default + Send + Sync + 'static;
     fn connect(
         options: &Self::ConnectOptions,
     ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>>;
@@ -357,6 +359,7 @@ pub struct Inner<B: Backend> {
     returned: Notify,
     /// When a connection was last handed out (micros since `CLOCK_EPOCH`).
     last_used: AtomicU64,
+    shared: B::Shared,
 }
 
 /// Connection figures of one pool.
@@ -420,6 +423,7 @@ impl<B: Backend> ConnectionPool<B> {
             cleaning: AtomicU32::new(0),
             returned: Notify::new(),
             last_used: AtomicU64::new(micros_since_epoch(Instant::now())),
+            shared: B::Shared::default(),
         });
         if let Some(budget) = &inner.budget {
             budget.register(&inner);
@@ -567,6 +571,17 @@ impl<B: Backend> ConnectionPool<B> {
                 _ = tokio::time::sleep_until(deadline) => return Err(over_budget()),
             }
         }
+    }
+
+    /// Whether every connection the pool may have is lent out (or being cleaned), so that
+    /// `acquire` would wait.
+    pub fn is_saturated(&self) -> bool {
+        self.inner.permits.available_permits() == 0
+    }
+
+    /// What the pool's requests share besides connections (the backend's `Shared`).
+    pub fn shared(&self) -> &B::Shared {
+        &self.inner.shared
     }
 
     /// This pool's connection figures.

@@ -62,6 +62,14 @@ impl TenantPool {
         }
     }
 
+    /// Statements that went out in one write with another request's (PostgreSQL).
+    fn pipelined(&self) -> u64 {
+        match self {
+            Self::Postgres(pool) => pool.shared().pipelined(),
+            Self::Sqlite(_) => 0,
+        }
+    }
+
     fn max_connections(&self) -> u32 {
         match self {
             Self::Postgres(pool) => pool.max_connections(),
@@ -109,6 +117,9 @@ pub struct TenantPoolStats {
     pub server: String,
     pub max_connections: u32,
     pub connections: PoolFigures,
+    /// Statements that went out in one write with another request's, since the pool
+    /// opened (PostgreSQL; see `sql::Waiting`).
+    pub pipelined_statements: u64,
 }
 
 /// Pool figures of one PostgreSQL server.
@@ -368,6 +379,7 @@ impl PoolManager {
                 },
                 max_connections: entry.value().pool.max_connections(),
                 connections: entry.value().pool.figures(),
+                pipelined_statements: entry.value().pool.pipelined(),
             })
             .collect();
         tenants.sort_by(|a, b| a.tenant_id.as_str().cmp(b.tenant_id.as_str()));
@@ -454,6 +466,7 @@ impl pb::pool_service_server::PoolService for PoolApi {
                     server: tenant.server,
                     max_connections: tenant.max_connections,
                     connections: Some(figures_to_proto(tenant.connections)),
+                    pipelined_statements: tenant.pipelined_statements,
                 })
                 .collect(),
             routes: self.router.len() as u64,

@@ -2,7 +2,8 @@
 //! protocol (messages from `postgres-protocol`, values from `postgres-types`). The
 //! request that holds a connection drives it: a call writes all of its messages in one
 //! write and reads the answers in the request's own task, with no channel or task in
-//! between.
+//! between. `run_pipelined` sends several requests' statements in one write, each with
+//! its own Sync and its own reset ahead of it.
 //!
 //! Session reset. Session state set by one request (`SET search_path`, a temporary
 //! table, `LISTEN`, a cursor WITH HOLD, `currval`) must not reach the next request on the
@@ -213,6 +214,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Kept in the connection's statement cache (not prepared for one use).
+    pub fn is_kept(&self) -> bool {
+        self.name != ONCE
+    }
+
     pub fn params(&self) -> &[Type] {
         &self.params
     }
@@ -274,6 +280,7 @@ pub struct PgConnection {
 impl Backend for PgBackend {
     type Connection = PgConnection;
     type ConnectOptions = PgConnectOptions;
+    type Shared = crate::sql::Waiting;
 
     fn connect(
         options: &Self::ConnectOptions,
@@ -848,43 +855,9 @@ impl PgConnection {
         mut on_row: impl FnMut(&DataRowBody) -> Result<(), E>,
     ) -> Result<u64, RunError<E>> {
         self.start().map_err(RunError::Postgres)?;
-        let mut bind = BytesMut::with_capacity(256);
-        let formats = std::iter::repeat_n(1, params.len());
-        frontend::bind(
-            "",
-            &prepared.name,
-            formats,
-            params.zip(prepared.params.iter()),
-            |(param, ty), buf| {
-                param.to_sql_checked(ty, buf).map(|is_null| match is_null {
-                    postgres_types::IsNull::Yes => postgres_protocol::IsNull::Yes,
-                    postgres_types::IsNull::No => postgres_protocol::IsNull::No,
-                })
-            },
-            std::iter::once(1),
-            &mut bind,
-        )
-        .map_err(|error| {
-            RunError::Postgres(PgError::Parameter(match error {
-                frontend::BindError::Conversion(error) => {
-                    format!("a parameter cannot be sent: {error}")
-                }
-                frontend::BindError::Serialization(error) => {
-                    format!("a parameter cannot be sent: {error}")
-                }
-            }))
-        })?;
-        frontend::execute("", 0, &mut bind).map_err(|e| RunError::Postgres(encode_error(e)))?;
-        if prepared.name == ONCE {
-            frontend::close(b'S', ONCE, &mut bind)
-                .map_err(|e| RunError::Postgres(encode_error(e)))?;
-        }
-        if timeout.is_some() {
-            // The request's statement timeout ends with it: reset here if the statement
-            // succeeded, rolled back with its transaction if it failed.
-            queue_unnamed("RESET statement_timeout", &mut bind).map_err(RunError::Postgres)?;
-        }
-        frontend::sync(&mut bind);
+        let bind = Bound::new(prepared, params, timeout)
+            .map_err(RunError::Postgres)?
+            .messages;
 
         self.write.clear();
         let mut ahead = self.queue_reset_ahead().map_err(RunError::Postgres)?;
@@ -978,6 +951,108 @@ impl PgConnection {
                 Err(RunError::Postgres(PgError::Db(error)))
             }
         }
+    }
+
+    /// Whether other requests' statements may go out with this connection's next one
+    /// (`run_pipelined`): the connection is idle and in its steady state, where every
+    /// request's reset goes ahead of it (or the session reset is off).
+    pub fn can_pipeline(&self) -> bool {
+        self.usable()
+            && self.reset_behind.is_none()
+            && self.status == b'I'
+            && !self.drops_statements
+            && (!self.session_reset || self.reset_ahead)
+    }
+
+    /// Runs several requests' statements in one write, each with its own Sync, so each
+    /// runs in an implicit transaction of its own with the session reset (if on) and its
+    /// statement timeout ahead of it: on the server, exactly what `run` one after the
+    /// other would do, without waiting for each answer before sending the next. A failed
+    /// statement skips only the rest of its own group. Rows of the `i`th go to
+    /// `on_row(i, row)`. Only when `can_pipeline`, for statements that may run in a
+    /// pipeline (not VACUUM and the like).
+    pub async fn run_pipelined<E>(
+        &mut self,
+        runs: &[(&Prepared, Bound)],
+        mut on_row: impl FnMut(usize, &DataRowBody) -> Result<(), E>,
+    ) -> Vec<Result<u64, RunError<E>>> {
+        let mut results = Vec::with_capacity(runs.len());
+        let lost = |results: &mut Vec<Result<u64, RunError<E>>>, first: PgError| {
+            results.push(Err(RunError::Postgres(first)));
+            while results.len() < runs.len() {
+                results.push(Err(RunError::Postgres(PgError::Closed)));
+            }
+        };
+        if let Err(error) = self.start() {
+            lost(&mut results, error);
+            return results;
+        }
+        self.write.clear();
+        let mut aheads = Vec::with_capacity(runs.len());
+        for (n, (_, bound)) in runs.iter().enumerate() {
+            let mut ahead = if n == 0 {
+                self.queue_reset_ahead().unwrap_or(0)
+            } else if self.session_reset {
+                self.queue_reset();
+                RESET_STATEMENTS.len()
+            } else {
+                0
+            };
+            match self.queue_timeout(bound.timeout) {
+                Ok(queued) => ahead += queued,
+                Err(error) => {
+                    self.write.clear();
+                    lost(&mut results, error);
+                    return results;
+                }
+            }
+            self.write.extend_from_slice(&bound.messages);
+            self.dirty = true;
+            aheads.push(ahead);
+        }
+        self.in_flight = true;
+        if let Err(error) = self.flush().await {
+            lost(&mut results, error);
+            return results;
+        }
+        let mut reset_failed = false;
+        for (n, ((prepared, _), ahead)) in runs.iter().zip(aheads).enumerate() {
+            let outcome = match self
+                .read_group(ahead, true, &mut |row: &DataRowBody| on_row(n, row))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    lost(&mut results, error);
+                    return results;
+                }
+            };
+            if self.status != b'I' {
+                // Cannot happen (no pipelined statement controls transactions); if it
+                // did, what follows ran inside that transaction: never use the
+                // connection again.
+                reset_failed = true;
+            }
+            results.push(match outcome.error {
+                None => Ok(outcome.rows_affected),
+                Some(GroupError::Row(error)) => Err(RunError::Row(error)),
+                Some(GroupError::Ahead(error)) => {
+                    reset_failed = true;
+                    Err(RunError::Postgres(PgError::Reset(error)))
+                }
+                Some(GroupError::Statement(error)) => {
+                    if error.code == "26000" {
+                        self.forget_statement(prepared);
+                    }
+                    Err(RunError::Postgres(PgError::Db(error)))
+                }
+            });
+        }
+        self.in_flight = false;
+        if reset_failed {
+            self.broken = true;
+        }
+        results
     }
 
     /// Queues `SET statement_timeout` for the request's deadline. Returns the statements
@@ -1100,6 +1175,60 @@ impl PgConnection {
             }
         }
         true
+    }
+}
+
+/// A prepared statement bound to its parameters: the messages that run it, up to and
+/// including its Sync (for `PgConnection::run` and `run_pipelined`).
+pub struct Bound {
+    messages: BytesMut,
+    timeout: Option<Duration>,
+}
+
+impl Bound {
+    /// Binds `params` (in the types `prepared` was prepared with). With a `timeout`, the
+    /// statement timeout set ahead of the statement ends behind it: reset if the
+    /// statement succeeded, rolled back with its transaction if it failed.
+    pub fn new<T: ToSql>(
+        prepared: &Prepared,
+        params: impl ExactSizeIterator<Item = T>,
+        timeout: Option<Duration>,
+    ) -> Result<Self, PgError> {
+        let mut messages = BytesMut::with_capacity(256);
+        let formats = std::iter::repeat_n(1, params.len());
+        frontend::bind(
+            "",
+            &prepared.name,
+            formats,
+            params.zip(prepared.params.iter()),
+            |(param, ty), buf| {
+                param.to_sql_checked(ty, buf).map(|is_null| match is_null {
+                    postgres_types::IsNull::Yes => postgres_protocol::IsNull::Yes,
+                    postgres_types::IsNull::No => postgres_protocol::IsNull::No,
+                })
+            },
+            std::iter::once(1),
+            &mut messages,
+        )
+        .map_err(|error| {
+            PgError::Parameter(match error {
+                frontend::BindError::Conversion(error) => {
+                    format!("a parameter cannot be sent: {error}")
+                }
+                frontend::BindError::Serialization(error) => {
+                    format!("a parameter cannot be sent: {error}")
+                }
+            })
+        })?;
+        frontend::execute("", 0, &mut messages).map_err(encode_error)?;
+        if prepared.name == ONCE {
+            frontend::close(b'S', ONCE, &mut messages).map_err(encode_error)?;
+        }
+        if timeout.is_some() {
+            queue_unnamed("RESET statement_timeout", &mut messages)?;
+        }
+        frontend::sync(&mut messages);
+        Ok(Self { messages, timeout })
     }
 }
 

@@ -235,6 +235,7 @@ impl Drop for Watched {
 
 impl Backend for SqliteBackend {
     type Connection = SqliteConnection;
+    type Shared = ();
     type ConnectOptions = SqliteConnectOptions;
 
     fn connect(

@@ -7,6 +7,8 @@
 mod postgres;
 mod sqlite;
 
+pub use postgres::Waiting;
+
 use crate::router::Target;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,14 +4,21 @@
 //! per connection under their text plus that type signature, so the same SQL sent with
 //! other value kinds gets its own prepared statement instead of a binary-format error.
 //! The statement goes out in one write with the session reset and the request's
-//! statement timeout ahead of it (`PgConnection::run`).
+//! statement timeout ahead of it (`PgConnection::run`). While all of a tenant's
+//! connections are lent out, requests waiting for one are sent together by the next
+//! request that gets one (`Waiting`, `PgConnection::run_pipelined`).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use postgres_protocol::message::backend::DataRowBody;
 use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
+use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::{
     Call, at_statement, comment_end, leading_words, null_value, parameter_count_error, push_row,
@@ -20,7 +27,7 @@ use super::{
 use crate::connection_pool::{ConnectionControls, PooledConnection};
 use crate::error::{DataPlaneError, Result, from_acquire, from_postgres};
 use crate::pools::PgTenantPool;
-use crate::postgres_connection::{Column, PgBackend, PgConnection, Prepared, RunError};
+use crate::postgres_connection::{Bound, Column, PgBackend, PgConnection, Prepared, RunError};
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
 /// gone) before it finishes, the connection is closed instead of reused: its statement
@@ -130,13 +137,18 @@ async fn prepare(
         Some(prepared) => prepared,
         None => prepare_new(connection, statement, &key, call).await?,
     };
-    // PostgreSQL accepts more declared parameter types than the text uses: count the
-    // placeholders to refuse extra parameters too.
+    check_params(&prepared, statement)?;
+    Ok(prepared)
+}
+
+/// PostgreSQL accepts more declared parameter types than the text uses: count the
+/// placeholders to refuse extra parameters too.
+fn check_params(prepared: &Prepared, statement: &pb::Statement) -> Result<()> {
     let expected = prepared.params().len().min(max_placeholder(&statement.sql));
     if expected != statement.params.len() {
         return Err(parameter_count_error(expected, statement.params.len()));
     }
-    Ok(prepared)
+    Ok(())
 }
 
 async fn prepare_new(
@@ -162,37 +174,437 @@ async fn prepare_new(
         .map_err(|error| from_postgres(error, call.tenant))
 }
 
+/// Statements whose requests may share a write with other requests' (`Waiting`): the
+/// ones that read and write rows. Not VACUUM and the like, which cannot run in a
+/// pipeline, nor anything that changes what later statements see of the session.
+const PIPELINED_WORDS: [&str; 7] = [
+    "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "TABLE",
+];
+
+/// Most requests sent in one write.
+const MAX_PIPELINE: usize = 16;
+
+fn may_pipeline(sql: &str) -> bool {
+    leading_words(sql, 1)
+        .first()
+        .is_some_and(|word| PIPELINED_WORDS.contains(&word.as_str()))
+}
+
+/// What a one-statement request asks for.
+#[derive(Clone, Copy)]
+enum Wanted {
+    /// Its rows (Query), in at most this many response bytes.
+    Rows { max_response_bytes: usize },
+    /// The count of rows it affected (Execute).
+    Count,
+}
+
+enum Answer {
+    Rows(pb::QueryResponse),
+    Count(pb::ExecuteResponse),
+}
+
+/// A request waiting for a connection while all of its tenant's are lent out.
+struct Job {
+    id: u64,
+    key: String,
+    statement: pb::Statement,
+    wanted: Wanted,
+    deadline: Option<std::time::Instant>,
+    tenant: String,
+    answer: oneshot::Sender<Result<Answer>>,
+}
+
+/// A job taken by a connection that has its statement prepared.
+struct Taken {
+    job: Job,
+    prepared: Arc<Prepared>,
+    decoders: Vec<Decoder>,
+}
+
+impl Taken {
+    /// Checks `job` against the statement prepared for it: parameter count, and for rows
+    /// a Value mapping for every column. A job that fails gets its error now.
+    fn check(job: Job, prepared: Arc<Prepared>) -> Option<Self> {
+        let decoders = check_params(&prepared, &job.statement).and_then(|()| match job.wanted {
+            Wanted::Rows { .. } => decoders_of(&prepared),
+            Wanted::Count => Ok(Vec::new()),
+        });
+        match decoders {
+            Ok(decoders) => Some(Self {
+                job,
+                prepared,
+                decoders,
+            }),
+            Err(error) => {
+                let _ = job.answer.send(Err(error));
+                None
+            }
+        }
+    }
+}
+
+/// Requests of one tenant waiting for a connection (the pool's `Shared`). A request that
+/// gets a connection takes the waiting requests whose statement that connection has
+/// prepared and sends them in the same write as its own (`PgConnection::run_pipelined`).
+/// Each still runs in an implicit transaction of its own with the session reset ahead of
+/// it, so the server does exactly what it would one request after the other, but reads
+/// and answers them in one go: less work per request for the server and the data plane.
+#[derive(Default)]
+pub struct Waiting {
+    jobs: Mutex<VecDeque<Job>>,
+    count: AtomicUsize,
+    next_id: AtomicU64,
+    /// Statements that went out in one write with another request's.
+    pipelined: AtomicU64,
+}
+
+impl Waiting {
+    /// Statements that went out in one write with another request's, since the pool
+    /// opened.
+    pub fn pipelined(&self) -> u64 {
+        self.pipelined.load(Ordering::Relaxed)
+    }
+
+    fn has_jobs(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        // Nothing panics while holding the lock; if something did, the queue is intact.
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `statement`; its answer comes on the receiver if a connection takes it.
+    fn push(
+        &self,
+        statement: &pb::Statement,
+        call: &Call<'_>,
+        wanted: Wanted,
+    ) -> (Queued<'_>, oneshot::Receiver<Result<Answer>>) {
+        let (answer, answered) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            id,
+            key: cache_key(statement),
+            statement: statement.clone(),
+            wanted,
+            deadline: call.deadline,
+            tenant: call.tenant.to_owned(),
+            answer,
+        };
+        let mut jobs = self.jobs();
+        jobs.push_back(job);
+        self.count.store(jobs.len(), Ordering::Release);
+        drop(jobs);
+        (
+            Queued {
+                waiting: self,
+                id,
+                queued: true,
+            },
+            answered,
+        )
+    }
+
+    /// Takes the job back if no connection took it.
+    fn take_back(&self, id: u64) -> bool {
+        let mut jobs = self.jobs();
+        let Some(position) = jobs.iter().position(|job| job.id == id) else {
+            return false;
+        };
+        jobs.remove(position);
+        self.count.store(jobs.len(), Ordering::Release);
+        true
+    }
+
+    /// Takes up to `room` waiting jobs whose statement `connection` has prepared, oldest
+    /// first; drops those whose request is gone.
+    fn take_for(&self, connection: &PgConnection, room: usize) -> Vec<Taken> {
+        let mut taken = Vec::new();
+        if !self.has_jobs() {
+            return taken;
+        }
+        let mut jobs = self.jobs();
+        let mut kept = VecDeque::with_capacity(jobs.len());
+        while let Some(job) = jobs.pop_front() {
+            if job.answer.is_closed() {
+                continue;
+            }
+            if taken.len() < room
+                && let Some(prepared) = connection.cached(&job.key)
+            {
+                taken.extend(Taken::check(job, prepared));
+            } else {
+                kept.push_back(job);
+            }
+        }
+        *jobs = kept;
+        self.count.store(jobs.len(), Ordering::Release);
+        taken
+    }
+}
+
+/// A job in the queue, taken back when its request ends (answered or abandoned).
+struct Queued<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+    queued: bool,
+}
+
+impl Queued<'_> {
+    fn take_back(&mut self) -> bool {
+        self.queued = false;
+        self.waiting.take_back(self.id)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.queued {
+            self.waiting.take_back(self.id);
+        }
+    }
+}
+
+fn lost(tenant: &str) -> DataPlaneError {
+    DataPlaneError::Unavailable(format!(
+        "the connection running a statement of tenant {tenant} was lost before it answered; \
+         the statement may or may not have run"
+    ))
+}
+
 pub async fn execute(
     pool: &PgTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
 ) -> Result<pb::ExecuteResponse> {
-    let mut session = session(pool, call).await?;
+    match single(pool, statement, call, Wanted::Count).await? {
+        Answer::Count(response) => Ok(response),
+        Answer::Rows(_) => Err(DataPlaneError::Internal(
+            "an Execute was answered with rows".to_owned(),
+        )),
+    }
+}
+
+pub async fn query(
+    pool: &PgTenantPool,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+) -> Result<pb::QueryResponse> {
+    let wanted = Wanted::Rows {
+        max_response_bytes: call.limits.max_response_bytes,
+    };
+    match single(pool, statement, call, wanted).await? {
+        Answer::Rows(response) => Ok(response),
+        Answer::Count(_) => Err(DataPlaneError::Internal(
+            "a Query was answered with a count".to_owned(),
+        )),
+    }
+}
+
+/// Runs one statement. While every connection of the tenant's pool is lent out, the
+/// request queues itself (`Waiting`) as well as waiting for a connection: whichever
+/// comes first runs it.
+async fn single(
+    pool: &PgTenantPool,
+    statement: &pb::Statement,
+    call: &Call<'_>,
+    wanted: Wanted,
+) -> Result<Answer> {
+    let mut session = if pool.is_saturated() && may_pipeline(&statement.sql) {
+        let (mut queued, mut answered) = pool.shared().push(statement, call, wanted);
+        tokio::select! {
+            biased;
+            answer = &mut answered => return answer.unwrap_or_else(|_| Err(lost(call.tenant))),
+            acquired = session(pool, call) => {
+                if !queued.take_back() {
+                    // Another request's connection took it: the answer is on its way.
+                    if let Ok(mut unused) = acquired {
+                        unused.finished = true;
+                    }
+                    return answered.await.unwrap_or_else(|_| Err(lost(call.tenant)));
+                }
+                acquired?
+            }
+        }
+    } else {
+        session(pool, call).await?
+    };
     let controls = session.controls.clone();
     let connection = &mut *session.connection;
-    let response = async {
-        let prepared = prepare(connection, statement, call).await?;
-        let rows_affected = connection
-            .run(
-                &prepared,
-                params(statement),
-                call.remaining(),
-                Some(&controls),
-                |_| Ok(()),
-            )
-            .await
-            .map_err(|error| run_error(error, call.tenant))?;
-        Ok(pb::ExecuteResponse {
-            rows_affected,
-            last_insert_id: None,
-        })
+    let prepared = prepare(connection, statement, call).await;
+    let others = match &prepared {
+        Ok(prepared)
+            if pool.shared().has_jobs()
+                && prepared.is_kept()
+                && connection.can_pipeline()
+                && may_pipeline(&statement.sql) =>
+        {
+            pool.shared().take_for(connection, MAX_PIPELINE - 1)
+        }
+        _ => Vec::new(),
+    };
+    if others.is_empty() {
+        let answer = async {
+            let prepared = prepared?;
+            let (mut state, decoders) = match wanted {
+                Wanted::Rows { .. } => (Rows::new(&prepared), decoders_of(&prepared)?),
+                Wanted::Count => (Rows::default(), Vec::new()),
+            };
+            let rows_affected = connection
+                .run(
+                    &prepared,
+                    params(statement),
+                    call.remaining(),
+                    Some(&controls),
+                    |row| state.push(row, &prepared, &decoders, wanted),
+                )
+                .await
+                .map_err(|error| run_error(error, call.tenant))?;
+            Ok(state.answer(rows_affected, wanted))
+        }
+        .await;
+        connection.finish_reset(&controls).await;
+        // Failed or not, the statement has run to its end (and an implicit transaction
+        // with it): the connection goes back to be reset.
+        session.finished = true;
+        return answer;
     }
-    .await;
+    // Run in a task of its own: the others' answers must not depend on this request
+    // staying (its deadline, its client).
+    let prepared = prepared?;
+    let (answer, answered) = oneshot::channel();
+    // Never queued: its id and key are not used.
+    let own = Job {
+        id: u64::MAX,
+        key: String::new(),
+        statement: statement.clone(),
+        wanted,
+        deadline: call.deadline,
+        tenant: call.tenant.to_owned(),
+        answer,
+    };
+    let mut batch = Vec::with_capacity(others.len() + 1);
+    batch.extend(Taken::check(own, prepared));
+    batch.extend(others);
+    pool.shared()
+        .pipelined
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    tokio::spawn(run_batch(session, batch).in_current_span());
+    answered.await.unwrap_or_else(|_| Err(lost(call.tenant)))
+}
+
+/// The rows of one statement as they come in.
+#[derive(Default)]
+struct Rows {
+    response: pb::QueryResponse,
+    size: usize,
+}
+
+impl Rows {
+    fn new(prepared: &Prepared) -> Self {
+        Self {
+            response: pb::QueryResponse {
+                columns: prepared
+                    .columns()
+                    .iter()
+                    .map(|column| column.name().to_owned())
+                    .collect(),
+                rows: Vec::new(),
+            },
+            size: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        row: &DataRowBody,
+        prepared: &Prepared,
+        decoders: &[Decoder],
+        wanted: Wanted,
+    ) -> Result<()> {
+        match wanted {
+            Wanted::Count => Ok(()),
+            Wanted::Rows { max_response_bytes } => push_row(
+                &mut self.response,
+                &mut self.size,
+                decode_row(row, prepared.columns(), decoders)?,
+                max_response_bytes,
+            ),
+        }
+    }
+
+    fn answer(self, rows_affected: u64, wanted: Wanted) -> Answer {
+        match wanted {
+            Wanted::Rows { .. } => Answer::Rows(self.response),
+            Wanted::Count => Answer::Count(pb::ExecuteResponse {
+                rows_affected,
+                last_insert_id: None,
+            }),
+        }
+    }
+}
+
+/// Runs `batch` on `session`'s connection in one write and answers every job.
+async fn run_batch(mut session: Session, batch: Vec<Taken>) {
+    let controls = session.controls.clone();
+    let connection = &mut *session.connection;
+    let now = std::time::Instant::now();
+    let mut ready = Vec::with_capacity(batch.len());
+    let mut bounds = Vec::with_capacity(batch.len());
+    for taken in batch {
+        let timeout = taken
+            .job
+            .deadline
+            .map(|deadline| deadline.saturating_duration_since(now));
+        if timeout == Some(Duration::ZERO) {
+            // Its request has ended (or is about to) with DEADLINE_EXCEEDED.
+            continue;
+        }
+        match Bound::new(&taken.prepared, params(&taken.job.statement), timeout) {
+            Ok(bound) => {
+                bounds.push(bound);
+                ready.push(taken);
+            }
+            Err(error) => {
+                let _ = taken
+                    .job
+                    .answer
+                    .send(Err(from_postgres(error, &taken.job.tenant)));
+            }
+        }
+    }
+    let mut rows: Vec<Rows> = ready
+        .iter()
+        .map(|taken| match taken.job.wanted {
+            Wanted::Rows { .. } => Rows::new(&taken.prepared),
+            Wanted::Count => Rows::default(),
+        })
+        .collect();
+    let runs: Vec<(&Prepared, Bound)> = ready
+        .iter()
+        .map(|taken| &*taken.prepared)
+        .zip(bounds)
+        .collect();
+    let results = connection
+        .run_pipelined(&runs, |n, row| {
+            let taken = &ready[n];
+            rows[n].push(row, &taken.prepared, &taken.decoders, taken.job.wanted)
+        })
+        .await;
+    drop(runs);
+    tracing::debug!(statements = ready.len(), "statements sent in one write");
+    for ((taken, rows), result) in ready.into_iter().zip(rows).zip(results) {
+        let answer = result
+            .map(|rows_affected| rows.answer(rows_affected, taken.job.wanted))
+            .map_err(|error| run_error(error, &taken.job.tenant));
+        let _ = taken.job.answer.send(answer);
+    }
     connection.finish_reset(&controls).await;
-    // Failed or not, the statement has run to its end (and an implicit transaction with
-    // it): the connection goes back to be reset.
     session.finished = true;
-    response
 }
 
 fn run_error(error: RunError<DataPlaneError>, tenant: &str) -> DataPlaneError {
@@ -202,58 +614,17 @@ fn run_error(error: RunError<DataPlaneError>, tenant: &str) -> DataPlaneError {
     }
 }
 
-pub async fn query(
-    pool: &PgTenantPool,
-    statement: &pb::Statement,
-    call: &Call<'_>,
-) -> Result<pb::QueryResponse> {
-    let mut session = session(pool, call).await?;
-    let controls = session.controls.clone();
-    let connection = &mut *session.connection;
-    let response = async {
-        let prepared = prepare(connection, statement, call).await?;
-        // Refuse a column type with no Value mapping before running anything.
-        let decoders = prepared
-            .columns()
-            .iter()
-            .map(|column| {
-                decoder_for(column.type_())
-                    .ok_or_else(|| unsupported_column(column.name(), column.type_().name()))
-            })
-            .collect::<Result<Vec<Decoder>>>()?;
-        let max_response_bytes = call.limits.max_response_bytes;
-        let mut response = pb::QueryResponse {
-            columns: prepared
-                .columns()
-                .iter()
-                .map(|column| column.name().to_owned())
-                .collect(),
-            rows: Vec::new(),
-        };
-        let mut size = 0;
-        connection
-            .run(
-                &prepared,
-                params(statement),
-                call.remaining(),
-                Some(&controls),
-                |row| {
-                    push_row(
-                        &mut response,
-                        &mut size,
-                        decode_row(row, prepared.columns(), &decoders)?,
-                        max_response_bytes,
-                    )
-                },
-            )
-            .await
-            .map_err(|error| run_error(error, call.tenant))?;
-        Ok(response)
-    }
-    .await;
-    connection.finish_reset(&controls).await;
-    session.finished = true;
-    response
+/// A Value decoder for every column of `prepared`, or the error naming the first
+/// column that has no Value mapping (refused before anything runs).
+fn decoders_of(prepared: &Prepared) -> Result<Vec<Decoder>> {
+    prepared
+        .columns()
+        .iter()
+        .map(|column| {
+            decoder_for(column.type_())
+                .ok_or_else(|| unsupported_column(column.name(), column.type_().name()))
+        })
+        .collect()
 }
 
 pub async fn batch(
