@@ -650,6 +650,21 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         seconds_per_round() / 2
     );
     let rounds = measure(name, &scenarios, placeholder).await;
+    if backend == Backend::Postgres {
+        let (_, pools) = data_plane.pools.stats();
+        let of = |tenant: &str| {
+            pools
+                .iter()
+                .find(|pool| pool.tenant_id.as_str() == tenant)
+                .map_or(0, |pool| pool.pipelined_statements)
+        };
+        let others: u64 = tenant_ids[1..].iter().map(|tenant| of(tenant)).sum();
+        println!(
+            "Statements sent in one write with other requests' (`pipelined_statements`, over all rounds and ramps): {} on the first tenant, {others} on the other {}\n",
+            of(&tenant_ids[0]),
+            many - 1
+        );
+    }
     let mut summary = report(&scenarios, &rounds, |n| match n {
         0 => "1.00 (baseline)".to_owned(),
         2 => format!(
