@@ -204,10 +204,9 @@ enum Answer {
     Count(pb::ExecuteResponse),
 }
 
-/// A request waiting for a connection while all of its tenant's are lent out.
-struct Job {
-    id: u64,
-    key: String,
+/// A one-statement request to run in a write shared with others, and where its answer
+/// goes.
+struct Request {
     statement: pb::Statement,
     wanted: Wanted,
     deadline: Option<std::time::Instant>,
@@ -215,29 +214,56 @@ struct Job {
     answer: oneshot::Sender<Result<Answer>>,
 }
 
-/// A job taken by a connection that has its statement prepared.
+impl Request {
+    fn new(
+        statement: &pb::Statement,
+        call: &Call<'_>,
+        wanted: Wanted,
+    ) -> (Self, oneshot::Receiver<Result<Answer>>) {
+        let (answer, answered) = oneshot::channel();
+        let request = Self {
+            statement: statement.clone(),
+            wanted,
+            deadline: call.deadline,
+            tenant: call.tenant.to_owned(),
+            answer,
+        };
+        (request, answered)
+    }
+}
+
+/// A request waiting for a connection while all of its tenant's are lent out.
+struct Job {
+    id: u64,
+    /// Its statement's cache key (`cache_key`).
+    key: String,
+    request: Request,
+}
+
+/// A request taken by a connection that has its statement prepared.
 struct Taken {
-    job: Job,
+    request: Request,
     prepared: Arc<Prepared>,
     decoders: Vec<Decoder>,
 }
 
 impl Taken {
-    /// Checks `job` against the statement prepared for it: parameter count, and for rows
-    /// a Value mapping for every column. A job that fails gets its error now.
-    fn check(job: Job, prepared: Arc<Prepared>) -> Option<Self> {
-        let decoders = check_params(&prepared, &job.statement).and_then(|()| match job.wanted {
-            Wanted::Rows { .. } => decoders_of(&prepared),
-            Wanted::Count => Ok(Vec::new()),
-        });
+    /// Checks `request` against the statement prepared for it: parameter count, and for
+    /// rows a Value mapping for every column. A request that fails gets its error now.
+    fn check(request: Request, prepared: Arc<Prepared>) -> Option<Self> {
+        let decoders =
+            check_params(&prepared, &request.statement).and_then(|()| match request.wanted {
+                Wanted::Rows { .. } => decoders_of(&prepared),
+                Wanted::Count => Ok(Vec::new()),
+            });
         match decoders {
             Ok(decoders) => Some(Self {
-                job,
+                request,
                 prepared,
                 decoders,
             }),
             Err(error) => {
-                let _ = job.answer.send(Err(error));
+                let _ = request.answer.send(Err(error));
                 None
             }
         }
@@ -284,16 +310,12 @@ impl Waiting {
         call: &Call<'_>,
         wanted: Wanted,
     ) -> (Queued<'_>, oneshot::Receiver<Result<Answer>>) {
-        let (answer, answered) = oneshot::channel();
+        let (request, answered) = Request::new(statement, call, wanted);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             id,
             key: cache_key(statement),
-            statement: statement.clone(),
-            wanted,
-            deadline: call.deadline,
-            tenant: call.tenant.to_owned(),
-            answer,
+            request,
         };
         let mut jobs = self.jobs();
         jobs.push_back(job);
@@ -330,13 +352,13 @@ impl Waiting {
         let mut jobs = self.jobs();
         let mut kept = VecDeque::with_capacity(jobs.len());
         while let Some(job) = jobs.pop_front() {
-            if job.answer.is_closed() {
+            if job.request.answer.is_closed() {
                 continue;
             }
             if taken.len() < room
                 && let Some(prepared) = connection.cached(&job.key)
             {
-                taken.extend(Taken::check(job, prepared));
+                taken.extend(Taken::check(job.request, prepared));
             } else {
                 kept.push_back(job);
             }
@@ -476,17 +498,7 @@ async fn single(
     // Run in a task of its own: the others' answers must not depend on this request
     // staying (its deadline, its client).
     let prepared = prepared?;
-    let (answer, answered) = oneshot::channel();
-    // Never queued: its id and key are not used.
-    let own = Job {
-        id: u64::MAX,
-        key: String::new(),
-        statement: statement.clone(),
-        wanted,
-        deadline: call.deadline,
-        tenant: call.tenant.to_owned(),
-        answer,
-    };
+    let (own, answered) = Request::new(statement, call, wanted);
     let mut batch = Vec::with_capacity(others.len() + 1);
     batch.extend(Taken::check(own, prepared));
     batch.extend(others);
@@ -557,29 +569,29 @@ async fn run_batch(mut session: Session, batch: Vec<Taken>) {
     let mut bounds = Vec::with_capacity(batch.len());
     for taken in batch {
         let timeout = taken
-            .job
+            .request
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now));
         if timeout == Some(Duration::ZERO) {
             // Its request has ended (or is about to) with DEADLINE_EXCEEDED.
             continue;
         }
-        match Bound::new(&taken.prepared, params(&taken.job.statement), timeout) {
+        match Bound::new(&taken.prepared, params(&taken.request.statement), timeout) {
             Ok(bound) => {
                 bounds.push(bound);
                 ready.push(taken);
             }
             Err(error) => {
                 let _ = taken
-                    .job
+                    .request
                     .answer
-                    .send(Err(from_postgres(error, &taken.job.tenant)));
+                    .send(Err(from_postgres(error, &taken.request.tenant)));
             }
         }
     }
     let mut rows: Vec<Rows> = ready
         .iter()
-        .map(|taken| match taken.job.wanted {
+        .map(|taken| match taken.request.wanted {
             Wanted::Rows { .. } => Rows::new(&taken.prepared),
             Wanted::Count => Rows::default(),
         })
@@ -592,16 +604,16 @@ async fn run_batch(mut session: Session, batch: Vec<Taken>) {
     let results = connection
         .run_pipelined(&runs, |n, row| {
             let taken = &ready[n];
-            rows[n].push(row, &taken.prepared, &taken.decoders, taken.job.wanted)
+            rows[n].push(row, &taken.prepared, &taken.decoders, taken.request.wanted)
         })
         .await;
     drop(runs);
     tracing::debug!(statements = ready.len(), "statements sent in one write");
     for ((taken, rows), result) in ready.into_iter().zip(rows).zip(results) {
         let answer = result
-            .map(|rows_affected| rows.answer(rows_affected, taken.job.wanted))
-            .map_err(|error| run_error(error, &taken.job.tenant));
-        let _ = taken.job.answer.send(answer);
+            .map(|rows_affected| rows.answer(rows_affected, taken.request.wanted))
+            .map_err(|error| run_error(error, &taken.request.tenant));
+        let _ = taken.request.answer.send(answer);
     }
     connection.finish_reset(&controls).await;
     session.finished = true;
