@@ -15,6 +15,7 @@ use common::{
 use tenantry_control_plane::provisioner::{FaultInjection, Step};
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
+use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tonic::Code;
 
 backend_tests!(
@@ -1056,13 +1057,11 @@ async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) 
         Some(dp::value::Kind::Int64(i64::from(requests / 4) + 1)),
         "every insert ran exactly once"
     );
-    let stats = tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient::new(
-        sandbox.data_plane_channel.clone(),
-    )
-    .get_pool_stats(dp::GetPoolStatsRequest {})
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .into_inner();
+    let stats = PoolServiceClient::new(sandbox.data_plane_channel.clone())
+        .get_pool_stats(dp::GetPoolStatsRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
     let pipelined = stats
         .tenants
         .iter()
@@ -1074,6 +1073,164 @@ async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) 
         Backend::Postgres => assert!(pipelined > 0, "no statement was pipelined"),
         Backend::Sqlite => assert_eq!(pipelined, 0),
     }
+}
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_does_not_wait_for_statements_behind_it() {
+        super::an_answer_does_not_wait_for_statements_behind_it().await;
+    }
+}
+
+/// Requests of one tenant sent together in one write: each gets its answer as soon as it
+/// is read, not once the statements behind it have ended. The request behind waits for a
+/// row lock that the test releases only after the request ahead has answered.
+async fn an_answer_does_not_wait_for_statements_behind_it() {
+    use sqlx::Connection;
+    let sandbox = Arc::new(
+        Sandbox::start_with(
+            Backend::Postgres,
+            SandboxOptions {
+                max_connections_per_tenant: Some(1),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let id = sandbox.tid("ahead");
+    let tenant = sandbox.create(&id).await;
+    for sql in [
+        "CREATE TABLE t (id bigint PRIMARY KEY)",
+        "INSERT INTO t VALUES (1), (2), (3)",
+    ] {
+        sandbox
+            .execute(&id, sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    const LOCK_ROW: &str = "SELECT id FROM t WHERE id = $1 FOR UPDATE";
+    // Prepared on the tenant's one connection, so that waiting requests can go together.
+    sandbox
+        .query(&id, LOCK_ROW, vec![int(2)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let admin = sandbox
+        .pg_admin_url
+        .clone()
+        .unwrap_or_else(|| panic!("no PostgreSQL admin URL"));
+    let url = common::with_database(&admin, &tenant.database_name);
+    let lock = |row: i64| {
+        let url = url.clone();
+        async move {
+            let mut connection = sqlx::PgConnection::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "BEGIN; SELECT 1 FROM t WHERE id = {row} FOR UPDATE"
+            )))
+            .execute(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            connection
+        }
+    };
+    let mut holder_lock = lock(3).await;
+    let mut behind_lock = lock(1).await;
+    let read = |row: i64| {
+        let sandbox = sandbox.clone();
+        let id = id.clone();
+        tokio::spawn(async move { sandbox.query(&id, LOCK_ROW, vec![int(row)]).await })
+    };
+    let pool = |sandbox: Arc<Sandbox>, id: String| async move {
+        PoolServiceClient::new(sandbox.data_plane_channel.clone())
+            .get_pool_stats(dp::GetPoolStatsRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner()
+            .tenants
+            .into_iter()
+            .find(|tenant| tenant.tenant_id == id)
+    };
+    let wait_for_waiting = |count: u32| {
+        let (sandbox, id) = (sandbox.clone(), id.clone());
+        async move {
+            for _ in 0..2000 {
+                let waiting = pool(sandbox.clone(), id.clone())
+                    .await
+                    .and_then(|tenant| tenant.connections)
+                    .map_or(0, |figures| figures.waiting);
+                if waiting >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{count} requests never waited for the tenant's connection");
+        }
+    };
+    // The holder takes the one connection and waits for row 3; two more requests wait for
+    // the connection, the one ahead (row 2, free) before the one behind (row 1, locked).
+    let holder = read(3);
+    let mut watcher = sqlx::PgConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut holder_blocked = false;
+    for _ in 0..2000 {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        if blocked > 0 {
+            holder_blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(holder_blocked, "the first request never waited for row 3");
+    let ahead = {
+        let request = read(2);
+        wait_for_waiting(1).await;
+        request
+    };
+    let behind = read(1);
+    wait_for_waiting(2).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut holder_lock)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let answered = tokio::time::timeout(Duration::from_secs(30), ahead)
+        .await
+        .unwrap_or_else(|_| panic!("the request ahead waited for the statement behind it"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        answered.rows[0].values[0].kind,
+        Some(dp::value::Kind::Int64(2))
+    );
+    assert!(!behind.is_finished(), "row 1 is still locked");
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut behind_lock)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (request, row) in [(behind, 1), (holder, 3)] {
+        let response = request
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            response.rows[0].values[0].kind,
+            Some(dp::value::Kind::Int64(row))
+        );
+    }
+    let pipelined = pool(sandbox.clone(), id.clone())
+        .await
+        .map_or(0, |tenant| tenant.pipelined_statements);
+    assert!(
+        pipelined >= 2,
+        "the two waiting requests did not go out together"
+    );
 }
 
 const LOCKS_HELD: &str = "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_locks \

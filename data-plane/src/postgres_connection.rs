@@ -968,24 +968,30 @@ impl PgConnection {
     /// runs in an implicit transaction of its own with the session reset (if on) and its
     /// statement timeout ahead of it: on the server, exactly what `run` one after the
     /// other would do, without waiting for each answer before sending the next. A failed
-    /// statement skips only the rest of its own group. Rows of the `i`th go to
-    /// `on_row(i, row)`. Only when `can_pipeline`, for statements that may run in a
-    /// pipeline (not VACUUM and the like).
+    /// statement skips only the rest of its own group. `on` gets the rows of the `n`th
+    /// statement, then its end, as soon as they are read, so an answer never waits for
+    /// the statements behind it. Only when `can_pipeline`, for statements that may run
+    /// in a pipeline (not VACUUM and the like).
     pub async fn run_pipelined<E>(
         &mut self,
         runs: &[(&Prepared, Bound)],
-        mut on_row: impl FnMut(usize, &DataRowBody) -> Result<(), E>,
-    ) -> Vec<Result<u64, RunError<E>>> {
-        let mut results = Vec::with_capacity(runs.len());
-        let lost = |results: &mut Vec<Result<u64, RunError<E>>>, first: PgError| {
-            results.push(Err(RunError::Postgres(first)));
-            while results.len() < runs.len() {
-                results.push(Err(RunError::Postgres(PgError::Closed)));
+        mut on: impl FnMut(Piped<'_, E>) -> Result<(), E>,
+    ) {
+        /// Ends statement `from` with `first` and every later one as lost with it.
+        fn lose<E>(
+            on: &mut impl FnMut(Piped<'_, E>) -> Result<(), E>,
+            from: usize,
+            count: usize,
+            first: PgError,
+        ) {
+            let _ = on(Piped::Done(from, Err(RunError::Postgres(first))));
+            for n in from + 1..count {
+                let _ = on(Piped::Done(n, Err(RunError::Postgres(PgError::Closed))));
             }
-        };
+        }
         if let Err(error) = self.start() {
-            lost(&mut results, error);
-            return results;
+            lose(&mut on, 0, runs.len(), error);
+            return;
         }
         self.write.clear();
         let mut aheads = Vec::with_capacity(runs.len());
@@ -1002,8 +1008,8 @@ impl PgConnection {
                 Ok(queued) => ahead += queued,
                 Err(error) => {
                     self.write.clear();
-                    lost(&mut results, error);
-                    return results;
+                    lose(&mut on, 0, runs.len(), error);
+                    return;
                 }
             }
             self.write.extend_from_slice(&bound.messages);
@@ -1012,19 +1018,19 @@ impl PgConnection {
         }
         self.in_flight = true;
         if let Err(error) = self.flush().await {
-            lost(&mut results, error);
-            return results;
+            lose(&mut on, 0, runs.len(), error);
+            return;
         }
         let mut reset_failed = false;
         for (n, ((prepared, _), ahead)) in runs.iter().zip(aheads).enumerate() {
             let outcome = match self
-                .read_group(ahead, true, &mut |row: &DataRowBody| on_row(n, row))
+                .read_group(ahead, true, &mut |row: &DataRowBody| on(Piped::Row(n, row)))
                 .await
             {
                 Ok(outcome) => outcome,
                 Err(error) => {
-                    lost(&mut results, error);
-                    return results;
+                    lose(&mut on, n, runs.len(), error);
+                    return;
                 }
             };
             if self.status != b'I' {
@@ -1033,7 +1039,7 @@ impl PgConnection {
                 // connection again.
                 reset_failed = true;
             }
-            results.push(match outcome.error {
+            let result = match outcome.error {
                 None => Ok(outcome.rows_affected),
                 Some(GroupError::Row(error)) => Err(RunError::Row(error)),
                 Some(GroupError::Ahead(error)) => {
@@ -1046,13 +1052,13 @@ impl PgConnection {
                     }
                     Err(RunError::Postgres(PgError::Db(error)))
                 }
-            });
+            };
+            let _ = on(Piped::Done(n, result));
         }
         self.in_flight = false;
         if reset_failed {
             self.broken = true;
         }
-        results
     }
 
     /// Queues `SET statement_timeout` for the request's deadline. Returns the statements
@@ -1176,6 +1182,14 @@ impl PgConnection {
         }
         true
     }
+}
+
+/// What `PgConnection::run_pipelined` reports about its `n`th statement.
+pub enum Piped<'a, E> {
+    /// One of its rows.
+    Row(usize, &'a DataRowBody),
+    /// It has ended (its answers are all read): the rows it affected, or its error.
+    Done(usize, Result<u64, RunError<E>>),
 }
 
 /// A prepared statement bound to its parameters: the messages that run it, up to and

@@ -27,7 +27,9 @@ use super::{
 use crate::connection_pool::{ConnectionControls, PooledConnection};
 use crate::error::{DataPlaneError, Result, from_acquire, from_postgres};
 use crate::pools::PgTenantPool;
-use crate::postgres_connection::{Bound, Column, PgBackend, PgConnection, Prepared, RunError};
+use crate::postgres_connection::{
+    Bound, Column, PgBackend, PgConnection, Piped, Prepared, RunError,
+};
 
 /// A pooled connection for one request. If the request is abandoned (deadline, client
 /// gone) before it finishes, the connection is closed instead of reused: its statement
@@ -560,61 +562,78 @@ impl Rows {
     }
 }
 
-/// Runs `batch` on `session`'s connection in one write and answers every job.
+/// Runs `batch` on `session`'s connection in one write and answers each request as soon
+/// as its answers are read.
 async fn run_batch(mut session: Session, batch: Vec<Taken>) {
     let controls = session.controls.clone();
     let connection = &mut *session.connection;
     let now = std::time::Instant::now();
-    let mut ready = Vec::with_capacity(batch.len());
+    let mut prepared = Vec::with_capacity(batch.len());
     let mut bounds = Vec::with_capacity(batch.len());
+    let mut decoders = Vec::with_capacity(batch.len());
+    let mut wanted = Vec::with_capacity(batch.len());
+    let mut tenants = Vec::with_capacity(batch.len());
+    let mut answers = Vec::with_capacity(batch.len());
     for taken in batch {
-        let timeout = taken
-            .request
+        let Taken {
+            request,
+            prepared: statement,
+            decoders: columns,
+        } = taken;
+        let timeout = request
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now));
         if timeout == Some(Duration::ZERO) {
             // Its request has ended (or is about to) with DEADLINE_EXCEEDED.
             continue;
         }
-        match Bound::new(&taken.prepared, params(&taken.request.statement), timeout) {
+        match Bound::new(&statement, params(&request.statement), timeout) {
             Ok(bound) => {
                 bounds.push(bound);
-                ready.push(taken);
+                prepared.push(statement);
+                decoders.push(columns);
+                wanted.push(request.wanted);
+                tenants.push(request.tenant);
+                answers.push(Some(request.answer));
             }
             Err(error) => {
-                let _ = taken
-                    .request
+                let _ = request
                     .answer
-                    .send(Err(from_postgres(error, &taken.request.tenant)));
+                    .send(Err(from_postgres(error, &request.tenant)));
             }
         }
     }
-    let mut rows: Vec<Rows> = ready
+    let mut rows: Vec<Rows> = prepared
         .iter()
-        .map(|taken| match taken.request.wanted {
-            Wanted::Rows { .. } => Rows::new(&taken.prepared),
+        .zip(&wanted)
+        .map(|(statement, wanted)| match wanted {
+            Wanted::Rows { .. } => Rows::new(statement),
             Wanted::Count => Rows::default(),
         })
         .collect();
-    let runs: Vec<(&Prepared, Bound)> = ready
+    let runs: Vec<(&Prepared, Bound)> = prepared
         .iter()
-        .map(|taken| &*taken.prepared)
+        .map(|statement| &**statement)
         .zip(bounds)
         .collect();
-    let results = connection
-        .run_pipelined(&runs, |n, row| {
-            let taken = &ready[n];
-            rows[n].push(row, &taken.prepared, &taken.decoders, taken.request.wanted)
+    connection
+        .run_pipelined(&runs, |event| match event {
+            Piped::Row(n, row) => rows[n].push(row, &prepared[n], &decoders[n], wanted[n]),
+            Piped::Done(n, result) => {
+                let answer = result
+                    .map(|rows_affected| {
+                        std::mem::take(&mut rows[n]).answer(rows_affected, wanted[n])
+                    })
+                    .map_err(|error| run_error(error, &tenants[n]));
+                if let Some(sender) = answers[n].take() {
+                    let _ = sender.send(answer);
+                }
+                Ok(())
+            }
         })
         .await;
+    tracing::debug!(statements = runs.len(), "statements sent in one write");
     drop(runs);
-    tracing::debug!(statements = ready.len(), "statements sent in one write");
-    for ((taken, rows), result) in ready.into_iter().zip(rows).zip(results) {
-        let answer = result
-            .map(|rows_affected| rows.answer(rows_affected, taken.request.wanted))
-            .map_err(|error| run_error(error, &taken.request.tenant));
-        let _ = taken.request.answer.send(answer);
-    }
     connection.finish_reset(&controls).await;
     session.finished = true;
 }
