@@ -1075,6 +1075,23 @@ async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) 
     }
 }
 
+/// Polls `condition` every 10 ms until it holds; panics saying `what` never came after
+/// 20 s.
+async fn wait_until<F, Fut>(what: String, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 20 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_does_not_wait_for_statements_behind_it() {
@@ -1153,42 +1170,40 @@ async fn an_answer_does_not_wait_for_statements_behind_it() {
     };
     let wait_for_waiting = |count: u32| {
         let (sandbox, id) = (sandbox.clone(), id.clone());
-        async move {
-            for _ in 0..2000 {
-                let waiting = pool(sandbox.clone(), id.clone())
-                    .await
-                    .and_then(|tenant| tenant.connections)
-                    .map_or(0, |figures| figures.waiting);
-                if waiting >= count {
-                    return;
+        wait_until(
+            format!("{count} requests waiting for the tenant's connection"),
+            move || {
+                let (sandbox, id) = (sandbox.clone(), id.clone());
+                async move {
+                    pool(sandbox, id)
+                        .await
+                        .and_then(|tenant| tenant.connections)
+                        .is_some_and(|figures| figures.waiting >= count)
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            panic!("{count} requests never waited for the tenant's connection");
-        }
+            },
+        )
     };
     // The holder takes the one connection and waits for row 3; two more requests wait for
     // the connection, the one ahead (row 2, free) before the one behind (row 1, locked).
     let holder = read(3);
-    let mut watcher = sqlx::PgConnection::connect(&url)
+    let watcher = sqlx::PgConnection::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut holder_blocked = false;
-    for _ in 0..2000 {
-        let blocked: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
+    let watcher = &tokio::sync::Mutex::new(watcher);
+    wait_until(
+        "the first request waiting for row 3".to_owned(),
+        || async move {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        if blocked > 0 {
-            holder_blocked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(holder_blocked, "the first request never waited for row 3");
+            )
+            .fetch_one(&mut *watcher.lock().await)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            blocked > 0
+        },
+    )
+    .await;
     let ahead = {
         let request = read(2);
         wait_for_waiting(1).await;
