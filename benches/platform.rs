@@ -466,258 +466,279 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         })
         .await?;
 
-    // 2. Create tenants, timing each create.
+    // 2. Create tenants, timing each create. Whatever happens from here on, the tenants
+    // created are deleted at the end (their PostgreSQL databases and roles dropped).
     let mut tenants_client = TenantServiceClient::new(control_channel.clone());
-    let mut create_times = Vec::new();
     let mut tenant_ids = Vec::new();
-    for n in 0..many {
-        let tenant_id = format!("b{n}-{run_id}");
-        let started = Instant::now();
-        tenants_client
-            .create_tenant(cp::CreateTenantRequest {
-                tenant_id: tenant_id.clone(),
-                max_connections: if n == 0 {
-                    i32::try_from(connections_per_pool)?
-                } else {
-                    0
-                },
-                ..Default::default()
-            })
-            .await?;
-        create_times.push(started.elapsed());
-        tenant_ids.push(tenant_id);
-    }
-    create_times.sort();
-    println!("## {name}: time to create a tenant ({many} tenants)\n");
-    println!("| p50 | p99 |");
-    println!("| --- | --- |");
-    println!(
-        "| {} | {} |\n",
-        ms(percentile(&create_times, 0.5)),
-        ms(percentile(&create_times, 0.99))
-    );
-
-    // Schema and rows in every tenant, through the data plane.
-    let data_channels = channels(&data_plane.server.url()).await?;
-    let mut sql_client = SqlServiceClient::new(data_channels[0].clone());
-    let placeholder = match backend {
-        Backend::Postgres => "$1",
-        Backend::Sqlite => "?",
-    };
-    for tenant_id in &tenant_ids {
-        let mut statements = vec![dp::Statement {
-            sql: "CREATE TABLE kv (id BIGINT PRIMARY KEY, v TEXT NOT NULL)".into(),
-            params: vec![],
-        }];
-        statements.push(dp::Statement {
-            sql: match backend {
-                Backend::Postgres => format!(
-                    "INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM generate_series(1, {ROWS_PER_TENANT}) AS n"
-                ),
-                Backend::Sqlite => format!(
-                    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {ROWS_PER_TENANT}) \
-                     INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM c"
-                ),
-            },
-            params: vec![],
-        });
-        let mut request = tonic::Request::new(dp::BatchRequest { statements });
-        request
-            .metadata_mut()
-            .insert("x-tenant-id", tenant_id.parse()?);
-        sql_client.batch(request).await?;
-    }
-
-    // The baselines: the first tenant's database on one pre-opened pool, and every
-    // tenant's database on a pool of its own (sized like the data plane's), in a map.
-    let mut baseline_pools = HashMap::new();
-    for (n, tenant_id) in tenant_ids.iter().enumerate() {
-        let tenant = tenants_client
-            .get_tenant(cp::GetTenantRequest {
-                tenant_id: tenant_id.clone(),
-            })
-            .await?
-            .into_inner();
-        let connections = if n == 0 {
-            connections_per_pool
-        } else {
-            other_tenant_connections
-        };
-        let pool = match &admin_url {
-            Some(url) => {
-                let mut parsed = url::Url::parse(url)?;
-                parsed.set_path(&format!("/{}", tenant.database_name));
-                let options = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(connections)
-                    .test_before_acquire(false);
-                BaselinePool::Postgres(if n == 0 {
-                    options.connect(parsed.as_str()).await?
-                } else {
-                    options.connect_lazy(parsed.as_str())?
+    let measured = async {
+        let mut create_times = Vec::new();
+        for n in 0..many {
+            let tenant_id = format!("b{n}-{run_id}");
+            tenant_ids.push(tenant_id.clone());
+            let started = Instant::now();
+            tenants_client
+                .create_tenant(cp::CreateTenantRequest {
+                    tenant_id: tenant_id.clone(),
+                    max_connections: if n == 0 {
+                        i32::try_from(connections_per_pool)?
+                    } else {
+                        0
+                    },
+                    ..Default::default()
                 })
-            }
-            None => {
-                let options = sqlx::sqlite::SqlitePoolOptions::new()
-                    .max_connections(connections)
-                    .test_before_acquire(false);
-                let connect = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(temp.path().join("tenants").join(&tenant.database_name));
-                BaselinePool::Sqlite(if n == 0 {
-                    options.connect_with(connect).await?
-                } else {
-                    options.connect_lazy_with(connect)
-                })
-            }
-        };
-        baseline_pools.insert(tenant_id.clone(), pool);
-    }
-    let baseline_pool = baseline_pools[&tenant_ids[0]].clone();
-    let baseline_channels = baseline_server(HashMap::from([(
-        tenant_ids[0].clone(),
-        baseline_pool.clone(),
-    )]))
-    .await?;
-
-    let one = Arc::new(vec![tenant_ids[0].clone()]);
-    let all = Arc::new(tenant_ids.clone());
-    // Warm every tenant's pool once.
-    for tenant_id in all.iter() {
-        let mut request = tonic::Request::new(dp::QueryRequest {
-            statement: Some(dp::Statement {
-                sql: format!("SELECT v FROM kv WHERE id = {placeholder}"),
-                params: vec![to_value_i64(1)],
-            }),
-        });
-        request
-            .metadata_mut()
-            .insert("x-tenant-id", tenant_id.parse()?);
-        sql_client.query(request).await?;
-    }
-    // On PostgreSQL, a second data plane with the session reset off shows what the
-    // reset costs apart from the tenant layers and routing.
-    let no_reset_plane = match backend {
-        Backend::Postgres => Some(
-            tenantry_data_plane::start(
-                &DataPlaneConfig {
-                    listen_addr: "127.0.0.1:0".parse()?,
-                    control_plane_url: control_plane.url(),
-                    max_connections_per_tenant: other_tenant_connections,
-                    postgres_connection_budget: 64,
-                    postgres_session_reset: false,
-                    ..DataPlaneConfig::default()
-                },
-                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            )
-            .await?,
-        ),
-        Backend::Sqlite => None,
-    };
-    let no_reset_channels = match &no_reset_plane {
-        Some(plane) => Some(channels(&plane.server.url()).await?),
-        None => None,
-    };
-    let mut scenarios: Vec<Scenario<'_>> = vec![
-        (
-            "baseline (1 pool, no tenant layers)".to_owned(),
-            &baseline_channels,
-            one.clone(),
-        ),
-        ("routed, 1 tenant".to_owned(), &data_channels, one.clone()),
-        (
-            format!("routed, {many} tenants"),
-            &data_channels,
-            all.clone(),
-        ),
-    ];
-    if let Some(no_reset) = &no_reset_channels {
-        scenarios.push((
-            "routed, 1 tenant, session reset off".to_owned(),
-            no_reset,
-            one.clone(),
-        ));
-    }
-    // Creating the tenants' databases leaves dirty pages behind; flush them now so the
-    // rounds measure requests, not the server's catch-up writes.
-    if let Some(url) = &admin_url {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(url).await?;
-        sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
-        admin.close().await?;
-    }
-    println!(
-        "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connections in the baseline's and the first tenant's pool, {other_tenant_connections} in the others', {} rounds of {:?} per scenario)\n",
-        round_count(),
-        seconds_per_round() / 2
-    );
-    let rounds = measure(name, &scenarios, placeholder).await;
-    if backend == Backend::Postgres {
-        let (_, pools) = data_plane.pools.stats();
-        let of = |tenant: &str| {
-            pools
-                .iter()
-                .find(|pool| pool.tenant_id.as_str() == tenant)
-                .map_or(0, |pool| pool.pipelined_statements)
-        };
-        let others: u64 = tenant_ids[1..].iter().map(|tenant| of(tenant)).sum();
+                .await?;
+            create_times.push(started.elapsed());
+        }
+        create_times.sort();
+        println!("## {name}: time to create a tenant ({many} tenants)\n");
+        println!("| p50 | p99 |");
+        println!("| --- | --- |");
         println!(
-            "Statements sent in one write with other requests' (`pipelined_statements`, over all rounds and ramps): {} on the first tenant, {others} on the other {}\n",
-            of(&tenant_ids[0]),
-            many - 1
+            "| {} | {} |\n",
+            ms(percentile(&create_times, 0.5)),
+            ms(percentile(&create_times, 0.99))
         );
-    }
-    let mut summary = report(&scenarios, &rounds, |n| match n {
-        0 => "1.00 (baseline)".to_owned(),
-        2 => format!(
-            "{} of baseline, {} of 1 tenant",
-            Ratio::of(&rounds, 2, 0),
-            Ratio::of(&rounds, 2, 1)
-        ),
-        _ => format!("{} of baseline", Ratio::of(&rounds, n, 0)),
-    });
-    if let Some(plane) = no_reset_plane {
-        plane.server.shutdown().await?;
-    }
-    data_plane.server.shutdown().await?;
 
-    // The same load without Tenantry: the 1-pool baseline against a map of pools, one per
-    // tenant (after the data planes closed their connections, so that on PostgreSQL both
-    // fit in the server's connection limit). Tells what many databases cost the database
-    // engine and a home-made service, apart from Tenantry.
-    let map_channels = baseline_server(baseline_pools.clone()).await?;
-    let without: Vec<Scenario<'_>> = vec![
-        (
-            "baseline (1 pool, no tenant layers)".to_owned(),
-            &baseline_channels,
-            one.clone(),
-        ),
-        (
-            format!("baseline, {many} tenants (a map of {many} sqlx pools, no tenant layers)"),
-            &map_channels,
-            all.clone(),
-        ),
-    ];
-    // Opens the map's pools before the rounds.
-    run_load(&map_channels, all.clone(), placeholder, Duration::ZERO).await;
-    println!("\n## {name}: the same without Tenantry (a map of sqlx pools)\n");
-    let without_rounds = measure(name, &without, placeholder).await;
-    summary.extend(report(&without, &without_rounds, |n| match n {
-        0 => "1.00 (baseline)".to_owned(),
-        _ => format!("{} of 1 pool", Ratio::of(&without_rounds, n, 0)),
-    }));
-    println!();
+        // Schema and rows in every tenant, through the data plane.
+        let data_channels = channels(&data_plane.server.url()).await?;
+        let mut sql_client = SqlServiceClient::new(data_channels[0].clone());
+        let placeholder = match backend {
+            Backend::Postgres => "$1",
+            Backend::Sqlite => "?",
+        };
+        for tenant_id in &tenant_ids {
+            let mut statements = vec![dp::Statement {
+                sql: "CREATE TABLE kv (id BIGINT PRIMARY KEY, v TEXT NOT NULL)".into(),
+                params: vec![],
+            }];
+            statements.push(dp::Statement {
+                sql: match backend {
+                    Backend::Postgres => format!(
+                        "INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM generate_series(1, {ROWS_PER_TENANT}) AS n"
+                    ),
+                    Backend::Sqlite => format!(
+                        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {ROWS_PER_TENANT}) \
+                         INSERT INTO kv (id, v) SELECT n, 'value-' || n FROM c"
+                    ),
+                },
+                params: vec![],
+            });
+            let mut request = tonic::Request::new(dp::BatchRequest { statements });
+            request
+                .metadata_mut()
+                .insert("x-tenant-id", tenant_id.parse()?);
+            sql_client.batch(request).await?;
+        }
 
-    // Clean up: delete every tenant (drops PostgreSQL databases and roles).
-    for pool in baseline_pools.values() {
-        pool.close().await;
+        // The baselines: the first tenant's database on one pre-opened pool, and every
+        // tenant's database on a pool of its own (sized like the data plane's), in a map.
+        let mut baseline_pools = HashMap::new();
+        for (n, tenant_id) in tenant_ids.iter().enumerate() {
+            let tenant = tenants_client
+                .get_tenant(cp::GetTenantRequest {
+                    tenant_id: tenant_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let connections = if n == 0 {
+                connections_per_pool
+            } else {
+                other_tenant_connections
+            };
+            let pool = match &admin_url {
+                Some(url) => {
+                    let mut parsed = url::Url::parse(url)?;
+                    parsed.set_path(&format!("/{}", tenant.database_name));
+                    let options = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(connections)
+                        .test_before_acquire(false);
+                    BaselinePool::Postgres(if n == 0 {
+                        options.connect(parsed.as_str()).await?
+                    } else {
+                        options.connect_lazy(parsed.as_str())?
+                    })
+                }
+                None => {
+                    let options = sqlx::sqlite::SqlitePoolOptions::new()
+                        .max_connections(connections)
+                        .test_before_acquire(false);
+                    let connect = sqlx::sqlite::SqliteConnectOptions::new()
+                        .filename(temp.path().join("tenants").join(&tenant.database_name));
+                    BaselinePool::Sqlite(if n == 0 {
+                        options.connect_with(connect).await?
+                    } else {
+                        options.connect_lazy_with(connect)
+                    })
+                }
+            };
+            baseline_pools.insert(tenant_id.clone(), pool);
+        }
+        let baseline_pool = baseline_pools[&tenant_ids[0]].clone();
+        let baseline_channels = baseline_server(HashMap::from([(
+            tenant_ids[0].clone(),
+            baseline_pool.clone(),
+        )]))
+        .await?;
+
+        let one = Arc::new(vec![tenant_ids[0].clone()]);
+        let all = Arc::new(tenant_ids.clone());
+        // Warm every tenant's pool once.
+        for tenant_id in all.iter() {
+            let mut request = tonic::Request::new(dp::QueryRequest {
+                statement: Some(dp::Statement {
+                    sql: format!("SELECT v FROM kv WHERE id = {placeholder}"),
+                    params: vec![to_value_i64(1)],
+                }),
+            });
+            request
+                .metadata_mut()
+                .insert("x-tenant-id", tenant_id.parse()?);
+            sql_client.query(request).await?;
+        }
+        // On PostgreSQL, a second data plane with the session reset off shows what the
+        // reset costs apart from the tenant layers and routing.
+        let no_reset_plane = match backend {
+            Backend::Postgres => Some(
+                tenantry_data_plane::start(
+                    &DataPlaneConfig {
+                        listen_addr: "127.0.0.1:0".parse()?,
+                        control_plane_url: control_plane.url(),
+                        max_connections_per_tenant: other_tenant_connections,
+                        postgres_connection_budget: 64,
+                        postgres_session_reset: false,
+                        ..DataPlaneConfig::default()
+                    },
+                    tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                )
+                .await?,
+            ),
+            Backend::Sqlite => None,
+        };
+        let no_reset_channels = match &no_reset_plane {
+            Some(plane) => Some(channels(&plane.server.url()).await?),
+            None => None,
+        };
+        let mut scenarios: Vec<Scenario<'_>> = vec![
+            (
+                "baseline (1 pool, no tenant layers)".to_owned(),
+                &baseline_channels,
+                one.clone(),
+            ),
+            ("routed, 1 tenant".to_owned(), &data_channels, one.clone()),
+            (
+                format!("routed, {many} tenants"),
+                &data_channels,
+                all.clone(),
+            ),
+        ];
+        if let Some(no_reset) = &no_reset_channels {
+            scenarios.push((
+                "routed, 1 tenant, session reset off".to_owned(),
+                no_reset,
+                one.clone(),
+            ));
+        }
+        // Creating the tenants' databases leaves dirty pages behind; flush them now so the
+        // rounds measure requests, not the server's catch-up writes.
+        if let Some(url) = &admin_url {
+            use sqlx::Connection;
+            let mut admin = sqlx::PgConnection::connect(url).await?;
+            sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
+            admin.close().await?;
+        }
+        println!(
+            "## {name}: point selects through SqlService ({CONCURRENCY} concurrent callers, {connections_per_pool} connections in the baseline's and the first tenant's pool, {other_tenant_connections} in the others', {} rounds of {:?} per scenario)\n",
+            round_count(),
+            seconds_per_round() / 2
+        );
+        let rounds = measure(name, &scenarios, placeholder).await;
+        if backend == Backend::Postgres {
+            let (_, pools) = data_plane.pools.stats();
+            let of = |tenant: &str| {
+                pools
+                    .iter()
+                    .find(|pool| pool.tenant_id.as_str() == tenant)
+                    .map_or(0, |pool| pool.pipelined_statements)
+            };
+            let others: u64 = tenant_ids[1..].iter().map(|tenant| of(tenant)).sum();
+            println!(
+                "Statements sent in one write with other requests' (`pipelined_statements`, over all rounds and ramps): {} on the first tenant, {others} on the other {}\n",
+                of(&tenant_ids[0]),
+                many - 1
+            );
+        }
+        let mut summary = report(&scenarios, &rounds, |n| match n {
+            0 => "1.00 (baseline)".to_owned(),
+            2 => format!(
+                "{} of baseline, {} of 1 tenant",
+                Ratio::of(&rounds, 2, 0),
+                Ratio::of(&rounds, 2, 1)
+            ),
+            _ => format!("{} of baseline", Ratio::of(&rounds, n, 0)),
+        });
+        if let Some(plane) = no_reset_plane {
+            plane.server.shutdown().await?;
+        }
+        data_plane.server.shutdown().await?;
+
+        // The same load without Tenantry: the 1-pool baseline against a map of pools, one per
+        // tenant (after the data planes closed their connections, so that on PostgreSQL both
+        // fit in the server's connection limit). Tells what many databases cost the database
+        // engine and a home-made service, apart from Tenantry.
+        let map_channels = baseline_server(baseline_pools.clone()).await?;
+        let without: Vec<Scenario<'_>> = vec![
+            (
+                "baseline (1 pool, no tenant layers)".to_owned(),
+                &baseline_channels,
+                one.clone(),
+            ),
+            (
+                format!("baseline, {many} tenants (a map of {many} sqlx pools, no tenant layers)"),
+                &map_channels,
+                all.clone(),
+            ),
+        ];
+        // Opens the map's pools before the rounds.
+        run_load(&map_channels, all.clone(), placeholder, Duration::ZERO).await;
+        println!("\n## {name}: the same without Tenantry (a map of sqlx pools)\n");
+        let without_rounds = measure(name, &without, placeholder).await;
+        summary.extend(report(&without, &without_rounds, |n| match n {
+            0 => "1.00 (baseline)".to_owned(),
+            _ => format!("{} of 1 pool", Ratio::of(&without_rounds, n, 0)),
+        }));
+        println!();
+
+        for pool in baseline_pools.values() {
+            pool.close().await;
+        }
+        Ok::<_, anyhow::Error>(summary)
     }
+    .await;
+
+    // Clean up: delete every tenant created, even after a failure above.
+    let mut undeleted = Vec::new();
     for tenant_id in &tenant_ids {
-        tenants_client
+        if let Err(status) = tenants_client
             .delete_tenant(cp::DeleteTenantRequest {
                 tenant_id: tenant_id.clone(),
             })
-            .await?;
+            .await
+            && status.code() != tonic::Code::NotFound
+        {
+            undeleted.push(format!("{tenant_id} ({})", status.message()));
+        }
     }
     control_plane.shutdown().await?;
+    let summary = measured?;
+    if !undeleted.is_empty() {
+        anyhow::bail!(
+            "could not delete {} bench tenants: {}. The bench's registry is gone with its \
+             temporary directory: on PostgreSQL, drop their databases and roles (named \
+             tenantry_ and the tenant id, `-` as `_`) by hand",
+            undeleted.len(),
+            undeleted.join(", ")
+        );
+    }
     Ok(summary)
 }
 

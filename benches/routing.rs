@@ -89,6 +89,8 @@ struct Platform {
     _temp: tempfile::TempDir,
     control_plane: ServerHandle,
     channel: Channel,
+    /// Every tenant `create` was asked for, deleted by `finish`.
+    created: std::sync::Mutex<Vec<String>>,
 }
 
 impl Platform {
@@ -126,6 +128,7 @@ impl Platform {
             _temp: temp,
             control_plane,
             channel,
+            created: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -145,6 +148,10 @@ impl Platform {
         parallel: usize,
     ) -> anyhow::Result<Vec<String>> {
         let ids: Vec<String> = (0..count).map(|n| self.id(prefix, n)).collect();
+        self.created
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a bench thread panicked"))?
+            .extend(ids.iter().cloned());
         let started = Instant::now();
         let done = AtomicU64::new(0);
         let results: Vec<anyhow::Result<()>> = futures::stream::iter(ids.clone())
@@ -175,24 +182,58 @@ impl Platform {
         Ok(ids)
     }
 
-    /// Deletes tenants (their databases and roles), `parallel` at a time.
-    async fn delete(&self, ids: &[String], parallel: usize) -> anyhow::Result<()> {
-        let results: Vec<Result<_, tonic::Status>> = futures::stream::iter(ids.to_vec())
+    /// Deletes every tenant `create` was asked for (their databases and roles), 4 at a
+    /// time, and stops the control plane; then gives back `result`, the run's. Called
+    /// whether or not the run got through, so a failed run leaves no database behind.
+    async fn finish<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let ids = std::mem::take(
+            &mut *self
+                .created
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a bench thread panicked"))?,
+        );
+        if ids.len() > 100 {
+            eprintln!("deleting {} tenants...", ids.len());
+        }
+        let undeleted: Vec<String> = futures::stream::iter(ids)
             .map(|tenant_id| {
                 let mut tenants = self.tenants();
                 async move {
-                    tenants
-                        .delete_tenant(cp::DeleteTenantRequest { tenant_id })
+                    match tenants
+                        .delete_tenant(cp::DeleteTenantRequest {
+                            tenant_id: tenant_id.clone(),
+                        })
                         .await
+                    {
+                        Err(status) if status.code() != tonic::Code::NotFound => {
+                            Some(format!("{tenant_id} ({})", status.message()))
+                        }
+                        _ => None,
+                    }
                 }
             })
-            .buffer_unordered(parallel)
+            .buffer_unordered(4)
+            .filter_map(std::future::ready)
             .collect()
             .await;
-        for result in results {
-            result?;
+        self.control_plane.shutdown().await?;
+        let value = result?;
+        if !undeleted.is_empty() {
+            anyhow::bail!(
+                "could not delete {} bench tenants: {}. The bench's registry is gone with \
+                 its temporary directory: on PostgreSQL, drop their databases and roles \
+                 (named tenantry_ and the tenant id, `-` as `_`) by hand",
+                undeleted.len(),
+                undeleted.join(", ")
+            );
         }
-        Ok(())
+        Ok(value)
+    }
+
+    /// Stops the control plane without deleting tenants: only for SQLite, whose tenant
+    /// files go with the temporary directory.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.control_plane.shutdown().await
     }
 
     async fn data_plane(&self, config: DataPlaneConfig) -> anyhow::Result<DataPlane> {
@@ -206,10 +247,6 @@ impl Platform {
             tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         )
         .await
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.control_plane.shutdown().await
     }
 }
 
@@ -247,8 +284,13 @@ fn point_query(tenant_id: &str) -> anyhow::Result<tonic::Request<dp::QueryReques
 
 /// 1. Route propagation to three data planes.
 async fn propagation() -> anyhow::Result<()> {
-    const CHANGES: usize = 1000;
     let platform = Platform::start(Backend::Sqlite).await?;
+    let result = propagation_on(&platform).await;
+    platform.finish(result).await
+}
+
+async fn propagation_on(platform: &Platform) -> anyhow::Result<()> {
+    const CHANGES: usize = 1000;
     let planes = [
         platform.data_plane(DataPlaneConfig::default()).await?,
         platform.data_plane(DataPlaneConfig::default()).await?,
@@ -303,13 +345,17 @@ async fn propagation() -> anyhow::Result<()> {
     for plane in planes {
         plane.server.shutdown().await?;
     }
-    platform.delete(&ids, 4).await?;
-    platform.stop().await
+    Ok(())
 }
 
 /// 2. Cold (no pool yet) vs warm first requests.
 async fn cold(backend: Backend, count: usize) -> anyhow::Result<()> {
     let platform = Platform::start(backend).await?;
+    let result = cold_on(&platform, backend, count).await;
+    platform.finish(result).await
+}
+
+async fn cold_on(platform: &Platform, backend: Backend, count: usize) -> anyhow::Result<()> {
     let ids = platform.create("c", count, 4).await?;
     // A budget above the tenant count: this measures opening a pool, not eviction (the
     // zipf scenario has those).
@@ -357,8 +403,7 @@ async fn cold(backend: Backend, count: usize) -> anyhow::Result<()> {
         ms(percentile(&cold_times, 0.99))
     );
     plane.server.shutdown().await?;
-    platform.delete(&ids, 4).await?;
-    platform.stop().await
+    Ok(())
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -519,6 +564,11 @@ async fn zipf_round(
 /// 4. Zipf traffic over `many` PostgreSQL tenants under a `budget`, against 50 tenants.
 async fn zipf(many: usize, budget: u32) -> anyhow::Result<()> {
     let platform = Platform::start(Backend::Postgres).await?;
+    let result = zipf_on(&platform, many, budget).await;
+    platform.finish(result).await
+}
+
+async fn zipf_on(platform: &Platform, many: usize, budget: u32) -> anyhow::Result<()> {
     eprintln!("creating {many} PostgreSQL tenants...");
     let ids = platform.create("z", many, 4).await?;
     // Creating thousands of databases leaves gigabytes of dirty pages; flush them now so
@@ -598,7 +648,5 @@ async fn zipf(many: usize, budget: u32) -> anyhow::Result<()> {
         servers.first().map_or(0, |s| s.evictions)
     );
     plane.server.shutdown().await?;
-    eprintln!("deleting {many} PostgreSQL tenants...");
-    platform.delete(&ids, 4).await?;
-    platform.stop().await
+    Ok(())
 }
