@@ -6,7 +6,9 @@
 //! 2. create: time to create a tenant (p50, p99) on SQLite and PostgreSQL;
 //! 3. point selects through SqlService: a baseline tonic service on one pre-opened pool
 //!    with no tenant layers, vs the routed data plane with 1 tenant and with many tenants
-//!    (1,000 on SQLite, 50 on PostgreSQL), traffic spread uniformly.
+//!    (1,000 on SQLite, 50 on PostgreSQL), traffic spread uniformly; on PostgreSQL also
+//!    the 1 tenant through data planes with the session reset off and with pipelining
+//!    off (`postgres_session_reset`, `postgres_pipelining`).
 //!
 //! Scenarios are measured in `TENANTRY_BENCH_ROUNDS` (default 12) rounds of
 //! `TENANTRY_BENCH_SECONDS / 2` each (default 3, so 1.5 s rounds, after 1 s of unmeasured
@@ -595,29 +597,32 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
                 .insert("x-tenant-id", tenant_id.parse()?);
             sql_client.query(request).await?;
         }
-        // On PostgreSQL, a second data plane with the session reset off shows what the
-        // reset costs apart from the tenant layers and routing.
-        let no_reset_plane = match backend {
-            Backend::Postgres => Some(
-                tenantry_data_plane::start(
+        // On PostgreSQL, more data planes serve the first tenant with one setting off: the
+        // session reset (what it costs), and pipelining (what sending waiting requests
+        // together gains), apart from the tenant layers and routing.
+        let mut variants = Vec::new();
+        if backend == Backend::Postgres {
+            for (label, postgres_session_reset, postgres_pipelining) in [
+                ("routed, 1 tenant, session reset off", false, true),
+                ("routed, 1 tenant, pipelining off", true, false),
+            ] {
+                let plane = tenantry_data_plane::start(
                     &DataPlaneConfig {
                         listen_addr: "127.0.0.1:0".parse()?,
                         control_plane_url: control_plane.url(),
                         max_connections_per_tenant: other_tenant_connections,
                         postgres_connection_budget: 64,
-                        postgres_session_reset: false,
+                        postgres_session_reset,
+                        postgres_pipelining,
                         ..DataPlaneConfig::default()
                     },
                     tokio::net::TcpListener::bind("127.0.0.1:0").await?,
                 )
-                .await?,
-            ),
-            Backend::Sqlite => None,
-        };
-        let no_reset_channels = match &no_reset_plane {
-            Some(plane) => Some(channels(&plane.server.url()).await?),
-            None => None,
-        };
+                .await?;
+                let plane_channels = channels(&plane.server.url()).await?;
+                variants.push((label, plane, plane_channels));
+            }
+        }
         let mut scenarios: Vec<Scenario<'_>> = vec![
             (
                 "baseline (1 pool, no tenant layers)".to_owned(),
@@ -631,12 +636,8 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
                 all.clone(),
             ),
         ];
-        if let Some(no_reset) = &no_reset_channels {
-            scenarios.push((
-                "routed, 1 tenant, session reset off".to_owned(),
-                no_reset,
-                one.clone(),
-            ));
+        for (label, _, plane_channels) in &variants {
+            scenarios.push(((*label).to_owned(), plane_channels, one.clone()));
         }
         // Creating the tenants' databases leaves dirty pages behind; flush them now so the
         // rounds measure requests, not the server's catch-up writes.
@@ -669,6 +670,12 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         }
         let mut summary = report(&scenarios, &rounds, |n| match n {
             0 => "1.00 (baseline)".to_owned(),
+            2 if backend == Backend::Postgres => format!(
+                "{} of baseline, {} of 1 tenant, {} of 1 tenant with pipelining off",
+                Ratio::of(&rounds, 2, 0),
+                Ratio::of(&rounds, 2, 1),
+                Ratio::of(&rounds, 2, 4)
+            ),
             2 => format!(
                 "{} of baseline, {} of 1 tenant",
                 Ratio::of(&rounds, 2, 0),
@@ -676,7 +683,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             ),
             _ => format!("{} of baseline", Ratio::of(&rounds, n, 0)),
         });
-        if let Some(plane) = no_reset_plane {
+        for (_, plane, _) in variants {
             plane.server.shutdown().await?;
         }
         data_plane.server.shutdown().await?;

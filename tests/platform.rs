@@ -938,11 +938,22 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
 /// wait for the connection go out together in one write (`pipelined_statements`); each
 /// must still get its own answer (or error) and a session no earlier request changed.
 async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) {
+    requests_sharing_a_connection(backend, true).await;
+}
+
+/// The same with `postgres_pipelining = false`: every request waits for the connection
+/// of its own, and none goes out with another's.
+async fn requests_sharing_a_connection_with_pipelining_off() {
+    requests_sharing_a_connection(Backend::Postgres, false).await;
+}
+
+async fn requests_sharing_a_connection(backend: Backend, pipelining: bool) {
     let sandbox = Arc::new(
         Sandbox::start_with(
             backend,
             SandboxOptions {
                 max_connections_per_tenant: Some(1),
+                postgres_pipelining: Some(pipelining),
                 ..Default::default()
             },
         )
@@ -1070,8 +1081,13 @@ async fn requests_sharing_a_connection_keep_their_own_answers(backend: Backend) 
         .unwrap_or_else(|| panic!("no pool figures for {id}"));
     match backend {
         // With 400 requests queued on one connection, most go out with others.
-        Backend::Postgres => assert!(pipelined > 0, "no statement was pipelined"),
-        Backend::Sqlite => assert_eq!(pipelined, 0),
+        Backend::Postgres if pipelining => {
+            assert!(pipelined > 0, "no statement was pipelined");
+        }
+        Backend::Postgres | Backend::Sqlite => assert_eq!(
+            pipelined, 0,
+            "statements went out with others' though nothing may pipeline"
+        ),
     }
 }
 
@@ -1096,6 +1112,11 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_does_not_wait_for_statements_behind_it() {
         super::an_answer_does_not_wait_for_statements_behind_it().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_sharing_a_connection_with_pipelining_off() {
+        super::requests_sharing_a_connection_with_pipelining_off().await;
     }
 }
 

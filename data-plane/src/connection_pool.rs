@@ -579,6 +579,11 @@ impl<B: Backend> ConnectionPool<B> {
         self.inner.permits.available_permits() == 0
     }
 
+    /// How the pool connects (and what else its backend was told).
+    pub fn connect_options(&self) -> &B::ConnectOptions {
+        &self.inner.connect
+    }
+
     /// What the pool's requests share besides connections (the backend's `Shared`).
     pub fn shared(&self) -> &B::Shared {
         &self.inner.shared

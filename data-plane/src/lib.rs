@@ -70,6 +70,11 @@ pub struct DataPlaneConfig {
     /// saves PostgreSQL work on every request but lets one request's session state reach
     /// later requests of the same tenant (never another tenant's: pools are per tenant).
     pub postgres_session_reset: bool,
+    /// While every connection of a tenant's PostgreSQL pool is lent out, send the
+    /// requests that wait for one together, in one write with the next request that gets
+    /// a connection (each still in its own implicit transaction, reset ahead of it). Off:
+    /// each waits for a connection of its own.
+    pub postgres_pipelining: bool,
     /// On shutdown, how long health reports NOT_SERVING before new calls are refused.
     pub shutdown_grace_ms: u64,
     /// On shutdown, how long calls in flight get to finish.
@@ -107,6 +112,7 @@ impl Default for DataPlaneConfig {
             pool_idle_timeout_ms: 60_000,
             max_response_bytes: 4 * 1024 * 1024 - 64 * 1024,
             postgres_session_reset: true,
+            postgres_pipelining: true,
             shutdown_grace_ms: 1000,
             shutdown_drain_ms: 10_000,
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9465))),
@@ -180,6 +186,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         acquire_timeout: Duration::from_millis(config.pool_acquire_timeout_ms),
         idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
         postgres_session_reset: config.postgres_session_reset,
+        postgres_pipelining: config.postgres_pipelining,
     }));
     let route_stream = Arc::new(StreamStatus::default());
     let sql = SqlApi {

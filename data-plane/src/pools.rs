@@ -106,6 +106,8 @@ pub struct PoolOptions {
     pub idle_timeout: Duration,
     /// See `DataPlaneConfig::postgres_session_reset`.
     pub postgres_session_reset: bool,
+    /// See `DataPlaneConfig::postgres_pipelining`.
+    pub postgres_pipelining: bool,
     /// Most connections to one PostgreSQL server, over all its tenants' pools.
     pub postgres_connection_budget: u32,
 }
@@ -279,6 +281,7 @@ impl PoolManager {
             } => {
                 let mut connect = PgConnectOptions::new(host, *port, database, username, password);
                 connect.session_reset = self.options.postgres_session_reset;
+                connect.pipelining = self.options.postgres_pipelining;
                 let reset: Option<crate::connection_pool::Clean<PgBackend>> =
                     if self.options.postgres_session_reset {
                         Some(reset_session)

@@ -180,6 +180,9 @@ pub struct PgConnectOptions {
     password: String,
     /// Reset every connection between requests (`DataPlaneConfig::postgres_session_reset`).
     pub session_reset: bool,
+    /// Requests waiting for a connection go out together
+    /// (`DataPlaneConfig::postgres_pipelining`).
+    pub pipelining: bool,
 }
 
 impl fmt::Debug for PgConnectOptions {
@@ -202,6 +205,7 @@ impl PgConnectOptions {
             user: username.to_owned(),
             password: password.to_owned(),
             session_reset: true,
+            pipelining: true,
         }
     }
 }

@@ -67,6 +67,7 @@ pub struct SandboxOptions {
     pub unknown_tenant_ttl_ms: Option<u64>,
     pub metrics_tenant_limit: Option<usize>,
     pub postgres_session_reset: Option<bool>,
+    pub postgres_pipelining: Option<bool>,
 }
 
 pub struct Sandbox {
@@ -175,6 +176,9 @@ impl Sandbox {
             postgres_session_reset: options
                 .postgres_session_reset
                 .unwrap_or(defaults.postgres_session_reset),
+            postgres_pipelining: options
+                .postgres_pipelining
+                .unwrap_or(defaults.postgres_pipelining),
             max_connections_per_tenant: options
                 .max_connections_per_tenant
                 .unwrap_or(defaults.max_connections_per_tenant),

@@ -438,7 +438,9 @@ async fn single(
     call: &Call<'_>,
     wanted: Wanted,
 ) -> Result<Answer> {
-    let mut session = if pool.is_saturated() && may_pipeline(&statement.sql) {
+    let queues =
+        pool.is_saturated() && pool.connect_options().pipelining && may_pipeline(&statement.sql);
+    let mut session = if queues {
         let (mut queued, mut answered) = pool.shared().push(statement, call, wanted);
         tokio::select! {
             biased;
