@@ -44,7 +44,7 @@ use tenantry_shared::TenantId;
 use tonic::transport::Channel;
 use tower::{Layer, Service, ServiceExt};
 
-use support::{ms, percentile, run_id, seconds_per_round};
+use support::{delete_tenants, ms, percentile, run_id, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
@@ -723,29 +723,10 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     .await;
 
     // Clean up: delete every tenant created, even after a failure above.
-    let mut undeleted = Vec::new();
-    for tenant_id in &tenant_ids {
-        if let Err(status) = tenants_client
-            .delete_tenant(cp::DeleteTenantRequest {
-                tenant_id: tenant_id.clone(),
-            })
-            .await
-            && status.code() != tonic::Code::NotFound
-        {
-            undeleted.push(format!("{tenant_id} ({})", status.message()));
-        }
-    }
+    let deleted = delete_tenants(&tenants_client, tenant_ids, 4).await;
     control_plane.shutdown().await?;
     let summary = measured?;
-    if !undeleted.is_empty() {
-        anyhow::bail!(
-            "could not delete {} bench tenants: {}. The bench's registry is gone with its \
-             temporary directory: on PostgreSQL, drop their databases and roles (named \
-             tenantry_ and the tenant id, `-` as `_`) by hand",
-            undeleted.len(),
-            undeleted.join(", ")
-        );
-    }
+    deleted?;
     Ok(summary)
 }
 

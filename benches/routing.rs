@@ -36,7 +36,7 @@ use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_shared::grpc::ServerHandle;
 use tonic::transport::Channel;
 
-use support::{ms, percentile, run_id, seconds_per_round};
+use support::{delete_tenants, ms, percentile, run_id, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
@@ -195,38 +195,10 @@ impl Platform {
         if ids.len() > 100 {
             eprintln!("deleting {} tenants...", ids.len());
         }
-        let undeleted: Vec<String> = futures::stream::iter(ids)
-            .map(|tenant_id| {
-                let mut tenants = self.tenants();
-                async move {
-                    match tenants
-                        .delete_tenant(cp::DeleteTenantRequest {
-                            tenant_id: tenant_id.clone(),
-                        })
-                        .await
-                    {
-                        Err(status) if status.code() != tonic::Code::NotFound => {
-                            Some(format!("{tenant_id} ({})", status.message()))
-                        }
-                        _ => None,
-                    }
-                }
-            })
-            .buffer_unordered(4)
-            .filter_map(std::future::ready)
-            .collect()
-            .await;
+        let deleted = delete_tenants(&self.tenants(), ids, 4).await;
         self.control_plane.shutdown().await?;
         let value = result?;
-        if !undeleted.is_empty() {
-            anyhow::bail!(
-                "could not delete {} bench tenants: {}. The bench's registry is gone with \
-                 its temporary directory: on PostgreSQL, drop their databases and roles \
-                 (named tenantry_ and the tenant id, `-` as `_`) by hand",
-                undeleted.len(),
-                undeleted.join(", ")
-            );
-        }
+        deleted?;
         Ok(value)
     }
 
