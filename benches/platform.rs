@@ -441,16 +441,17 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
         Backend::Sqlite => 4,
         Backend::Postgres => 1,
     };
+    let plane_config = DataPlaneConfig {
+        listen_addr: "127.0.0.1:0".parse()?,
+        control_plane_url: control_plane.url(),
+        max_connections_per_tenant: other_tenant_connections,
+        // Room for every tenant's pool: this measures routing, not budget churn
+        // (the routing bench's Zipf scenario covers that).
+        postgres_connection_budget: 64,
+        ..DataPlaneConfig::default()
+    };
     let data_plane = tenantry_data_plane::start(
-        &DataPlaneConfig {
-            listen_addr: "127.0.0.1:0".parse()?,
-            control_plane_url: control_plane.url(),
-            max_connections_per_tenant: other_tenant_connections,
-            // Room for every tenant's pool: this measures routing, not budget churn
-            // (the routing bench's Zipf scenario covers that).
-            postgres_connection_budget: 64,
-            ..DataPlaneConfig::default()
-        },
+        &plane_config,
         tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     )
     .await?;
@@ -608,13 +609,9 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
             ] {
                 let plane = tenantry_data_plane::start(
                     &DataPlaneConfig {
-                        listen_addr: "127.0.0.1:0".parse()?,
-                        control_plane_url: control_plane.url(),
-                        max_connections_per_tenant: other_tenant_connections,
-                        postgres_connection_budget: 64,
                         postgres_session_reset,
                         postgres_pipelining,
-                        ..DataPlaneConfig::default()
+                        ..plane_config.clone()
                     },
                     tokio::net::TcpListener::bind("127.0.0.1:0").await?,
                 )
