@@ -1118,6 +1118,72 @@ mod postgres_only {
     async fn requests_sharing_a_connection_with_pipelining_off() {
         super::requests_sharing_a_connection_with_pipelining_off().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_the_server_ended_are_not_lent() {
+        super::idle_connections_the_server_ended_are_not_lent().await;
+    }
+}
+
+/// The server ends a tenant's idle connections (as a restart, a failover or
+/// `idle_session_timeout` would): the tenant's next requests get new connections and
+/// succeed, instead of failing on the dead ones.
+async fn idle_connections_the_server_ended_are_not_lent() {
+    use sqlx::Connection;
+    let sandbox = Sandbox::start_with(
+        Backend::Postgres,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("ended");
+    sandbox.create(&id).await;
+    let backend_pid = || async {
+        let answer = sandbox
+            .query(&id, "SELECT pg_backend_pid() AS pid", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("the request after the server ended a connection: {e}"));
+        match answer.rows[0].values[0].kind {
+            Some(dp::value::Kind::Int64(pid)) => pid,
+            ref other => panic!("pg_backend_pid() gave {other:?}"),
+        }
+    };
+    let admin = sandbox
+        .pg_admin_url
+        .clone()
+        .unwrap_or_else(|| panic!("no PostgreSQL admin URL"));
+    let admin = &tokio::sync::Mutex::new(
+        sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut pid = backend_pid().await;
+    for round in 0..3 {
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1::int)")
+            .bind(pid)
+            .fetch_one(&mut *admin.lock().await)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(ended, "round {round}: backend {pid} was not ended");
+        wait_until(format!("backend {pid} to exit"), || async move {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int")
+                    .bind(pid)
+                    .fetch_one(&mut *admin.lock().await)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            left == 0
+        })
+        .await;
+        let next = backend_pid().await;
+        assert_ne!(
+            next, pid,
+            "round {round}: the ended connection was lent again"
+        );
+        pid = next;
+    }
 }
 
 /// Requests of one tenant sent together in one write: each gets its answer as soon as it

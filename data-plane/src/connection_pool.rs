@@ -119,6 +119,13 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn is_open(_connection: &Self::Connection) -> bool {
         true
     }
+    /// Whether an idle connection is still usable, checked without waiting just before
+    /// it is lent out: the server may have closed it while it sat in the pool (a restart,
+    /// `pg_terminate_backend`, `idle_session_timeout`). One that is not is closed instead
+    /// and the request gets another.
+    fn check_idle(_connection: &mut Self::Connection) -> bool {
+        true
+    }
     /// Closes the connection (gracefully where the protocol has a goodbye).
     fn close(connection: Self::Connection) -> BoxFuture<'static, ()>;
 }
@@ -625,7 +632,8 @@ impl<B: Backend> ConnectionPool<B> {
                 > u64::try_from(idle_for.as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// The most recently used idle connection, and the idle ones past the idle timeout.
+    /// The most recently used idle connection that is still open, and the idle ones to
+    /// close: past the idle timeout, or closed by the server (`Backend::check_idle`).
     fn take_idle(&self) -> (Option<Idle<B>>, Vec<Idle<B>>) {
         let Ok(mut idle) = self.inner.idle.lock() else {
             return (None, Vec::new());
@@ -644,7 +652,13 @@ impl<B: Backend> ConnectionPool<B> {
                 index += 1;
             }
         }
-        (idle.pop(), expired)
+        while let Some(mut candidate) = idle.pop() {
+            if B::check_idle(&mut candidate.connection) {
+                return (Some(candidate), expired);
+            }
+            expired.push(candidate);
+        }
+        (None, expired)
     }
 
     /// Closes idle connections past the idle timeout (called periodically).

@@ -307,6 +307,10 @@ impl Backend for PgBackend {
         connection.usable()
     }
 
+    fn check_idle(connection: &mut Self::Connection) -> bool {
+        connection.check_idle()
+    }
+
     fn close(mut connection: Self::Connection) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             if connection.broken {
@@ -473,6 +477,54 @@ impl PgConnection {
         !self.broken && !self.in_flight
     }
 
+    /// Whether an idle connection is still open, found out without waiting. An idle
+    /// server sends nothing unless it ends the connection (a FATAL error such as
+    /// `pg_terminate_backend`'s or a shutdown's, then end of stream), apart from notices,
+    /// parameter changes and notifications, which are skipped. What it sent may already
+    /// be in the read buffer (read together with the last answer) or still in the
+    /// socket. Costs no system call unless the socket has something to read.
+    fn check_idle(&mut self) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            match self.buffered_message() {
+                Ok(None) => {}
+                Ok(Some(Message::ErrorResponse(body))) => {
+                    let error = DbError::parse(&body);
+                    tracing::info!(
+                        sqlstate = %error.code,
+                        message = %error.message,
+                        "the server ended an idle connection; the request gets another"
+                    );
+                    self.broken = true;
+                    return false;
+                }
+                Ok(Some(_)) | Err(_) => {
+                    tracing::warn!("an idle connection got an unexpected message; closing it");
+                    self.broken = true;
+                    return false;
+                }
+            }
+            match self.socket.poll_read_ready(&mut context) {
+                std::task::Poll::Pending => return true,
+                std::task::Poll::Ready(Ok(())) => {}
+                std::task::Poll::Ready(Err(_)) => break,
+            }
+            self.read.reserve(4096);
+            match self.socket.try_read_buf(&mut self.read) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => break,
+            }
+        }
+        tracing::info!("an idle connection was closed by the server; the request gets another");
+        self.broken = true;
+        false
+    }
+
     /// Writes what is queued.
     async fn flush(&mut self) -> Result<(), PgError> {
         let written = self.socket.write_all(&self.write).await;
@@ -483,8 +535,9 @@ impl PgConnection {
         })
     }
 
-    /// The next message from the server, skipping those it may send at any time.
-    async fn next_message(&mut self) -> Result<Message, PgError> {
+    /// The next whole message in the read buffer, skipping those the server may send at
+    /// any time (notices, parameter changes, notifications).
+    fn buffered_message(&mut self) -> Result<Option<Message>, PgError> {
         loop {
             match Message::parse(&mut self.read) {
                 Ok(Some(
@@ -492,12 +545,20 @@ impl PgConnection {
                     | Message::ParameterStatus(_)
                     | Message::NotificationResponse(_),
                 )) => continue,
-                Ok(Some(message)) => return Ok(message),
-                Ok(None) => {}
+                Ok(message) => return Ok(message),
                 Err(error) => {
                     self.broken = true;
                     return Err(protocol(error));
                 }
+            }
+        }
+    }
+
+    /// The next message from the server, skipping those it may send at any time.
+    async fn next_message(&mut self) -> Result<Message, PgError> {
+        loop {
+            if let Some(message) = self.buffered_message()? {
+                return Ok(message);
             }
             self.read.reserve(4096);
             match self.socket.read_buf(&mut self.read).await {
