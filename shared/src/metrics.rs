@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ const MAX_COUNTED_PER_WINDOW: usize = 100_000;
 pub struct TenantLabels {
     limit: usize,
     labelled: RwLock<HashSet<String>>,
+    /// `labelled.len()`, readable without the lock: once it reaches `limit`, requests of
+    /// unlabelled tenants no longer take the write lock.
+    labelled_count: AtomicUsize,
     /// Requests per tenant in the current window.
     window_counts: DashMap<String, AtomicU64>,
     /// Whether a window has ended yet (before that: first come, first served).
@@ -47,6 +50,7 @@ impl TenantLabels {
         Self {
             limit,
             labelled: RwLock::new(HashSet::new()),
+            labelled_count: AtomicUsize::new(0),
             window_counts: DashMap::new(),
             ranked: std::sync::atomic::AtomicBool::new(false),
         }
@@ -68,10 +72,12 @@ impl TenantLabels {
             return tenant.to_owned();
         }
         if !self.ranked.load(Ordering::Acquire)
+            && self.labelled_count.load(Ordering::Relaxed) < self.limit
             && let Ok(mut labelled) = self.labelled.write()
             && labelled.len() < self.limit
         {
             labelled.insert(tenant.to_owned());
+            self.labelled_count.store(labelled.len(), Ordering::Relaxed);
             return tenant.to_owned();
         }
         OTHER_TENANTS.to_owned()
@@ -104,6 +110,7 @@ impl TenantLabels {
             Ok(mut labelled) => {
                 let dropped = labelled.difference(&busiest).cloned().collect();
                 *labelled = busiest;
+                self.labelled_count.store(labelled.len(), Ordering::Relaxed);
                 dropped
             }
             Err(_) => Vec::new(),
