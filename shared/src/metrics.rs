@@ -375,6 +375,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tenant_labels_go_first_come_then_to_the_busiest() {
+        let labels = TenantLabels::new(2);
+        // Before the first window ends: the first two tenants seen, then `other`.
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), OTHER_TENANTS);
+        assert_eq!(labels.label("a"), "a");
+        for _ in 0..5 {
+            labels.label("c");
+        }
+        // The window ends: c (6 requests) and a (2) are the busiest; b loses its label.
+        assert_eq!(labels.end_window(), vec!["b".to_owned()]);
+        assert!(labels.is_labelled("a") && labels.is_labelled("c"));
+        assert_eq!(labels.label("b"), OTHER_TENANTS);
+        assert_eq!(labels.label("d"), OTHER_TENANTS);
+        // Between rankings, new tenants stay `other` even if busy; the next ranking
+        // (b 1, c 2, d 10 requests) gives d a label and takes a's.
+        for _ in 0..9 {
+            assert_eq!(labels.label("d"), OTHER_TENANTS);
+        }
+        labels.label("c");
+        labels.label("c");
+        let mut dropped = labels.end_window();
+        dropped.sort();
+        assert_eq!(dropped, vec!["a".to_owned()]);
+        assert_eq!(labels.label("d"), "d");
+        assert_eq!(labels.label("c"), "c");
+        assert_eq!(labels.label("e"), OTHER_TENANTS);
+    }
+
+    #[test]
     fn labels_are_escaped() {
         assert_eq!(
             labels(&[("tenant", "acme"), ("note", "a\\b\"c\nd")]),
