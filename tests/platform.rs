@@ -2237,6 +2237,33 @@ async fn health_and_reflection_are_served(backend: Backend) {
         .err()
         .map(|s| s.code());
     assert_eq!(conflict, Some(Code::AlreadyExists));
+    // TLS to PostgreSQL is not offered yet: an admin URL that demands it is refused with
+    // a message that says so, before any connection is tried.
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let refused = sandbox
+            .servers()
+            .register_database_server(cp::RegisterDatabaseServerRequest {
+                name: "tls".into(),
+                location: Some(
+                    cp::register_database_server_request::Location::PostgresAdminUrl(format!(
+                        "postgres://admin@127.0.0.1:5432/postgres?sslmode={mode}"
+                    )),
+                ),
+            })
+            .await
+            .err();
+        assert_eq!(
+            refused.as_ref().map(|s| s.code()),
+            Some(Code::InvalidArgument),
+            "{mode}: {refused:?}"
+        );
+        assert!(
+            refused
+                .is_some_and(|s| s.message().contains(&format!("sslmode={mode}"))
+                    && s.message().contains("TLS")),
+            "{mode}: the message names the sslmode and TLS"
+        );
+    }
 }
 
 async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {

@@ -8,7 +8,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions};
 
 /// Session-level advisory lock functions, taken away from tenants (see `lock_down`).
@@ -131,6 +131,19 @@ impl PostgresServer {
             .map_err(|error| format!("the PostgreSQL admin URL is not valid: {error}"))?
             .application_name("tenantry-control-plane")
             .disable_statement_logging();
+        let demanded = match admin_options.get_ssl_mode() {
+            PgSslMode::Require => Some("require"),
+            PgSslMode::VerifyCa => Some("verify-ca"),
+            PgSslMode::VerifyFull => Some("verify-full"),
+            PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => None,
+        };
+        if let Some(mode) = demanded {
+            return Err(format!(
+                "sslmode={mode} (from the admin URL or PGSSLMODE) is not supported: Tenantry does not use TLS to PostgreSQL yet \
+                 (neither the control plane's admin connection nor data planes' tenant \
+                 connections); use sslmode=disable or prefer (plain TCP), on a network you trust"
+            ));
+        }
         let admin_pool = PgPoolOptions::new()
             .max_connections(4)
             .min_connections(0)
