@@ -1161,6 +1161,14 @@ async fn idle_connections_the_server_ended_are_not_lent() {
     );
     let mut pid = backend_pid().await;
     for round in 0..3 {
+        // A second request on the connection: a new connection's first session reset is
+        // collected after its first answer has gone out; after the second request the
+        // connection is idle in the pool, which is the case under test.
+        assert_eq!(
+            backend_pid().await,
+            pid,
+            "round {round}: the tenant's one connection changed"
+        );
         let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1::int)")
             .bind(pid)
             .fetch_one(&mut *admin.lock().await)

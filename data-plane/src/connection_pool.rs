@@ -635,28 +635,36 @@ impl<B: Backend> ConnectionPool<B> {
     /// The most recently used idle connection that is still open, and the idle ones to
     /// close: past the idle timeout, or closed by the server (`Backend::check_idle`).
     fn take_idle(&self) -> (Option<Idle<B>>, Vec<Idle<B>>) {
-        let Ok(mut idle) = self.inner.idle.lock() else {
-            return (None, Vec::new());
-        };
-        if self.inner.closed.load(Ordering::Acquire) {
-            return (None, Vec::new());
-        }
-        let now = Instant::now();
-        let idle_timeout = self.inner.options.idle_timeout;
         let mut expired = Vec::new();
-        let mut index = 0;
-        while index < idle.len() {
-            if now.duration_since(idle[index].since) > idle_timeout {
-                expired.push(idle.remove(index));
-            } else {
-                index += 1;
+        let mut candidate = {
+            let Ok(mut idle) = self.inner.idle.lock() else {
+                return (None, expired);
+            };
+            if self.inner.closed.load(Ordering::Acquire) {
+                return (None, expired);
             }
-        }
-        while let Some(mut candidate) = idle.pop() {
-            if B::check_idle(&mut candidate.connection) {
-                return (Some(candidate), expired);
+            let now = Instant::now();
+            let idle_timeout = self.inner.options.idle_timeout;
+            let mut index = 0;
+            while index < idle.len() {
+                if now.duration_since(idle[index].since) > idle_timeout {
+                    expired.push(idle.remove(index));
+                } else {
+                    index += 1;
+                }
             }
-            expired.push(candidate);
+            idle.pop()
+        };
+        // Checked outside the lock (the check may make a system call and log).
+        while let Some(mut idle) = candidate {
+            if B::check_idle(&mut idle.connection) {
+                return (Some(idle), expired);
+            }
+            expired.push(idle);
+            candidate = match self.inner.idle.lock() {
+                Ok(mut idle) if !self.inner.closed.load(Ordering::Acquire) => idle.pop(),
+                _ => None,
+            };
         }
         (None, expired)
     }

@@ -482,12 +482,14 @@ impl PgConnection {
     /// `pg_terminate_backend`'s or a shutdown's, then end of stream), apart from notices,
     /// parameter changes and notifications, which are skipped. What it sent may already
     /// be in the read buffer (read together with the last answer) or still in the
-    /// socket. Costs no system call unless the socket has something to read.
+    /// socket, which is asked directly (one non-blocking `recv`): tokio's readiness only
+    /// shows what its I/O driver has collected, and a busy runtime may not have collected
+    /// the server's goodbye yet.
     fn check_idle(&mut self) -> bool {
         if !self.usable() {
             return false;
         }
-        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut chunk = [0u8; 1024];
         loop {
             match self.buffered_message() {
                 Ok(None) => {}
@@ -502,21 +504,19 @@ impl PgConnection {
                     return false;
                 }
                 Ok(Some(_)) | Err(_) => {
-                    tracing::warn!("an idle connection got an unexpected message; closing it");
+                    tracing::warn!(
+                        "an idle connection got an unexpected or malformed message; closing it"
+                    );
                     self.broken = true;
                     return false;
                 }
             }
-            match self.socket.poll_read_ready(&mut context) {
-                std::task::Poll::Pending => return true,
-                std::task::Poll::Ready(Ok(())) => {}
-                std::task::Poll::Ready(Err(_)) => break,
-            }
-            self.read.reserve(4096);
-            match self.socket.try_read_buf(&mut self.read) {
+            // The socket is non-blocking (tokio's): an empty one answers WouldBlock at once.
+            match std::io::Read::read(&mut &*socket2::SockRef::from(&self.socket), &mut chunk) {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(read) => self.read.extend_from_slice(&chunk[..read]),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
