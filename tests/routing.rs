@@ -682,7 +682,7 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     }
     wait_health(
         &channel,
-        tenantry_data_plane::route_stream::ROUTE_STREAM_HEALTH_SERVICE,
+        tenantry_data_plane::ROUTE_STREAM_HEALTH_SERVICE,
         ServingStatus::Serving,
     )
     .await;
@@ -694,7 +694,7 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     // The data plane notices the lost stream and says so, but keeps serving.
     wait_health(
         &channel,
-        tenantry_data_plane::route_stream::ROUTE_STREAM_HEALTH_SERVICE,
+        tenantry_data_plane::ROUTE_STREAM_HEALTH_SERVICE,
         ServingStatus::NotServing,
     )
     .await;
@@ -711,7 +711,7 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     sandbox.start_control_plane(Default::default()).await;
     wait_health(
         &channel,
-        tenantry_data_plane::route_stream::ROUTE_STREAM_HEALTH_SERVICE,
+        tenantry_data_plane::ROUTE_STREAM_HEALTH_SERVICE,
         ServingStatus::Serving,
     )
     .await;

@@ -2,18 +2,33 @@
 //! `x-tenant-id` and its route through the router; the SQL service runs the call on the
 //! tenant's own pool from the pool manager. It talks to the control plane only over
 //! gRPC (`RoutingService`) and never links it.
+//!
+//! One folder per role, each naming only the rooms below it (checked by
+//! `tests/module_dependencies.rs`):
+//! - `service` (gRPC services, the metrics registry) -> `layers` (tower layers) ->
+//!   `routing` (router, route stream, the `Route` rules);
+//! - `service` -> `pool` (pool manager, budget, waiting queue, the `TenantPool` interface)
+//!   -> `routing`; `backend` (PostgreSQL wire client, SQLite) -> `pool`, `routing`;
+//! - `error` (the one error model and its one conversion to `tonic::Status`) names none.
+//!
+//! The public API below is what the `tenantry` binary, the tests and the benches use.
 
-pub mod connection_pool;
-pub mod context;
-pub mod error;
-pub mod metrics;
-pub mod pools;
-pub mod postgres_connection;
-pub mod route_stream;
-pub mod router;
-pub mod sql;
-pub mod sqlite_connection;
-pub mod tenant_layer;
+#![warn(unreachable_pub)]
+
+mod backend;
+mod error;
+mod layers;
+mod pool;
+mod routing;
+mod service;
+
+pub use error::DataPlaneError;
+pub use layers::{TenantIdLayer, TenantLayer};
+pub use pool::{PoolFigures, PoolManager, ServerPoolStats, TenantPoolStats};
+pub use routing::{
+    ROUTE_STREAM_HEALTH_SERVICE, Route, RouteState, Router, RouterOptions, StreamProgress, Target,
+};
+pub use service::DataPlaneMetrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,14 +44,15 @@ use tenantry_shared::grpc::{
 };
 use tokio::net::TcpListener;
 use tonic::service::Routes;
+use tonic_health::ServingStatus as Health;
 
-use pools::{PoolManager, PoolOptions};
-use route_stream::{ROUTE_STREAM_HEALTH_SERVICE, StreamStatus};
-use router::{Router, RouterOptions};
-use sql::{SqlApi, SqlLimits};
-use tenant_layer::TenantLayer;
+use backend::{BackendFactory, BackendOptions};
+use layers::{MetricsLayer, RecordRequest};
+use pool::{PoolManagerOptions, SqlLimits};
+use routing::RouteListener;
+use service::{PoolApi, SqlApi};
 
-/// Data-plane settings (TOML file, `TENANTRY_*` overrides). See README.
+/// Data-plane settings (TOML file, `TENANTRY_*` overrides). See docs/configuration.md.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataPlaneConfig {
@@ -150,8 +166,8 @@ pub struct DataPlane {
     pub server: ServerHandle,
     pub router: Arc<Router>,
     pub pools: Arc<PoolManager>,
-    pub route_stream: Arc<StreamStatus>,
-    pub metrics: Arc<metrics::DataPlaneMetrics>,
+    pub route_stream: Arc<StreamProgress>,
+    pub metrics: Arc<DataPlaneMetrics>,
 }
 
 const SERVICE_NAMES: &[&str] = &[
@@ -163,7 +179,7 @@ const SERVICE_NAMES: &[&str] = &[
 const HEALTH_NAMES: &[&str] = &[
     "tenantry.dataplane.v1.SqlService",
     "tenantry.dataplane.v1.PoolService",
-    route_stream::ROUTE_STREAM_HEALTH_SERVICE,
+    ROUTE_STREAM_HEALTH_SERVICE,
 ];
 
 /// Starts a data plane on `listener`.
@@ -180,15 +196,20 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         )
         .map_err(|error| anyhow::anyhow!("{error}"))?,
     );
-    let pools = Arc::new(PoolManager::new(PoolOptions {
-        max_connections_per_tenant: config.max_connections_per_tenant.max(1),
-        postgres_connection_budget: config.postgres_connection_budget.max(1),
-        acquire_timeout: Duration::from_millis(config.pool_acquire_timeout_ms),
-        idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
+    let backends = Arc::new(BackendFactory::new(BackendOptions {
         postgres_session_reset: config.postgres_session_reset,
         postgres_pipelining: config.postgres_pipelining,
+        postgres_connection_budget: config.postgres_connection_budget.max(1),
     }));
-    let route_stream = Arc::new(StreamStatus::default());
+    let pools = Arc::new(PoolManager::new(
+        PoolManagerOptions {
+            max_connections_per_tenant: config.max_connections_per_tenant.max(1),
+            acquire_timeout: Duration::from_millis(config.pool_acquire_timeout_ms),
+            idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
+        },
+        backends,
+    ));
+    let route_stream = Arc::new(StreamProgress::default());
     let sql = SqlApi {
         router: router.clone(),
         pools: pools.clone(),
@@ -201,24 +222,22 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(config.max_response_bytes + 64 * 1024),
     )
-    .add_service(PoolServiceServer::new(pools::PoolApi {
+    .add_service(PoolServiceServer::new(PoolApi {
         pools: pools.clone(),
         router: router.clone(),
         route_stream: route_stream.clone(),
     }));
     let (routes, health) = with_health_and_reflection(routes, SERVICE_NAMES)?;
     health
-        .set_service_status(
-            ROUTE_STREAM_HEALTH_SERVICE,
-            tonic_health::ServingStatus::NotServing,
-        )
+        .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, Health::NotServing)
         .await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The stream and the sweep run apart, so a slow pool close never delays routes.
-    tokio::spawn(route_stream::run(
+    let route_listener: Arc<dyn RouteListener> = pools.clone();
+    tokio::spawn(routing::run_route_stream(
         router.clone(),
-        pools.clone(),
+        route_listener,
         health.clone(),
         route_stream.clone(),
         stop_rx.clone(),
@@ -237,7 +256,7 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             }
         });
     }
-    let plane_metrics = Arc::new(metrics::DataPlaneMetrics::new(
+    let plane_metrics = Arc::new(DataPlaneMetrics::new(
         config.metrics_tenant_limit.max(1),
         pools.clone(),
         router.clone(),
@@ -257,8 +276,9 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
             }
         });
     }
-    let metrics_layer = metrics::MetricsLayer::new(plane_metrics.clone());
-    let layer = TenantLayer::new(router.clone());
+    let recorder: Arc<dyn RecordRequest> = plane_metrics.clone();
+    let metrics_layer = MetricsLayer::new(recorder);
+    let tenant_layer = TenantLayer::new(router.clone());
     let server_pools = pools.clone();
     let drain = Drain {
         grace: Duration::from_millis(config.shutdown_grace_ms),
@@ -268,9 +288,10 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         let served = serve_and_drain(
             |signal| {
                 tonic::transport::Server::builder()
+                    .layer(TenantIdLayer)
                     .layer(tenantry_shared::grpc_trace::TraceLayer)
                     .layer(metrics_layer)
-                    .layer(layer)
+                    .layer(tenant_layer)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming(listener), signal)
             },

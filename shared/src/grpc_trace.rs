@@ -12,7 +12,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::TenantId;
-use crate::metadata::TENANT_ID;
+use crate::metadata::{CallTenant, TENANT_ID};
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
@@ -105,12 +105,16 @@ where
             propagator.extract(&HeaderExtractor(request.headers()))
         });
         // The tenant, when the call names a valid one in its metadata (the tenant layer
-        // checks it again and refuses bad ones). The sampler sees it at the span's start.
-        let tenant = request
-            .headers()
-            .get(TENANT_ID)
-            .and_then(|value| TenantId::parse_bytes(value.as_bytes()).ok())
-            .map(|tenant| tenant.to_string());
+        // refuses bad ones). The sampler sees it at the span's start. Parsed once, by the
+        // server's outermost layer where it has one (`CallTenant` in the extensions).
+        let tenant = match request.extensions().get::<CallTenant>() {
+            Some(call_tenant) => call_tenant.named().map(TenantId::to_string),
+            None => request
+                .headers()
+                .get(TENANT_ID)
+                .and_then(|value| TenantId::parse_bytes(value.as_bytes()).ok())
+                .map(|tenant| tenant.to_string()),
+        };
         let span = tracing::info_span!(
             "grpc",
             otel.name = path.trim_start_matches('/'),

@@ -1,4 +1,5 @@
-//! Data-plane metrics (Prometheus text format, served by the binary's metrics endpoint):
+//! Data-plane metrics (Prometheus text format, served by the binary's metrics endpoint;
+//! the metrics layer, `layers::metrics`, records the calls):
 //!
 //! - `tenantry_dataplane_requests_total{tenant,method,code}`: SqlService calls by tenant,
 //!   method and gRPC status code;
@@ -17,21 +18,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
+use tenantry_shared::TenantId;
 use tenantry_shared::metrics::{
     CounterFamily, HistogramFamily, MetricsSource, OTHER_TENANTS, TenantLabels, header, labels,
 };
-use tenantry_shared::{TenantId, metadata};
-use tower::{Layer, Service};
 
-use crate::pools::PoolManager;
-use crate::route_stream::StreamStatus;
-use crate::router::Router;
-
-const SQL_SERVICE_PREFIX: &str = "/tenantry.dataplane.v1.SqlService/";
+use crate::layers::RecordRequest;
+use crate::pool::PoolManager;
+use crate::routing::{Router, StreamProgress};
 const INVALID_TENANT: &str = "invalid";
 
 pub struct DataPlaneMetrics {
@@ -40,7 +37,7 @@ pub struct DataPlaneMetrics {
     latency: HistogramFamily,
     pools: Arc<PoolManager>,
     router: Arc<Router>,
-    route_stream: Arc<StreamStatus>,
+    route_stream: Arc<StreamProgress>,
 }
 
 impl DataPlaneMetrics {
@@ -48,7 +45,7 @@ impl DataPlaneMetrics {
         tenant_limit: usize,
         pools: Arc<PoolManager>,
         router: Arc<Router>,
-        route_stream: Arc<StreamStatus>,
+        route_stream: Arc<StreamProgress>,
     ) -> Self {
         Self {
             labels: TenantLabels::new(tenant_limit),
@@ -60,9 +57,15 @@ impl DataPlaneMetrics {
         }
     }
 
-    fn record(&self, tenant: Option<&str>, method: &str, code: i64, elapsed: Duration) {
+    fn record_request(
+        &self,
+        tenant: Option<&TenantId>,
+        method: &str,
+        code: i64,
+        elapsed: Duration,
+    ) {
         let tenant = match tenant {
-            Some(tenant) => self.labels.label(tenant),
+            Some(tenant) => self.labels.label(tenant.as_str()),
             None => INVALID_TENANT.to_owned(),
         };
         let code = code.to_string();
@@ -173,6 +176,12 @@ impl DataPlaneMetrics {
     }
 }
 
+impl RecordRequest for DataPlaneMetrics {
+    fn record(&self, tenant: Option<&TenantId>, method: &str, code: i64, elapsed: Duration) {
+        self.record_request(tenant, method, code, elapsed);
+    }
+}
+
 impl MetricsSource for DataPlaneMetrics {
     fn render<'a>(&'a self, out: &'a mut String) -> BoxFuture<'a, ()> {
         Box::pin(async move {
@@ -211,84 +220,6 @@ impl MetricsSource for DataPlaneMetrics {
                 "tenantry_dataplane_route_stream_up {}",
                 u8::from(*self.route_stream.live().borrow())
             );
-        })
-    }
-}
-
-/// Counts SqlService calls (outermost layer, so refused calls count too).
-#[derive(Clone)]
-pub struct MetricsLayer {
-    metrics: Arc<DataPlaneMetrics>,
-}
-
-impl MetricsLayer {
-    pub fn new(metrics: Arc<DataPlaneMetrics>) -> Self {
-        Self { metrics }
-    }
-}
-
-impl<S> Layer<S> for MetricsLayer {
-    type Service = MetricsService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MetricsService {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct MetricsService<S> {
-    inner: S,
-    metrics: Arc<DataPlaneMetrics>,
-}
-
-impl<S, B, R> Service<http::Request<B>> for MetricsService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(method) = request
-            .uri()
-            .path()
-            .strip_prefix(SQL_SERVICE_PREFIX)
-            .map(str::to_owned)
-        else {
-            return Box::pin(inner.call(request));
-        };
-        let tenant = request
-            .headers()
-            .get(metadata::TENANT_ID)
-            .and_then(|value| TenantId::parse_bytes(value.as_bytes()).ok());
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
-        Box::pin(async move {
-            let result = inner.call(request).await;
-            let code = match &result {
-                Ok(response) => tenantry_shared::grpc_trace::status_code(response),
-                // UNKNOWN: the service failed below gRPC.
-                Err(_) => 2,
-            };
-            metrics.record(
-                tenant.as_ref().map(TenantId::as_str),
-                &method,
-                code,
-                started.elapsed(),
-            );
-            result
         })
     }
 }

@@ -8,89 +8,27 @@
 //! of a pool: a maximum size, a bounded wait for a free connection, idle connections
 //! closed after a while, hardening of every new connection, and an awaitable `close()`.
 //!
-//! Pools of tenants on one PostgreSQL server share that server's `ServerBudget`: every
-//! open connection holds one of the budget's slots, so all pools together never hold
-//! more connections than the budget. When the budget is full, a pool that needs a new
-//! connection closes the server's least recently used idle connection (of any pool on the
-//! server) to make room, or waits, bounded, for one to come back.
+//! Pools of tenants on one PostgreSQL server share that server's `ServerBudget`
+//! (`pool::budget`). The pool names no backend: a backend plugs in by implementing
+//! `Backend`.
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use tenantry_shared::TenantId;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-/// Per-connection switches that the connection's SQLite callbacks (authorizer, progress
-/// handler) read. Set from the request's task without a trip to the worker thread.
-#[derive(Default)]
-pub struct ConnectionControls {
-    /// Lets BEGIN/COMMIT/ROLLBACK/SAVEPOINT through the authorizer (Batch sets it around
-    /// its own transaction statements; tenant statements never get it).
-    pub allow_transaction_control: AtomicBool,
-    /// Statements running past this instant (microseconds since `CLOCK_EPOCH`; 0 = no
-    /// deadline) are interrupted.
-    deadline_micros: AtomicU64,
-    /// PostgreSQL: the connection's role cannot take session-level advisory locks (valid
-    /// once `advisory_locks_checked`), so its session reset need not release any.
-    pub advisory_locks_revoked: AtomicBool,
-    /// PostgreSQL: `advisory_locks_revoked` has been found out (by the connection's first
-    /// session reset, so that a cold request does not wait for it).
-    pub advisory_locks_checked: AtomicBool,
-    /// SQLite: a statement running on the request's own thread is interrupted at this
-    /// instant (microseconds since `CLOCK_EPOCH`; 0 = not running there), to go on a
-    /// blocking thread instead.
-    here_until_micros: AtomicU64,
-}
+use super::budget::ServerBudget;
+use crate::error::DataPlaneError;
 
 static CLOCK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-fn micros_since_epoch(at: Instant) -> u64 {
+/// `at` as microseconds since a process-wide epoch, for instants kept in atomics.
+pub(crate) fn micros_since_epoch(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(*CLOCK_EPOCH).as_micros()).unwrap_or(u64::MAX)
-}
-
-impl ConnectionControls {
-    /// Interrupt statements still running at `deadline` (None: never).
-    pub fn set_deadline(&self, deadline: Option<Instant>) {
-        let micros = deadline.map_or(0, |at| micros_since_epoch(at).max(1));
-        self.deadline_micros.store(micros, Ordering::Release);
-    }
-
-    /// Interrupt whatever runs now.
-    pub fn interrupt_now(&self) {
-        self.deadline_micros.store(1, Ordering::Release);
-    }
-
-    /// For the progress handler: may the running statement go on?
-    pub fn may_continue(&self) -> bool {
-        let deadline = self.deadline_micros.load(Ordering::Acquire);
-        let here_until = self.here_until_micros.load(Ordering::Acquire);
-        if deadline == 0 && here_until == 0 {
-            return true;
-        }
-        let now = micros_since_epoch(Instant::now());
-        (deadline == 0 || now < deadline) && (here_until == 0 || now < here_until)
-    }
-
-    /// Whether the request's deadline has passed.
-    pub fn deadline_passed(&self) -> bool {
-        let deadline = self.deadline_micros.load(Ordering::Acquire);
-        deadline != 0 && micros_since_epoch(Instant::now()) >= deadline
-    }
-
-    /// Interrupt the running statement once it has run for `budget` (None: no such
-    /// limit; the request's deadline still holds).
-    pub fn set_time_budget(&self, budget: Option<Duration>) {
-        let micros = budget.map_or(0, |budget| {
-            micros_since_epoch(Instant::now() + budget).max(1)
-        });
-        self.here_until_micros.store(micros, Ordering::Release);
-    }
-
-    pub fn transaction_control_allowed(&self) -> bool {
-        self.allow_transaction_control.load(Ordering::Acquire)
-    }
 }
 
 /// Longest a connection's clean-up (the PostgreSQL session reset) may take before the
@@ -101,14 +39,24 @@ const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
 const CLEANING_WAIT: Duration = Duration::from_millis(20);
 
 /// What the pool needs of a database driver: open a connection, close one.
-pub trait Backend: Sized + Send + Sync + 'static {
+pub(crate) trait Backend: Sized + Send + Sync + 'static {
     type Connection: Send + 'static;
     type ConnectOptions: Send + Sync + 'static;
     /// What the pool's requests share besides connections (see `ConnectionPool::shared`).
     type Shared: Default + Send + Sync + 'static;
+    /// Per-connection switches the backend reads while a statement runs (a deadline, what
+    /// its authorizer lets through), set from the request's task. One per connection,
+    /// made when it opens and kept with it.
+    type Controls: Default + Send + Sync + 'static;
+    /// Why a connection could not be opened or set up.
+    type Error: Send + 'static;
     fn connect(
         options: &Self::ConnectOptions,
-    ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>>;
+    ) -> BoxFuture<'_, Result<Self::Connection, Self::Error>>;
+    /// A connection's request has ended: put its controls back as a new request expects
+    /// them. `reused`: the connection goes back to the pool (else it is being closed, and
+    /// whatever still runs on it must stay stoppable).
+    fn returned(_controls: &Self::Controls, _reused: bool) {}
     /// Whether a connection coming back from a request is already clean (its clean-up
     /// ran as part of the request), so that it skips the pool's clean-up. Consumes that.
     fn take_clean(_connection: &mut Self::Connection) -> bool {
@@ -130,41 +78,28 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn close(connection: Self::Connection) -> BoxFuture<'static, ()>;
 }
 
-/// Why a new connection could not be opened or set up.
-#[derive(Debug)]
-pub enum ConnectError {
-    Postgres(crate::postgres_connection::PgError),
-    Sqlite(rusqlite::Error),
-    /// The blocking task opening or setting up a SQLite connection panicked.
-    WorkerPanicked,
-}
-
-impl From<rusqlite::Error> for ConnectError {
-    fn from(error: rusqlite::Error) -> Self {
-        Self::Sqlite(error)
-    }
-}
-
 /// Sets up a new connection with its controls (authorizer, progress handler, limits).
-pub type Harden<B> = for<'c> fn(
+pub(crate) type Harden<B> = for<'c> fn(
     &'c mut <B as Backend>::Connection,
-    Arc<ConnectionControls>,
-) -> BoxFuture<'c, Result<(), ConnectError>>;
+    Arc<<B as Backend>::Controls>,
+) -> BoxFuture<'c, Result<(), <B as Backend>::Error>>;
 
 /// Cleans a connection that comes back from a request; false closes it instead.
-pub type Clean<B> =
-    for<'c> fn(&'c mut <B as Backend>::Connection, &'c ConnectionControls) -> BoxFuture<'c, bool>;
+pub(crate) type Clean<B> = for<'c> fn(
+    &'c mut <B as Backend>::Connection,
+    &'c <B as Backend>::Controls,
+) -> BoxFuture<'c, bool>;
 
-pub struct PoolOptions {
-    pub max_connections: u32,
+pub(crate) struct PoolOptions {
+    pub(crate) max_connections: u32,
     /// How long `acquire` waits for a connection (free slot, budget, connect) in all.
-    pub acquire_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
-/// Why `acquire` gave no connection.
+/// Why `acquire` gave no connection (`E`: the backend's connect error).
 #[derive(Debug)]
-pub enum AcquireError {
+pub(crate) enum AcquireError<E> {
     /// The pool was closed (its tenant's route changed or the plane is stopping).
     Closed,
     /// The tenant's own maximum of connections stayed in use for the whole wait.
@@ -184,149 +119,54 @@ pub enum AcquireError {
         connecting: Duration,
     },
     /// Connecting or setting up the connection failed.
-    Connect(ConnectError),
+    Connect(E),
 }
 
-/// A connection budget shared by every pool of tenants on one database server.
-pub struct ServerBudget<B: Backend> {
-    server: String,
-    budget: u32,
-    slots: Arc<Semaphore>,
-    /// Woken whenever a connection goes idle somewhere on the server (so it can be
-    /// evicted) or a slot frees.
-    changed: Notify,
-    pools: Mutex<Vec<Weak<Inner<B>>>>,
-    evictions: AtomicU64,
-    /// Requests of pools with no connection at all waiting for a slot. While there are
-    /// any, pools that have connections do not take free slots, and a connection coming
-    /// back to a pool that has others is closed to free its slot: no tenant starves
-    /// while busy ones keep the whole budget.
-    starving: AtomicU32,
-}
-
-impl<B: Backend> ServerBudget<B> {
-    pub fn new(server: String, budget: u32) -> Arc<Self> {
-        Arc::new(Self {
-            server,
-            budget: budget.max(1),
-            slots: Arc::new(Semaphore::new(budget.max(1) as usize)),
-            changed: Notify::new(),
-            pools: Mutex::new(Vec::new()),
-            evictions: AtomicU64::new(0),
-            starving: AtomicU32::new(0),
-        })
-    }
-
-    pub fn server(&self) -> &str {
-        &self.server
-    }
-
-    pub fn budget(&self) -> u32 {
-        self.budget
-    }
-
-    /// Connections open to the server now (slots taken).
-    pub fn open(&self) -> u32 {
-        self.budget
-            .saturating_sub(u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX))
-    }
-
-    /// Idle connections closed to make room, since start.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
-    }
-
-    /// Pools on this server that are still alive.
-    pub fn live_pools(&self) -> usize {
-        self.pools.lock().map_or(0, |pools| pools.len())
-    }
-
-    fn register(&self, pool: &Arc<Inner<B>>) {
-        if let Ok(mut pools) = self.pools.lock() {
-            pools.retain(|weak| weak.strong_count() > 0);
-            pools.push(Arc::downgrade(pool));
+impl<E> AcquireError<E> {
+    /// The error a request of `tenant` gets. All are UNAVAILABLE: the request did not
+    /// reach the database and may be retried. `connect_error` maps the backend's own.
+    pub(crate) fn into_error(
+        self,
+        tenant: &TenantId,
+        connect_error: impl FnOnce(E, &TenantId) -> DataPlaneError,
+    ) -> DataPlaneError {
+        match self {
+            Self::Closed => DataPlaneError::Unavailable(format!(
+                "the connection pool of tenant {tenant} was closed (its route changed or the data plane is stopping); retry"
+            )),
+            Self::TenantLimit {
+                max_connections,
+                waited,
+            } => DataPlaneError::Unavailable(format!(
+                "tenant {tenant} already uses all of its {max_connections} connections and none came back within {} ms; \
+                 retry later, send fewer concurrent requests, or raise the tenant's max_connections",
+                waited.as_millis()
+            )),
+            Self::Budget {
+                server,
+                budget,
+                waited,
+            } => DataPlaneError::Unavailable(format!(
+                "the connection budget of database server {server} ({budget} connections, shared by its tenants) \
+                 stayed in use for {} ms; retry later, or raise postgres_connection_budget",
+                waited.as_millis()
+            )),
+            Self::ConnectTimeout { waited, connecting } => DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} did not accept a connection within {} ms \
+             ({} ms waited in all, pool_acquire_timeout_ms); its server may be down or overloaded",
+                connecting.as_millis(),
+                waited.as_millis()
+            )),
+            Self::Connect(error) => connect_error(error, tenant),
         }
-    }
-
-    fn forget_closed(&self) {
-        if let Ok(mut pools) = self.pools.lock() {
-            pools.retain(|weak| {
-                weak.upgrade()
-                    .is_some_and(|pool| !pool.closed.load(Ordering::Acquire))
-            });
-        }
-    }
-
-    /// A free slot now, if the budget has one.
-    fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
-
-    /// A slot for a new connection, taken from the server's least recently used idle
-    /// connection (closed for it) when the budget is full, or else waited for until
-    /// `deadline`. The slot of an evicted connection goes to the request that evicted it.
-    async fn slot(&self, deadline: tokio::time::Instant) -> Result<OwnedSemaphorePermit, ()> {
-        self.starving.fetch_add(1, Ordering::AcqRel);
-        let _starving = Waiting(&self.starving);
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if let Some(slot) = self.try_slot() {
-                return Ok(slot);
-            }
-            if let Some(evicted) = self.take_least_recently_used() {
-                let Idle {
-                    connection,
-                    mut slot,
-                    ..
-                } = evicted;
-                let _ = tokio::time::timeout_at(deadline, B::close(connection)).await;
-                if let Some(server) = slot.server.take() {
-                    return Ok(server);
-                }
-                continue;
-            }
-            tokio::select! {
-                _ = &mut changed => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(()),
-            }
-        }
-    }
-
-    /// Takes out the idle connection (of any pool on this server) that has been idle
-    /// longest, for the caller to close. None if no connection is idle.
-    fn take_least_recently_used(&self) -> Option<Idle<B>> {
-        // Another request may take the chosen connection first; then look again.
-        for _ in 0..8 {
-            let pools: Vec<Arc<Inner<B>>> = match self.pools.lock() {
-                Ok(pools) => pools.iter().filter_map(Weak::upgrade).collect(),
-                Err(_) => return None,
-            };
-            let oldest = pools
-                .iter()
-                .filter_map(|pool| {
-                    let idle = pool.idle.lock().ok()?;
-                    idle.first().map(|entry| (entry.since, pool.clone()))
-                })
-                .min_by_key(|(since, _)| *since);
-            let (_, pool) = oldest?;
-            let evicted = match pool.idle.lock() {
-                Ok(mut idle) if !idle.is_empty() => idle.remove(0),
-                _ => continue,
-            };
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            return Some(evicted);
-        }
-        None
     }
 }
 
 /// What an open connection holds: its place in the pool's count and, for a pool under a
 /// server budget, one of the budget's slots. Both free when the connection is closed.
-struct Slot<B: Backend> {
+pub(super) struct Slot<B: Backend> {
     pool: Arc<Inner<B>>,
-    server: Option<OwnedSemaphorePermit>,
+    pub(super) server: Option<OwnedSemaphorePermit>,
 }
 
 impl<B: Backend> Drop for Slot<B> {
@@ -341,21 +181,21 @@ impl<B: Backend> Drop for Slot<B> {
     }
 }
 
-struct Idle<B: Backend> {
-    connection: B::Connection,
-    controls: Arc<ConnectionControls>,
-    since: Instant,
-    slot: Slot<B>,
+pub(super) struct Idle<B: Backend> {
+    pub(super) connection: B::Connection,
+    controls: Arc<B::Controls>,
+    pub(super) since: Instant,
+    pub(super) slot: Slot<B>,
 }
 
-pub struct Inner<B: Backend> {
+pub(super) struct Inner<B: Backend> {
     connect: B::ConnectOptions,
     options: PoolOptions,
     harden: Harden<B>,
     clean: Option<Clean<B>>,
-    idle: Mutex<Vec<Idle<B>>>,
+    pub(super) idle: Mutex<Vec<Idle<B>>>,
     permits: Arc<Semaphore>,
-    closed: AtomicBool,
+    pub(super) closed: AtomicBool,
     budget: Option<Arc<ServerBudget<B>>>,
     /// Connections open (idle, lent, or being cleaned).
     open: AtomicU32,
@@ -379,7 +219,7 @@ pub struct PoolFigures {
 }
 
 /// Cheap to clone; every clone is the same pool.
-pub struct ConnectionPool<B: Backend> {
+pub(crate) struct ConnectionPool<B: Backend> {
     inner: Arc<Inner<B>>,
 }
 
@@ -393,10 +233,10 @@ impl<B: Backend> Clone for ConnectionPool<B> {
 
 /// A connection lent to one request. Dropping it gives the connection back, unless
 /// `close_on_drop` was called (the request was abandoned half-way) or the pool is closed.
-pub struct PooledConnection<B: Backend> {
+pub(crate) struct PooledConnection<B: Backend> {
     /// Taken out exactly once, in `drop`.
     connection: ManuallyDrop<B::Connection>,
-    controls: Arc<ConnectionControls>,
+    controls: Arc<B::Controls>,
     pool: Arc<Inner<B>>,
     close: bool,
     /// Held while the connection is lent (and while it is cleaned afterwards).
@@ -408,7 +248,7 @@ impl<B: Backend> ConnectionPool<B> {
     /// A pool that opens connections on first use; `harden` runs on each new connection,
     /// `clean` on each one that comes back. With a `budget`, every connection takes one
     /// of the server's slots.
-    pub fn new_lazy(
+    pub(crate) fn new_lazy(
         connect: B::ConnectOptions,
         options: PoolOptions,
         harden: Harden<B>,
@@ -440,7 +280,7 @@ impl<B: Backend> ConnectionPool<B> {
 
     /// A free connection: an idle one, or a new one while under the tenant's maximum and
     /// the server's budget. Waits at most the acquire timeout in all.
-    pub async fn acquire(&self) -> Result<PooledConnection<B>, AcquireError> {
+    pub(crate) async fn acquire(&self) -> Result<PooledConnection<B>, AcquireError<B::Error>> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(AcquireError::Closed);
         }
@@ -494,9 +334,9 @@ impl<B: Backend> ConnectionPool<B> {
                     let connecting = Instant::now();
                     let connected = tokio::time::timeout_at(deadline, async {
                         let mut connection = B::connect(&self.inner.connect).await?;
-                        let controls = Arc::new(ConnectionControls::default());
+                        let controls = Arc::new(B::Controls::default());
                         (self.inner.harden)(&mut connection, controls.clone()).await?;
-                        Ok::<_, ConnectError>((connection, controls))
+                        Ok::<_, B::Error>((connection, controls))
                     })
                     .await
                     .map_err(|_| AcquireError::ConnectTimeout {
@@ -537,7 +377,7 @@ impl<B: Backend> ConnectionPool<B> {
         &self,
         deadline: tokio::time::Instant,
         started: Instant,
-    ) -> Result<Result<Idle<B>, Option<OwnedSemaphorePermit>>, AcquireError> {
+    ) -> Result<Result<Idle<B>, Option<OwnedSemaphorePermit>>, AcquireError<B::Error>> {
         let Some(budget) = &self.inner.budget else {
             return Ok(Err(None));
         };
@@ -582,22 +422,22 @@ impl<B: Backend> ConnectionPool<B> {
 
     /// Whether every connection the pool may have is lent out (or being cleaned), so that
     /// `acquire` would wait.
-    pub fn is_saturated(&self) -> bool {
+    pub(crate) fn is_saturated(&self) -> bool {
         self.inner.permits.available_permits() == 0
     }
 
     /// How the pool connects (and what else its backend was told).
-    pub fn connect_options(&self) -> &B::ConnectOptions {
+    pub(crate) fn connect_options(&self) -> &B::ConnectOptions {
         &self.inner.connect
     }
 
     /// What the pool's requests share besides connections (the backend's `Shared`).
-    pub fn shared(&self) -> &B::Shared {
+    pub(crate) fn shared(&self) -> &B::Shared {
         &self.inner.shared
     }
 
     /// This pool's connection figures.
-    pub fn figures(&self) -> PoolFigures {
+    pub(crate) fn figures(&self) -> PoolFigures {
         let open = self.inner.open.load(Ordering::Acquire);
         let idle = self
             .inner
@@ -612,19 +452,19 @@ impl<B: Backend> ConnectionPool<B> {
         }
     }
 
-    pub fn max_connections(&self) -> u32 {
+    pub(crate) fn max_connections(&self) -> u32 {
         self.inner.options.max_connections
     }
 
     /// Marks the pool used now (a request is about to ask it for a connection).
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.inner
             .last_used
             .store(micros_since_epoch(Instant::now()), Ordering::Relaxed);
     }
 
     /// No connection open and none handed out for `idle_for`.
-    pub fn is_unused_for(&self, idle_for: Duration) -> bool {
+    pub(crate) fn is_unused_for(&self, idle_for: Duration) -> bool {
         let last_used = self.inner.last_used.load(Ordering::Relaxed);
         self.inner.open.load(Ordering::Acquire) == 0
             && self.inner.waiting.load(Ordering::Acquire) == 0
@@ -670,7 +510,7 @@ impl<B: Backend> ConnectionPool<B> {
     }
 
     /// Closes idle connections past the idle timeout (called periodically).
-    pub async fn close_expired_idle(&self) {
+    pub(crate) async fn close_expired_idle(&self) {
         let expired: Vec<Idle<B>> = match self.inner.idle.lock() {
             Ok(mut idle) => {
                 let now = Instant::now();
@@ -690,7 +530,7 @@ impl<B: Backend> ConnectionPool<B> {
     }
 
     /// Closes every idle connection now and every lent one when it comes back.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         for Idle {
             connection, slot, ..
         } in self.shut()
@@ -702,7 +542,7 @@ impl<B: Backend> ConnectionPool<B> {
 
     /// From now on nobody gets a connection from this pool (the first, synchronous part of
     /// `close`); idle connections are closed in the background.
-    pub fn mark_closed(&self) {
+    pub(crate) fn mark_closed(&self) {
         let idle = self.shut();
         if !idle.is_empty() {
             tokio::spawn(async move {
@@ -741,11 +581,11 @@ impl<B: Backend> ConnectionPool<B> {
 
 impl<B: Backend> PooledConnection<B> {
     /// Close the connection instead of giving it back (its state is unknown).
-    pub fn close_on_drop(&mut self) {
+    pub(crate) fn close_on_drop(&mut self) {
         self.close = true;
     }
 
-    pub fn controls(&self) -> &ConnectionControls {
+    pub(crate) fn controls(&self) -> &B::Controls {
         &self.controls
     }
 
@@ -754,7 +594,7 @@ impl<B: Backend> PooledConnection<B> {
     }
 
     /// The controls, for use while the connection itself is borrowed (a transaction).
-    pub fn shared_controls(&self) -> Arc<ConnectionControls> {
+    pub(crate) fn shared_controls(&self) -> Arc<B::Controls> {
         self.controls.clone()
     }
 }
@@ -777,21 +617,20 @@ impl<B: Backend> Drop for PooledConnection<B> {
         // SAFETY: `drop` runs once and nothing uses `self.connection` after this.
         let mut connection = unsafe { ManuallyDrop::take(&mut self.connection) };
         let controls = self.controls.clone();
-        controls
-            .allow_transaction_control
-            .store(false, Ordering::Release);
         let pool = self.pool.clone();
         let Some(slot) = self.slot.take() else {
+            B::returned(&controls, false);
             return;
         };
         if self.close || pool.closed.load(Ordering::Acquire) || !B::is_open(&connection) {
+            B::returned(&controls, false);
             tokio::spawn(async move {
                 B::close(connection).await;
                 drop(slot);
             });
             return;
         }
-        controls.set_deadline(None);
+        B::returned(&controls, true);
         match pool.clean {
             None => give_back(&pool, connection, controls, slot),
             Some(_) if B::take_clean(&mut connection) => {
@@ -828,7 +667,7 @@ impl<B: Backend> Drop for PooledConnection<B> {
 fn give_back<B: Backend>(
     pool: &Arc<Inner<B>>,
     connection: B::Connection,
-    controls: Arc<ConnectionControls>,
+    controls: Arc<B::Controls>,
     slot: Slot<B>,
 ) {
     // A tenant with no connection waits for a slot: free this one's, unless it is the
@@ -869,10 +708,56 @@ fn give_back<B: Backend>(
 }
 
 /// Counts a request as waiting while it lives.
-struct Waiting<'a>(&'a AtomicU32);
+pub(super) struct Waiting<'a>(pub(super) &'a AtomicU32);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the pool manager does with any tenant's pool, whatever its backend.
+pub(crate) trait ManagedPool: Send + Sync {
+    fn figures(&self) -> PoolFigures;
+    fn max_connections(&self) -> u32;
+    /// Marks the pool used now (a request is about to ask it for a connection).
+    fn touch(&self);
+    /// No connection open and none handed out for `idle_for`.
+    fn is_unused_for(&self, idle_for: Duration) -> bool;
+    /// Closes idle connections past the idle timeout.
+    fn close_expired_idle(&self) -> BoxFuture<'_, ()>;
+    /// From now on nobody gets a connection; idle ones close in the background.
+    fn mark_closed(&self);
+    /// Closes every idle connection now and every lent one when it comes back.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+impl<B: Backend> ManagedPool for ConnectionPool<B> {
+    fn figures(&self) -> PoolFigures {
+        ConnectionPool::figures(self)
+    }
+
+    fn max_connections(&self) -> u32 {
+        ConnectionPool::max_connections(self)
+    }
+
+    fn touch(&self) {
+        ConnectionPool::touch(self);
+    }
+
+    fn is_unused_for(&self, idle_for: Duration) -> bool {
+        ConnectionPool::is_unused_for(self, idle_for)
+    }
+
+    fn close_expired_idle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(ConnectionPool::close_expired_idle(self))
+    }
+
+    fn mark_closed(&self) {
+        ConnectionPool::mark_closed(self);
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(ConnectionPool::close(self))
     }
 }

@@ -1,23 +1,21 @@
-//! The tenant layer: reads and validates `x-tenant-id`, resolves the tenant's route,
-//! checks that the tenant serves, and puts a `TenantContext` into the request's
-//! extensions. Calls to other services (health, reflection, pool figures) pass through
-//! untouched.
+//! The tenant layer: takes the tenant id the outermost layer parsed (`CallTenant`),
+//! resolves the tenant's route, checks that the tenant serves, and puts a
+//! `TenantContext` into the request's extensions. Calls to other services (health,
+//! reflection, pool figures) pass through untouched.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use tenantry_shared::{TenantId, metadata};
-use tonic::Status;
+use tenantry_shared::TenantId;
+use tenantry_shared::metadata::CallTenant;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::context::TenantContext;
+use super::context::TenantContext;
+use super::sql_service_method;
 use crate::error::DataPlaneError;
-use crate::router::Router;
-
-/// Path prefix of the service that acts for a tenant.
-const TENANT_SCOPED_PREFIX: &str = "/tenantry.dataplane.v1.SqlService/";
+use crate::routing::Router;
 
 #[derive(Clone)]
 pub struct TenantLayer {
@@ -31,10 +29,10 @@ impl TenantLayer {
 }
 
 impl<S> Layer<S> for TenantLayer {
-    type Service = TenantService<S>;
+    type Service = TenantRouteService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TenantService {
+        TenantRouteService {
             inner,
             router: self.router.clone(),
         }
@@ -42,32 +40,29 @@ impl<S> Layer<S> for TenantLayer {
 }
 
 #[derive(Clone)]
-pub struct TenantService<S> {
+pub struct TenantRouteService<S> {
     inner: S,
     router: Arc<Router>,
 }
 
-/// Reads the tenant id from the request headers (gRPC metadata).
-pub fn tenant_id_from_headers(headers: &http::HeaderMap) -> Result<TenantId, DataPlaneError> {
-    let mut values = headers.get_all(metadata::TENANT_ID).iter();
-    let value = values.next().ok_or_else(|| {
-        DataPlaneError::InvalidArgument(format!(
-            "missing {} metadata: say which tenant the call acts for",
-            metadata::TENANT_ID
-        ))
-    })?;
-    if values.next().is_some() {
-        return Err(DataPlaneError::InvalidArgument(format!(
-            "{} metadata is given more than once; give it once",
-            metadata::TENANT_ID
-        )));
-    }
-    TenantId::parse_bytes(value.as_bytes()).map_err(|error| {
-        DataPlaneError::InvalidArgument(format!("{}: {error}", metadata::TENANT_ID))
-    })
+/// The tenant the call acts for, from the `CallTenant` the outermost layer parsed (or
+/// from the headers, if that layer is not in the stack).
+fn tenant_of(request: &http::Request<Body>) -> Result<TenantId, DataPlaneError> {
+    let parsed;
+    let call_tenant = match request.extensions().get::<CallTenant>() {
+        Some(call_tenant) => call_tenant,
+        None => {
+            parsed = CallTenant::from_headers(request.headers());
+            &parsed
+        }
+    };
+    call_tenant
+        .require()
+        .cloned()
+        .map_err(|error| DataPlaneError::InvalidArgument(error.to_string()))
 }
 
-impl<S> Service<http::Request<Body>> for TenantService<S>
+impl<S> Service<http::Request<Body>> for TenantRouteService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -84,11 +79,11 @@ where
         // The clone is the one that is ready; keep it for this call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !request.uri().path().starts_with(TENANT_SCOPED_PREFIX) {
+        if sql_service_method(request.uri().path()).is_none() {
             return Box::pin(inner.call(request));
         }
         let router = self.router.clone();
-        let tenant_id = tenant_id_from_headers(request.headers());
+        let tenant_id = tenant_of(&request);
         Box::pin(async move {
             let resolved = async {
                 let tenant_id = tenant_id?;
@@ -102,11 +97,7 @@ where
                     request.extensions_mut().insert(context);
                     inner.call(request).await
                 }
-                Err(error) => {
-                    let status = Status::from(error);
-                    tracing::debug!(code = ?status.code(), message = status.message(), "request refused");
-                    Ok(status.into_http())
-                }
+                Err(error) => Ok(error.into_http()),
             }
         })
     }

@@ -1,7 +1,7 @@
 //! Statements on a SQLite tenant database.
 //!
 //! Values map by storage class. A request's deadline is enforced by the connection's
-//! progress handler (see `connection_pool::ConnectionControls`), and the connection's
+//! progress handler (see `controls`), and the connection's
 //! authorizer refuses transaction control from tenant statements, so no request can
 //! leave a transaction open for the next one. Batch alone opens and ends transactions.
 //!
@@ -21,11 +21,17 @@ use rusqlite::types::{Null, ValueRef};
 use tenantry_proto::dataplane::v1 as pb;
 use tenantry_proto::dataplane::v1::value::Kind;
 
-use super::{Call, at_statement, null_value, parameter_count_error, push_row};
-use crate::connection_pool::{ConnectionControls, PooledConnection};
-use crate::error::{DataPlaneError, Result, from_acquire, from_sqlite};
-use crate::pools::SqliteTenantPool;
-use crate::sqlite_connection::{SqliteBackend, Statements, WorkerPanicked, count_statements};
+use tenantry_shared::TenantId;
+
+use super::connection::{SqliteBackend, Statements, WorkerPanicked, count_statements};
+use super::controls::SqliteControls;
+use super::error::{from_connect, from_sqlite};
+use crate::backend::answer::{at_statement, null_value, parameter_count_error, push_row};
+use crate::error::{DataPlaneError, Result};
+use crate::pool::{Call, ConnectionPool, PooledConnection};
+
+/// A SQLite tenant's pool.
+pub(crate) type SqliteTenantPool = ConnectionPool<SqliteBackend>;
 
 /// A pooled connection for one request. If the request is abandoned before it finishes,
 /// the running statement is interrupted and the connection is closed, not reused.
@@ -48,7 +54,7 @@ impl Session {
         let connection = pool
             .acquire()
             .await
-            .map_err(|error| from_acquire(error, call.tenant))?;
+            .map_err(|error| error.into_error(call.tenant, from_connect))?;
         connection.controls().set_deadline(call.deadline);
         Ok(Self {
             connection,
@@ -58,7 +64,7 @@ impl Session {
 
     /// Runs `work` on the connection. The connection goes back to the pool if the work
     /// ran to its end (`reusable` says whether it left the connection clean).
-    async fn run<T, F>(mut self, tenant: &str, work: F) -> Result<T>
+    async fn run<T, F>(mut self, tenant: &TenantId, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> (Result<T>, bool) + Send + 'static,
@@ -77,20 +83,20 @@ impl Session {
 
 /// Text a statement runs with, owned so that it can move to a blocking thread.
 struct Owned {
-    tenant: String,
+    tenant: TenantId,
     max_response_bytes: usize,
 }
 
 impl Owned {
     fn of(call: &Call<'_>) -> Self {
         Self {
-            tenant: call.tenant.to_owned(),
+            tenant: call.tenant.clone(),
             max_response_bytes: call.limits.max_response_bytes,
         }
     }
 }
 
-pub async fn execute(
+pub(super) async fn execute(
     pool: &SqliteTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
@@ -105,7 +111,7 @@ pub async fn execute(
         .await
 }
 
-pub async fn query(
+pub(super) async fn query(
     pool: &SqliteTenantPool,
     statement: &pb::Statement,
     call: &Call<'_>,
@@ -168,7 +174,7 @@ impl Session {
     }
 }
 
-pub async fn batch(
+pub(super) async fn batch(
     pool: &SqliteTenantPool,
     statements: &[pb::Statement],
     call: &Call<'_>,
@@ -188,9 +194,9 @@ pub async fn batch(
 /// (committed or rolled back): a connection left inside one is closed, never reused.
 fn batch_on(
     db: &rusqlite::Connection,
-    controls: &ConnectionControls,
+    controls: &SqliteControls,
     statements: &[pb::Statement],
-    tenant: &str,
+    tenant: &TenantId,
 ) -> (Result<Vec<pb::ExecuteResponse>>, bool) {
     let transaction_control = |sql: &str| {
         controls
@@ -241,7 +247,7 @@ const MAX_REMEMBERED_SQL_LEN: usize = 4096;
 fn prepare<'c>(
     db: &'c rusqlite::Connection,
     statement: &pb::Statement,
-    tenant: &str,
+    tenant: &TenantId,
 ) -> Result<rusqlite::CachedStatement<'c>> {
     let sql = statement.sql.as_str();
     let mut prepared = db
@@ -325,7 +331,7 @@ fn bind(statement: &mut rusqlite::Statement<'_>, params: &[pb::Value]) -> Result
 fn execute_on(
     db: &rusqlite::Connection,
     statement: &pb::Statement,
-    tenant: &str,
+    tenant: &TenantId,
 ) -> Result<pb::ExecuteResponse> {
     let mut prepared = prepare(db, statement, tenant)?;
     // sqlite3_changes() and last_insert_rowid() keep the values of the last statement that
@@ -366,7 +372,7 @@ enum Stop {
 }
 
 impl Stop {
-    fn into_error(self, tenant: &str) -> DataPlaneError {
+    fn into_error(self, tenant: &TenantId) -> DataPlaneError {
         match self {
             Self::Sqlite(error) => from_sqlite(error, tenant),
             Self::Refused(error) => error,

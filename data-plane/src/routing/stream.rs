@@ -1,6 +1,7 @@
 //! The route stream: the data plane holds one `WatchRoutes` stream to the control plane
-//! and applies every route it brings to the router, and to the pool manager (a pool whose
-//! connection details are no longer right is closed). After a reconnect it resumes from
+//! and applies every route it brings to the router, then tells whoever listens
+//! (`RouteListener`: the pool manager, which closes a pool whose connection details are
+//! no longer right). Routing never names the pool. After a reconnect it resumes from
 //! the last version it applied; the control plane sends a snapshot instead when it cannot
 //! serve the gap. Reconnects back off exponentially with full jitter.
 //!
@@ -17,11 +18,11 @@ use rand::Rng;
 use tenantry_proto::controlplane::v1 as pb;
 use tenantry_shared::TenantId;
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
+use tonic_health::ServingStatus as Health;
 use tonic_health::server::HealthReporter;
 
-use crate::pools::PoolManager;
-use crate::router::{Route, Router};
+use super::route::Route;
+use super::router::Router;
 
 /// Health service name that reports the route stream.
 pub const ROUTE_STREAM_HEALTH_SERVICE: &str = "tenantry.dataplane.v1.RouteStream";
@@ -29,15 +30,25 @@ pub const ROUTE_STREAM_HEALTH_SERVICE: &str = "tenantry.dataplane.v1.RouteStream
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Hears of every route the stream applies to the router (the pool manager does).
+pub(crate) trait RouteListener: Send + Sync {
+    /// The router now holds `route` for `tenant_id` (`force`: from a snapshot, which
+    /// replaces whatever was held, whatever the versions).
+    fn route_changed(&self, tenant_id: &TenantId, route: &Route, force: bool);
+    /// The control plane sent a route this data plane cannot use; the router forgot the
+    /// tenant's route.
+    fn route_dropped(&self, tenant_id: &TenantId);
+}
+
 /// What the stream has done, for health, tests and stats.
-pub struct StreamStatus {
+pub struct StreamProgress {
     /// The route version applied last (0: nothing yet).
     applied: watch::Sender<i64>,
     /// Whether the stream is connected and caught up.
     live: watch::Sender<bool>,
 }
 
-impl Default for StreamStatus {
+impl Default for StreamProgress {
     fn default() -> Self {
         Self {
             applied: watch::Sender::new(0),
@@ -46,7 +57,7 @@ impl Default for StreamStatus {
     }
 }
 
-impl StreamStatus {
+impl StreamProgress {
     /// Follows the last applied route version.
     pub fn applied(&self) -> watch::Receiver<i64> {
         self.applied.subscribe()
@@ -59,11 +70,11 @@ impl StreamStatus {
 }
 
 /// Follows the control plane's routes until `stop` fires.
-pub async fn run(
+pub(crate) async fn run(
     router: Arc<Router>,
-    pools: Arc<PoolManager>,
+    listener: Arc<dyn RouteListener>,
     health: HealthReporter,
-    status: Arc<StreamStatus>,
+    status: Arc<StreamProgress>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = MIN_BACKOFF;
@@ -71,12 +82,12 @@ pub async fn run(
     loop {
         let mut caught_up = false;
         let ended = tokio::select! {
-            ended = follow(&router, &pools, &health, &status, &mut caught_up) => ended,
+            ended = follow(&router, listener.as_ref(), &health, &status, &mut caught_up) => ended,
             _ = stop.changed() => return,
         };
         status.live.send_replace(false);
         health
-            .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, ServingStatus::NotServing)
+            .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, Health::NotServing)
             .await;
         if caught_up {
             backoff = MIN_BACKOFF;
@@ -104,9 +115,9 @@ pub async fn run(
 /// One stream, from connect to its end. Err says why it ended.
 async fn follow(
     router: &Router,
-    pools: &PoolManager,
+    listener: &dyn RouteListener,
     health: &HealthReporter,
-    status: &StreamStatus,
+    status: &StreamProgress,
     caught_up: &mut bool,
 ) -> Result<(), String> {
     let after_version = *status.applied.borrow();
@@ -138,7 +149,7 @@ async fn follow(
                     // rather than served from an older route.
                     tracing::warn!(tenant.id = %tenant_id, %error, "control plane sent a route this data plane cannot use; route dropped");
                     router.forget(&tenant_id);
-                    pools.close_unrouted(&tenant_id);
+                    listener.route_dropped(&tenant_id);
                     continue;
                 }
             };
@@ -146,7 +157,7 @@ async fn follow(
             // replaces what is held whatever the versions.
             let force = snapshot_ids.is_some();
             let held = router.apply(tenant_id.clone(), route, force);
-            pools.route_changed(&tenant_id, &held, force);
+            listener.route_changed(&tenant_id, &held, force);
             if let Some(ids) = &mut snapshot_ids {
                 ids.insert(tenant_id);
             }
@@ -161,7 +172,7 @@ async fn follow(
                 *caught_up = true;
                 status.live.send_replace(true);
                 health
-                    .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, ServingStatus::Serving)
+                    .set_service_status(ROUTE_STREAM_HEALTH_SERVICE, Health::Serving)
                     .await;
                 tracing::info!(version = message.version, "route stream caught up");
             }

@@ -4,7 +4,7 @@
 //! requests miss at the same time (single flight), and at most `MAX_CONCURRENT_MISSES`
 //! tenants at a time. Ids the control plane does not know are remembered for a short
 //! while, so a stream of requests for unknown ids does not turn into a stream of calls.
-//! Routes are kept fresh by the route stream (`route_stream`): every change the control
+//! Routes are kept fresh by the route stream (`routing::stream`): every change the control
 //! plane commits is applied here (`apply`) within milliseconds, and a route learned from
 //! the stream also clears a remembered "unknown".
 
@@ -18,142 +18,11 @@ use tenantry_shared::TenantId;
 use tokio::sync::{Mutex, Semaphore};
 use tonic::transport::Channel;
 
+use super::route::{Route, RouteState, Target};
 use crate::error::DataPlaneError;
 
 const MAX_CONCURRENT_MISSES: usize = 32;
 const MAX_REMEMBERED_UNKNOWN: usize = 100_000;
-
-/// Serving state of a tenant, as the data plane sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouteState {
-    Provisioning,
-    Active,
-    Suspended,
-    Failed,
-    Deleting,
-    Deleted,
-}
-
-/// Where a tenant's database is, with the tenant's own credentials.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Target {
-    Postgres {
-        host: String,
-        port: u16,
-        database: String,
-        username: String,
-        password: String,
-    },
-    Sqlite {
-        path: String,
-        /// Changes when a new database replaces the old one at the same path.
-        incarnation: i64,
-    },
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Postgres {
-                host,
-                port,
-                database,
-                username,
-                ..
-            } => write!(f, "Postgres({username}@{host}:{port}/{database})"),
-            Self::Sqlite { path, incarnation } => {
-                write!(f, "Sqlite({path}, incarnation {incarnation})")
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Route {
-    pub state: RouteState,
-    pub reason: String,
-    pub version: i64,
-    pub target: Option<Target>,
-    /// Most connections the tenant's pool opens (0: the data plane's default).
-    pub max_connections: u32,
-    /// Tracing override: share of traces kept, log level (may be empty), until when.
-    pub tracing: Option<(f64, String, std::time::SystemTime)>,
-}
-
-impl Route {
-    pub fn from_proto(route: pb::Route) -> Result<Self, DataPlaneError> {
-        let state = match pb::TenantState::try_from(route.state) {
-            Ok(pb::TenantState::Provisioning) => RouteState::Provisioning,
-            Ok(pb::TenantState::Active) => RouteState::Active,
-            Ok(pb::TenantState::Suspended) => RouteState::Suspended,
-            Ok(pb::TenantState::Failed) => RouteState::Failed,
-            Ok(pb::TenantState::Deleting) => RouteState::Deleting,
-            Ok(pb::TenantState::Deleted) => RouteState::Deleted,
-            _ => {
-                return Err(DataPlaneError::Internal(format!(
-                    "control plane sent a route with unknown state {}",
-                    route.state
-                )));
-            }
-        };
-        let target = match route.connection {
-            Some(pb::route::Connection::Postgres(pg)) => Some(Target::Postgres {
-                host: pg.host,
-                port: u16::try_from(pg.port).map_err(|_| {
-                    DataPlaneError::Internal(format!("control plane sent port {}", pg.port))
-                })?,
-                database: pg.database,
-                username: pg.username,
-                password: pg.password,
-            }),
-            Some(pb::route::Connection::Sqlite(sqlite)) => Some(Target::Sqlite {
-                path: sqlite.path,
-                incarnation: route.incarnation,
-            }),
-            None => None,
-        };
-        Ok(Self {
-            state,
-            reason: route.reason,
-            version: route.route_version,
-            target,
-            max_connections: u32::try_from(route.max_connections).unwrap_or(0),
-            tracing: route.tracing.and_then(|tracing| {
-                let until = tracing.until?;
-                let until = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
-                    u64::try_from(until.seconds).ok()?,
-                    u32::try_from(until.nanos).ok()?,
-                ))?;
-                Some((tracing.ratio, tracing.log_level, until))
-            }),
-        })
-    }
-
-    /// Refuses requests unless the tenant serves, with the status the architecture's
-    /// table gives for each state.
-    pub fn check_serving(&self, tenant_id: &TenantId) -> Result<(), DataPlaneError> {
-        match self.state {
-            RouteState::Active if self.target.is_some() => Ok(()),
-            RouteState::Active => Err(DataPlaneError::Internal(format!(
-                "route of tenant {tenant_id} has no connection details"
-            ))),
-            RouteState::Suspended => Err(DataPlaneError::FailedPrecondition(format!(
-                "tenant {tenant_id} is suspended: {}",
-                self.reason
-            ))),
-            RouteState::Provisioning => Err(DataPlaneError::Unavailable(format!(
-                "tenant {tenant_id} is still being provisioned; retry shortly"
-            ))),
-            RouteState::Failed => Err(DataPlaneError::Unavailable(format!(
-                "tenant {tenant_id} is unavailable: {}",
-                self.reason
-            ))),
-            RouteState::Deleting | RouteState::Deleted => Err(DataPlaneError::NotFound(format!(
-                "tenant {tenant_id} does not exist (deleted)"
-            ))),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
@@ -207,6 +76,31 @@ impl Router {
             options,
             route_fetches: Default::default(),
         })
+    }
+
+    /// The route a request resolved earlier (`resolved`) must use now: the cached one if
+    /// the route changed since, checked again for serving. No request uses connection
+    /// details the data plane has already replaced.
+    pub(crate) fn current(
+        &self,
+        tenant_id: &TenantId,
+        resolved: &Arc<Route>,
+    ) -> Result<Arc<Route>, DataPlaneError> {
+        match self.cached(tenant_id) {
+            Some(newer) if newer.version > resolved.version => {
+                newer.check_serving(tenant_id)?;
+                Ok(newer)
+            }
+            _ => Ok(resolved.clone()),
+        }
+    }
+
+    /// Whether the cached route of `tenant_id` still serves with `target` (see
+    /// `Route::serves`); false when no route is cached.
+    pub(crate) fn serves(&self, tenant_id: &TenantId, target: &Target) -> bool {
+        self.routes
+            .get(tenant_id)
+            .is_some_and(|route| route.serves(target))
     }
 
     /// The cached route, if any.
@@ -369,14 +263,14 @@ impl Router {
 
     /// Puts a route into the cache as if the control plane had sent it. For tests that
     /// must show a wrong route is caught; nothing in the data plane calls it.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn insert_route_for_tests(&self, tenant_id: TenantId, route: Arc<Route>) {
         self.routes.insert(tenant_id, route);
     }
 
     /// Drops a cached route, so the next request misses. For tests of the miss path;
     /// nothing in the data plane calls it.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn forget_route_for_tests(&self, tenant_id: &TenantId) {
         self.routes.remove(tenant_id);
     }
@@ -398,7 +292,7 @@ impl Router {
 
 /// A channel whose calls carry the current trace context (so a route lookup shows up in
 /// the trace of the request that missed).
-pub type TracedChannel = tenantry_shared::grpc_trace::InjectTraceService<Channel>;
+pub(super) type TracedChannel = tenantry_shared::grpc_trace::InjectTraceService<Channel>;
 
 fn traced(channel: Channel) -> TracedChannel {
     tower::Layer::layer(&tenantry_shared::grpc_trace::InjectTraceLayer, channel)

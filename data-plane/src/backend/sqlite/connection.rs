@@ -10,7 +10,7 @@
 //! Each connection is hardened once, when it opens: extension loading and ATTACH are
 //! switched off, an authorizer refuses what would reach outside the tenant's file or
 //! leave state on the connection, and a progress handler interrupts statements past
-//! their request's deadline (see `ConnectionControls`).
+//! their request's deadline (see `controls`).
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::PathBuf;
@@ -21,7 +21,9 @@ use futures::future::BoxFuture;
 use libsqlite3_sys as ffi;
 use rusqlite::OpenFlags;
 
-use crate::connection_pool::{Backend, ConnectError, ConnectionControls};
+use super::controls::SqliteControls;
+use super::error::SqliteConnectError;
+use crate::pool::Backend;
 
 /// Statements a connection keeps prepared (as many as sqlx's default).
 const STATEMENT_CACHE_CAPACITY: usize = 100;
@@ -31,17 +33,17 @@ const PROGRESS_CHECK_EVERY_OPS: c_int = 1_000;
 
 /// Where and how to open a tenant's SQLite file.
 #[derive(Clone, Debug)]
-pub struct SqliteConnectOptions {
-    pub path: PathBuf,
+pub(crate) struct SqliteConnectOptions {
+    pub(crate) path: PathBuf,
     /// How long a statement waits for another connection's write lock.
-    pub busy_timeout: Duration,
+    pub(crate) busy_timeout: Duration,
 }
 
 /// The pool backend for SQLite tenant files.
-pub struct SqliteBackend;
+pub(crate) struct SqliteBackend;
 
 /// One open SQLite handle. Cheap to move; statements run on it through `run`.
-pub struct SqliteConnection {
+pub(crate) struct SqliteConnection {
     shared: Arc<Shared>,
 }
 
@@ -49,19 +51,19 @@ struct Shared {
     /// Declared first so that it closes before `controls` go: the authorizer holds a
     /// pointer to them.
     connection: Mutex<rusqlite::Connection>,
-    controls: OnceLock<Arc<ConnectionControls>>,
+    controls: OnceLock<Arc<SqliteControls>>,
     busy_timeout: Duration,
 }
 
 /// The blocking task running a statement panicked.
 #[derive(Debug)]
-pub struct WorkerPanicked;
+pub(crate) struct WorkerPanicked;
 
 impl SqliteConnection {
     /// Runs `work` on the connection on one of tokio's blocking threads. If the caller
     /// stops waiting, the work still ends on its own (interrupted through the
     /// connection's controls), and the handle closes once both are done with it.
-    pub async fn run<T, F>(&self, work: F) -> Result<T, WorkerPanicked>
+    pub(crate) async fn run<T, F>(&self, work: F) -> Result<T, WorkerPanicked>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> T + Send + 'static,
@@ -81,7 +83,7 @@ impl SqliteConnection {
     }
 
     /// Runs `work` on the caller's own thread, for work expected to take microseconds
-    /// (see `sql::sqlite`). Meanwhile:
+    /// (see `backend::sqlite::execute`). Meanwhile:
     /// - the connection does not wait for locks: a database locked by a writer fails at
     ///   once with SQLITE_BUSY instead of sleeping on an async worker thread;
     /// - strings and blobs over `RUN_HERE_MAX_LENGTH` bytes (read or made) and LIKE/GLOB
@@ -92,7 +94,7 @@ impl SqliteConnection {
     ///   large table).
     ///
     /// The caller runs the work again on a blocking thread when it fails for these.
-    pub fn run_here<T>(&self, work: impl FnOnce(&rusqlite::Connection) -> T) -> T {
+    pub(crate) fn run_here<T>(&self, work: impl FnOnce(&rusqlite::Connection) -> T) -> T {
         let connection = self
             .shared
             .connection
@@ -237,16 +239,18 @@ impl Backend for SqliteBackend {
     type Connection = SqliteConnection;
     type Shared = ();
     type ConnectOptions = SqliteConnectOptions;
+    type Controls = SqliteControls;
+    type Error = SqliteConnectError;
 
     fn connect(
         options: &Self::ConnectOptions,
-    ) -> BoxFuture<'_, Result<Self::Connection, ConnectError>> {
+    ) -> BoxFuture<'_, Result<Self::Connection, SqliteConnectError>> {
         let options = options.clone();
         let busy_timeout = options.busy_timeout;
         Box::pin(async move {
             let connection = tokio::task::spawn_blocking(move || open(&options))
                 .await
-                .map_err(|_| ConnectError::WorkerPanicked)??;
+                .map_err(|_| SqliteConnectError::WorkerPanicked)??;
             Ok(SqliteConnection {
                 shared: Arc::new(Shared {
                     connection: Mutex::new(connection),
@@ -255,6 +259,17 @@ impl Backend for SqliteBackend {
                 }),
             })
         })
+    }
+
+    /// Transaction control is Batch's alone, and a request's deadline ends with it; a
+    /// connection being closed keeps its deadline, so that what still runs on it stops.
+    fn returned(controls: &SqliteControls, reused: bool) {
+        controls
+            .allow_transaction_control
+            .store(false, std::sync::atomic::Ordering::Release);
+        if reused {
+            controls.set_deadline(None);
+        }
     }
 
     fn close(connection: Self::Connection) -> BoxFuture<'static, ()> {
@@ -280,10 +295,10 @@ fn open(options: &SqliteConnectOptions) -> rusqlite::Result<rusqlite::Connection
 
 /// Runs on every new SQLite tenant connection: the progress handler interrupts statements
 /// past their request's deadline, the authorizer reads the same controls.
-pub fn harden_connection(
+pub(crate) fn harden_connection(
     connection: &mut SqliteConnection,
-    controls: Arc<ConnectionControls>,
-) -> BoxFuture<'_, Result<(), ConnectError>> {
+    controls: Arc<SqliteControls>,
+) -> BoxFuture<'_, Result<(), SqliteConnectError>> {
     Box::pin(async move {
         // Kept beside the handle for as long as it is open: the authorizer's pointer.
         let controls = connection.shared.controls.get_or_init(|| controls).clone();
@@ -299,14 +314,14 @@ pub fn harden_connection(
                 unsafe { harden_sqlite(db.handle(), Arc::as_ptr(&controls)) };
             })
             .await
-            .map_err(|WorkerPanicked| ConnectError::WorkerPanicked)
+            .map_err(|WorkerPanicked| SqliteConnectError::WorkerPanicked)
     })
 }
 
 /// # Safety
 /// `db` must be an open handle not used by another thread meanwhile, and `controls`
 /// must stay valid for as long as the handle can prepare statements.
-unsafe fn harden_sqlite(db: *mut ffi::sqlite3, controls: *const ConnectionControls) {
+unsafe fn harden_sqlite(db: *mut ffi::sqlite3, controls: *const SqliteControls) {
     // SAFETY: as the caller promises.
     unsafe {
         ffi::sqlite3_db_config(
@@ -348,7 +363,7 @@ unsafe extern "C" fn tenant_authorizer(
         ffi::SQLITE_TRANSACTION | ffi::SQLITE_SAVEPOINT => {
             // SAFETY: `user_data` points at the connection's controls, which outlive
             // the handle (see `Shared`).
-            let controls = unsafe { &*(user_data as *const ConnectionControls) };
+            let controls = unsafe { &*(user_data as *const SqliteControls) };
             if controls.transaction_control_allowed() {
                 ffi::SQLITE_OK
             } else {
@@ -393,7 +408,7 @@ unsafe extern "C" fn tenant_authorizer(
 
 /// How many statements a SQL text holds, as far as running it goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Statements {
+pub(crate) enum Statements {
     /// Only comments, blanks or semicolons.
     None,
     One,
@@ -405,7 +420,10 @@ pub enum Statements {
 /// Counts the statements of `sql` by preparing the first and then the rest (comments,
 /// blanks and semicolons prepare to nothing). An error if the first statement does not
 /// prepare (call it once that has succeeded).
-pub fn count_statements(db: &rusqlite::Connection, sql: &str) -> rusqlite::Result<Statements> {
+pub(crate) fn count_statements(
+    db: &rusqlite::Connection,
+    sql: &str,
+) -> rusqlite::Result<Statements> {
     let Ok(length) = c_int::try_from(sql.len()) else {
         return Ok(Statements::Several);
     };

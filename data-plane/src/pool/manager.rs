@@ -1,115 +1,31 @@
-//! The pool manager: one connection pool (`connection_pool`) per tenant, opened lazily
-//! with the tenant's own credentials, replaced (and the old one closed) when the tenant's
-//! connection details change, closed when the tenant stops serving.
+//! The pool manager: one pool per tenant (`TenantPool`, opened through the backends'
+//! `PoolFactory`), opened lazily with the tenant's own credentials, replaced (and the old
+//! one closed) when the tenant's connection details change, closed when the tenant stops
+//! serving. It hears of route changes as the route stream's `RouteListener`, and asks
+//! the routing rules (`Route::serves`) whether a pool may still serve.
 //!
 //! Connections are cleaned between requests so that no session state outlives the
-//! request that set it:
-//! - PostgreSQL: every request's statement is followed, in the same write, by
-//!   `RESET ALL; CLOSE ALL; ...` (what `DISCARD ALL` does, minus dropping the
-//!   connection's prepared statements), and the connection goes back to its pool only
-//!   once that has been answered (`postgres_connection`); transaction control is refused
-//!   in tenant statements.
-//! - SQLite: an authorizer refuses `ATTACH`, `DETACH`, temporary objects, PRAGMA
-//!   settings, `load_extension()` and transaction control (only Batch's own BEGIN and
-//!   COMMIT/ROLLBACK pass), and extension loading is switched off, so no statement can
-//!   leave state on the connection (`sqlite_connection`).
+//! request that set it; how is each backend's business (`backend::postgres::reset`,
+//! `backend::sqlite::connection`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tenantry_proto::dataplane::v1 as pb;
 use tenantry_shared::TenantId;
 
-use crate::connection_pool::{
-    ConnectionPool, PoolFigures, PoolOptions as ConnectionPoolOptions, ServerBudget,
-};
-use crate::postgres_connection::{PgBackend, PgConnectOptions, postgres_connected, reset_session};
-use crate::router::{Route, RouteState, Router, Target};
-use crate::sqlite_connection::{SqliteBackend, SqliteConnectOptions, harden_connection};
+use super::connection_pool::{PoolFigures, PoolOptions};
+use super::tenant::{PoolFactory, TenantPool};
+use crate::routing::{Route, RouteListener, Router, Target};
 
-/// A PostgreSQL tenant's pool.
-pub type PgTenantPool = ConnectionPool<PgBackend>;
-/// A SQLite tenant's pool.
-pub type SqliteTenantPool = ConnectionPool<SqliteBackend>;
-
-#[derive(Clone)]
-pub enum TenantPool {
-    Postgres(PgTenantPool),
-    Sqlite(SqliteTenantPool),
-}
-
-impl TenantPool {
-    pub async fn close(&self) {
-        match self {
-            Self::Postgres(pool) => pool.close().await,
-            Self::Sqlite(pool) => pool.close().await,
-        }
-    }
-
-    fn mark_closed(&self) {
-        match self {
-            Self::Postgres(pool) => pool.mark_closed(),
-            Self::Sqlite(pool) => pool.mark_closed(),
-        }
-    }
-
-    pub fn figures(&self) -> PoolFigures {
-        match self {
-            Self::Postgres(pool) => pool.figures(),
-            Self::Sqlite(pool) => pool.figures(),
-        }
-    }
-
-    /// Statements that went out in one write with another request's (PostgreSQL).
-    fn pipelined(&self) -> u64 {
-        match self {
-            Self::Postgres(pool) => pool.shared().pipelined(),
-            Self::Sqlite(_) => 0,
-        }
-    }
-
-    fn max_connections(&self) -> u32 {
-        match self {
-            Self::Postgres(pool) => pool.max_connections(),
-            Self::Sqlite(pool) => pool.max_connections(),
-        }
-    }
-
-    fn touch(&self) {
-        match self {
-            Self::Postgres(pool) => pool.touch(),
-            Self::Sqlite(pool) => pool.touch(),
-        }
-    }
-
-    fn is_unused_for(&self, idle_for: Duration) -> bool {
-        match self {
-            Self::Postgres(pool) => pool.is_unused_for(idle_for),
-            Self::Sqlite(pool) => pool.is_unused_for(idle_for),
-        }
-    }
-
-    async fn close_expired_idle(&self) {
-        match self {
-            Self::Postgres(pool) => pool.close_expired_idle().await,
-            Self::Sqlite(pool) => pool.close_expired_idle().await,
-        }
-    }
-}
-
+/// How the pool manager sizes and ages tenant pools.
 #[derive(Clone, Debug)]
-pub struct PoolOptions {
-    pub max_connections_per_tenant: u32,
-    pub acquire_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// See `DataPlaneConfig::postgres_session_reset`.
-    pub postgres_session_reset: bool,
-    /// See `DataPlaneConfig::postgres_pipelining`.
-    pub postgres_pipelining: bool,
-    /// Most connections to one PostgreSQL server, over all its tenants' pools.
-    pub postgres_connection_budget: u32,
+pub(crate) struct PoolManagerOptions {
+    /// Most connections of a tenant's pool unless its route says otherwise.
+    pub(crate) max_connections_per_tenant: u32,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Pool figures of one tenant.
@@ -120,7 +36,7 @@ pub struct TenantPoolStats {
     pub max_connections: u32,
     pub connections: PoolFigures,
     /// Statements that went out in one write with another request's, since the pool
-    /// opened (PostgreSQL; see `sql::Waiting`).
+    /// opened (PostgreSQL; see `pool::queue`).
     pub pipelined_statements: u64,
 }
 
@@ -139,7 +55,7 @@ struct PoolEntry {
     /// Version of the route the pool was opened for (for a retired entry: of the route
     /// that retired it).
     route_version: i64,
-    pool: TenantPool,
+    pool: Arc<dyn TenantPool>,
     /// The pool was closed because a newer route made its details wrong. Kept for a
     /// moment so that a request still holding an older route cannot open a new pool
     /// with the old details; the sweep removes it.
@@ -148,16 +64,26 @@ struct PoolEntry {
 
 pub struct PoolManager {
     pools: DashMap<TenantId, Arc<PoolEntry>>,
-    /// Connection budgets of PostgreSQL servers, by `host:port`.
-    budgets: DashMap<String, Arc<ServerBudget<PgBackend>>>,
-    options: PoolOptions,
+    /// Opens pools for a target (the backends).
+    factory: Arc<dyn PoolFactory>,
+    options: PoolManagerOptions,
+}
+
+impl RouteListener for PoolManager {
+    fn route_changed(&self, tenant_id: &TenantId, route: &Route, force: bool) {
+        PoolManager::route_changed(self, tenant_id, route, force);
+    }
+
+    fn route_dropped(&self, tenant_id: &TenantId) {
+        self.close_unrouted(tenant_id);
+    }
 }
 
 impl PoolManager {
-    pub fn new(options: PoolOptions) -> Self {
+    pub(crate) fn new(options: PoolManagerOptions, factory: Arc<dyn PoolFactory>) -> Self {
         Self {
             pools: DashMap::new(),
-            budgets: DashMap::new(),
+            factory,
             options,
         }
     }
@@ -167,15 +93,14 @@ impl PoolManager {
     /// connections at once and is closed (awaited in the background). `force` (a
     /// snapshot from another registry, whose versions may be lower) compares details
     /// whatever the versions.
-    pub fn route_changed(&self, tenant_id: &TenantId, route: &Route, force: bool) {
+    pub(crate) fn route_changed(&self, tenant_id: &TenantId, route: &Route, force: bool) {
         let Entry::Occupied(mut occupied) = self.pools.entry(tenant_id.clone()) else {
             return;
         };
         let current = occupied.get();
         let stale = current.retired.is_none()
             && (force || current.route_version < route.version)
-            && (route.state != RouteState::Active
-                || route.target.as_ref() != Some(&current.target));
+            && !route.serves(&current.target);
         if !stale {
             return;
         }
@@ -192,7 +117,7 @@ impl PoolManager {
     }
 
     /// Closes the pool of a tenant whose route was dropped.
-    pub fn close_unrouted(&self, tenant_id: &TenantId) {
+    pub(crate) fn close_unrouted(&self, tenant_id: &TenantId) {
         if let Some((_, entry)) = self.pools.remove(tenant_id) {
             entry.pool.mark_closed();
             tokio::spawn(async move { entry.pool.close().await });
@@ -204,13 +129,13 @@ impl PoolManager {
     /// is closed in the background. A request still holding an older route than the pool
     /// was opened for gets the newer pool, and one holding a route older than the change
     /// that closed the tenant's pool gets None: it never brings old details back.
-    pub fn pool(
+    pub(crate) fn pool(
         &self,
         tenant_id: &TenantId,
         target: &Target,
         route_version: i64,
         max_connections: u32,
-    ) -> Option<TenantPool> {
+    ) -> Option<Arc<dyn TenantPool>> {
         if let Some(entry) = self.pools.get(tenant_id)
             && entry.retired.is_none()
             && (entry.target == *target || entry.route_version >= route_version)
@@ -249,8 +174,8 @@ impl PoolManager {
         }
     }
 
-    fn connection_pool_options(&self, max_connections: u32) -> ConnectionPoolOptions {
-        ConnectionPoolOptions {
+    fn open(&self, target: &Target, route_version: i64, max_connections: u32) -> PoolEntry {
+        let options = PoolOptions {
             max_connections: if max_connections == 0 {
                 self.options.max_connections_per_tenant
             } else {
@@ -259,61 +184,11 @@ impl PoolManager {
             .max(1),
             acquire_timeout: self.options.acquire_timeout,
             idle_timeout: self.options.idle_timeout,
-        }
-    }
-
-    fn budget(&self, host: &str, port: u16) -> Arc<ServerBudget<PgBackend>> {
-        let server = format!("{host}:{port}");
-        self.budgets
-            .entry(server.clone())
-            .or_insert_with(|| ServerBudget::new(server, self.options.postgres_connection_budget))
-            .clone()
-    }
-
-    fn open(&self, target: &Target, route_version: i64, max_connections: u32) -> PoolEntry {
-        let pool = match target {
-            Target::Postgres {
-                host,
-                port,
-                database,
-                username,
-                password,
-            } => {
-                let mut connect = PgConnectOptions::new(host, *port, database, username, password);
-                connect.session_reset = self.options.postgres_session_reset;
-                connect.pipelining = self.options.postgres_pipelining;
-                let reset: Option<crate::connection_pool::Clean<PgBackend>> =
-                    if self.options.postgres_session_reset {
-                        Some(reset_session)
-                    } else {
-                        None
-                    };
-                TenantPool::Postgres(PgTenantPool::new_lazy(
-                    connect,
-                    self.connection_pool_options(max_connections),
-                    postgres_connected,
-                    reset,
-                    Some(self.budget(host, *port)),
-                ))
-            }
-            Target::Sqlite { path, .. } => {
-                let connect = SqliteConnectOptions {
-                    path: path.into(),
-                    busy_timeout: Duration::from_secs(5),
-                };
-                TenantPool::Sqlite(SqliteTenantPool::new_lazy(
-                    connect,
-                    self.connection_pool_options(max_connections),
-                    harden_connection,
-                    None,
-                    None,
-                ))
-            }
         };
         PoolEntry {
             target: target.clone(),
             route_version,
-            pool,
+            pool: self.factory.open(target, options),
             retired: None,
         }
     }
@@ -321,8 +196,8 @@ impl PoolManager {
     /// Closes idle connections past the idle timeout, the pools of tenants whose route
     /// is gone, no longer serving, or points elsewhere, and pools unused (no connection
     /// open, none handed out) for the idle timeout. Called periodically.
-    pub async fn close_stale(&self, router: &Router) {
-        let pools: Vec<TenantPool> = self
+    pub(crate) async fn close_stale(&self, router: &Router) {
+        let pools: Vec<Arc<dyn TenantPool>> = self
             .pools
             .iter()
             .map(|entry| entry.value().pool.clone())
@@ -339,10 +214,7 @@ impl PoolManager {
             entry
                 .retired
                 .is_some_and(|since| since.elapsed() > Duration::from_secs(1))
-                || router.cached(tenant_id).is_none_or(|route| {
-                    route.state != RouteState::Active
-                        || route.target.as_ref() != Some(&entry.target)
-                })
+                || !router.serves(tenant_id, &entry.target)
         };
         let candidates: Vec<(TenantId, Arc<PoolEntry>)> = self
             .pools
@@ -376,10 +248,7 @@ impl PoolManager {
             .filter(|entry| entry.value().retired.is_none())
             .map(|entry| TenantPoolStats {
                 tenant_id: entry.key().clone(),
-                server: match &entry.value().target {
-                    Target::Postgres { host, port, .. } => format!("{host}:{port}"),
-                    Target::Sqlite { path, .. } => path.clone(),
-                },
+                server: entry.value().target.server(),
                 max_connections: entry.value().pool.max_connections(),
                 connections: entry.value().pool.figures(),
                 pipelined_statements: entry.value().pool.pipelined(),
@@ -387,25 +256,26 @@ impl PoolManager {
             .collect();
         tenants.sort_by(|a, b| a.tenant_id.as_str().cmp(b.tenant_id.as_str()));
         let mut servers: Vec<ServerPoolStats> = self
-            .budgets
-            .iter()
+            .factory
+            .budgets()
+            .into_iter()
             .map(|budget| {
                 let mut connections = PoolFigures::default();
-                for tenant in tenants.iter().filter(|t| t.server == budget.server()) {
+                for tenant in tenants.iter().filter(|t| t.server == budget.server) {
                     connections.idle += tenant.connections.idle;
                     connections.waiting += tenant.connections.waiting;
                 }
                 // Open counts slots, which also covers connections of closed pools that
                 // are still closing.
-                connections.open = budget.open();
+                connections.open = budget.open;
                 connections.idle = connections.idle.min(connections.open);
                 connections.in_use = connections.open - connections.idle;
                 ServerPoolStats {
-                    server: budget.server().to_owned(),
-                    budget: budget.budget(),
+                    server: budget.server,
+                    budget: budget.budget,
                     connections,
-                    pools: u32::try_from(budget.live_pools()).unwrap_or(u32::MAX),
-                    evictions: budget.evictions(),
+                    pools: u32::try_from(budget.pools).unwrap_or(u32::MAX),
+                    evictions: budget.evictions,
                 }
             })
             .collect();
@@ -413,7 +283,7 @@ impl PoolManager {
         (servers, tenants)
     }
 
-    pub async fn close_all(&self) {
+    pub(crate) async fn close_all(&self) {
         let tenant_ids: Vec<TenantId> =
             self.pools.iter().map(|entry| entry.key().clone()).collect();
         for tenant_id in tenant_ids {
@@ -421,60 +291,5 @@ impl PoolManager {
                 entry.pool.close().await;
             }
         }
-    }
-
-    pub fn open_pools(&self) -> usize {
-        self.pools.len()
-    }
-}
-
-/// `PoolService`: the pool figures of this data plane.
-pub struct PoolApi {
-    pub pools: Arc<PoolManager>,
-    pub router: Arc<Router>,
-    pub route_stream: Arc<crate::route_stream::StreamStatus>,
-}
-
-fn figures_to_proto(figures: PoolFigures) -> pb::PoolFigures {
-    pb::PoolFigures {
-        open: figures.open,
-        idle: figures.idle,
-        in_use: figures.in_use,
-        waiting: figures.waiting,
-    }
-}
-
-#[tonic::async_trait]
-impl pb::pool_service_server::PoolService for PoolApi {
-    async fn get_pool_stats(
-        &self,
-        _request: tonic::Request<pb::GetPoolStatsRequest>,
-    ) -> Result<tonic::Response<pb::GetPoolStatsResponse>, tonic::Status> {
-        let (servers, tenants) = self.pools.stats();
-        Ok(tonic::Response::new(pb::GetPoolStatsResponse {
-            servers: servers
-                .into_iter()
-                .map(|server| pb::ServerPoolStats {
-                    server: server.server,
-                    budget: server.budget,
-                    connections: Some(figures_to_proto(server.connections)),
-                    pools: server.pools,
-                    evictions: server.evictions,
-                })
-                .collect(),
-            tenants: tenants
-                .into_iter()
-                .map(|tenant| pb::TenantPoolStats {
-                    tenant_id: tenant.tenant_id.to_string(),
-                    server: tenant.server,
-                    max_connections: tenant.max_connections,
-                    connections: Some(figures_to_proto(tenant.connections)),
-                    pipelined_statements: tenant.pipelined_statements,
-                })
-                .collect(),
-            routes: self.router.len() as u64,
-            route_stream_live: *self.route_stream.live().borrow(),
-            route_version: *self.route_stream.applied().borrow(),
-        }))
     }
 }

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use tenantry_shared::TenantId;
 
-use crate::router::Route;
+use crate::routing::Route;
 
 /// The tenant a request acts for and its (serving) route. Handlers read it from the
 /// request extensions; below the handler it is passed explicitly.
 #[derive(Clone, Debug)]
-pub struct TenantContext {
-    pub tenant_id: TenantId,
-    pub route: Arc<Route>,
+pub(crate) struct TenantContext {
+    pub(crate) tenant_id: TenantId,
+    pub(crate) route: Arc<Route>,
 }

@@ -1,0 +1,456 @@
+//! A PostgreSQL tenant connection: a small client of PostgreSQL's wire protocol
+//! (messages from `postgres-protocol`, values from `postgres-types`). The request that
+//! holds a connection drives it: a call writes all of its messages in one write and
+//! reads the answers in the request's own task, with no channel or task in between.
+//!
+//! This file owns the connection itself: opening it, its protocol I/O (writing what is
+//! queued, reading and grouping the server's messages), and the idle check. What a
+//! connection does lives beside it: `auth`, `statements` (the statement cache), `reset`
+//! (the session reset), `run` and `pipeline` (running statements).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use futures::future::BoxFuture;
+use postgres_protocol::message::backend::{DataRowBody, Message};
+use postgres_protocol::message::frontend;
+use postgres_types::Type;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::error::{DbError, PgError, encode_error, protocol, unexpected};
+use super::reset::{PgControls, queue_unnamed};
+use super::statements::Prepared;
+use super::waiting::Job;
+use crate::pool::{Backend, WaitQueue};
+
+/// How long closing a connection waits for its goodbye to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// PostgreSQL tenant connections for `connection_pool`.
+pub(crate) struct PgBackend;
+
+#[derive(Clone)]
+pub(crate) struct PgConnectOptions {
+    host: String,
+    port: u16,
+    database: String,
+    pub(super) user: String,
+    pub(super) password: String,
+    /// Reset every connection between requests (`DataPlaneConfig::postgres_session_reset`).
+    pub(crate) session_reset: bool,
+    /// Requests waiting for a connection go out together
+    /// (`DataPlaneConfig::postgres_pipelining`).
+    pub(crate) pipelining: bool,
+}
+
+impl fmt::Debug for PgConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConnectOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConnectOptions {
+    pub(crate) fn new(
+        host: &str,
+        port: u16,
+        database: &str,
+        username: &str,
+        password: &str,
+    ) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+            database: database.to_owned(),
+            user: username.to_owned(),
+            password: password.to_owned(),
+            session_reset: true,
+            pipelining: true,
+        }
+    }
+}
+
+pub(crate) struct PgConnection {
+    pub(super) socket: TcpStream,
+    pub(super) read: BytesMut,
+    pub(super) write: BytesMut,
+    /// A call's messages are out and its answers not all read. A connection left so (its
+    /// call was dropped half-way) is closed, never used again.
+    pub(super) in_flight: bool,
+    /// The connection broke or the server closed it.
+    pub(super) broken: bool,
+    pub(super) session_reset: bool,
+    /// The session has run something since it was last reset.
+    pub(super) dirty: bool,
+    /// The transaction status of the last ReadyForQuery (`I`dle, in a `T`ransaction,
+    /// `E`rror in a transaction).
+    pub(super) status: u8,
+    /// A reset was sent behind the last statement and is not answered yet (true: it
+    /// also asks whether the role may take advisory locks).
+    pub(super) reset_behind: Option<bool>,
+    /// The role cannot take session-level advisory locks (known from the connection's
+    /// first reset): its connections are reset ahead of their next request.
+    pub(super) reset_ahead: bool,
+    /// `RESET_STATEMENTS` are prepared on the server (under `RESET_NAMES`).
+    pub(super) reset_prepared: bool,
+    /// The next statement run drops the connection's prepared statements (DEALLOCATE,
+    /// DISCARD ALL), the reset's among them.
+    pub(super) drops_statements: bool,
+    pub(super) statements: HashMap<String, Arc<Prepared>>,
+    /// Cache keys, oldest first.
+    pub(super) statement_order: VecDeque<String>,
+    pub(super) next_statement: u64,
+    /// Names of types that are not built in (extensions, enums, domains), by OID.
+    pub(super) types: HashMap<u32, Type>,
+}
+
+impl Backend for PgBackend {
+    type Connection = PgConnection;
+    type ConnectOptions = PgConnectOptions;
+    type Shared = WaitQueue<Job>;
+    type Controls = PgControls;
+    type Error = PgError;
+
+    fn connect(options: &Self::ConnectOptions) -> BoxFuture<'_, Result<Self::Connection, PgError>> {
+        Box::pin(PgConnection::connect(options))
+    }
+
+    fn take_clean(connection: &mut Self::Connection) -> bool {
+        connection.usable()
+            && connection.status == b'I'
+            && connection.reset_behind.is_none()
+            && (!connection.dirty || connection.reset_ahead)
+    }
+
+    fn is_open(connection: &Self::Connection) -> bool {
+        connection.usable()
+    }
+
+    fn check_idle(connection: &mut Self::Connection) -> bool {
+        connection.check_idle()
+    }
+
+    fn close(mut connection: Self::Connection) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if connection.broken {
+                return;
+            }
+            let mut goodbye = BytesMut::new();
+            frontend::terminate(&mut goodbye);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                connection.socket.write_all(&goodbye).await?;
+                connection.socket.shutdown().await
+            })
+            .await;
+        })
+    }
+}
+
+/// What a group of messages (up to one Sync) came back with.
+pub(super) struct Outcome<E> {
+    pub(super) rows_affected: u64,
+    pub(super) error: Option<GroupError<E>>,
+}
+
+pub(super) enum GroupError<E> {
+    /// One of the statements sent ahead of the request's own failed.
+    Ahead(DbError),
+    Statement(DbError),
+    Row(E),
+}
+
+impl PgConnection {
+    pub(super) async fn connect(options: &PgConnectOptions) -> Result<Self, PgError> {
+        if options.host.starts_with('/') {
+            return Err(PgError::Protocol(format!(
+                "the database server's host {:?} is a Unix socket directory; data planes reach \
+                 PostgreSQL over TCP: register the server with a host name or address",
+                options.host
+            )));
+        }
+        let socket = TcpStream::connect((options.host.as_str(), options.port))
+            .await
+            .map_err(PgError::Io)?;
+        socket.set_nodelay(true).map_err(PgError::Io)?;
+        let mut connection = PgConnection {
+            socket,
+            read: BytesMut::with_capacity(8192),
+            write: BytesMut::with_capacity(8192),
+            in_flight: false,
+            broken: false,
+            session_reset: options.session_reset,
+            dirty: false,
+            status: b'I',
+            reset_behind: None,
+            reset_ahead: false,
+            reset_prepared: false,
+            drops_statements: false,
+            statements: HashMap::new(),
+            statement_order: VecDeque::new(),
+            next_statement: 0,
+            types: HashMap::new(),
+        };
+        let parameters = [
+            ("client_encoding", "UTF8"),
+            ("user", options.user.as_str()),
+            ("database", options.database.as_str()),
+            ("application_name", "tenantry-data-plane"),
+            // Notices are not passed to callers: do not send them at all.
+            ("options", "-c client_min_messages=error"),
+        ];
+        frontend::startup_message(parameters, &mut connection.write).map_err(encode_error)?;
+        connection.flush().await?;
+        connection.authenticate(options).await?;
+        loop {
+            match connection.next_message().await? {
+                Message::BackendKeyData(_) => {}
+                Message::ReadyForQuery(body) => {
+                    connection.status = body.status();
+                    return Ok(connection);
+                }
+                Message::ErrorResponse(body) => return Err(PgError::Db(DbError::parse(&body))),
+                _ => return Err(unexpected("connection start")),
+            }
+        }
+    }
+
+    pub(super) fn usable(&self) -> bool {
+        !self.broken && !self.in_flight
+    }
+
+    /// Whether an idle connection is still open, found out without waiting. An idle
+    /// server sends nothing unless it ends the connection (a FATAL error such as
+    /// `pg_terminate_backend`'s or a shutdown's, then end of stream), apart from notices,
+    /// parameter changes and notifications, which are skipped. What it sent may already
+    /// be in the read buffer (read together with the last answer) or still in the
+    /// socket, which is asked directly (one non-blocking `recv`): tokio's readiness only
+    /// shows what its I/O driver has collected, and a busy runtime may not have collected
+    /// the server's goodbye yet.
+    pub(super) fn check_idle(&mut self) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        let mut chunk = [0u8; 1024];
+        loop {
+            match self.buffered_message() {
+                Ok(None) => {}
+                Ok(Some(Message::ErrorResponse(body))) => {
+                    let error = DbError::parse(&body);
+                    tracing::info!(
+                        sqlstate = %error.code,
+                        message = %error.message,
+                        "the server ended an idle connection; the request gets another"
+                    );
+                    self.broken = true;
+                    return false;
+                }
+                Ok(Some(_)) | Err(_) => {
+                    tracing::warn!(
+                        "an idle connection got an unexpected or malformed message; closing it"
+                    );
+                    self.broken = true;
+                    return false;
+                }
+            }
+            // The socket is non-blocking (tokio's): an empty one answers WouldBlock at once.
+            match std::io::Read::read(&mut &*socket2::SockRef::from(&self.socket), &mut chunk) {
+                Ok(0) => break,
+                Ok(read) => self.read.extend_from_slice(&chunk[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        tracing::info!("an idle connection was closed by the server; the request gets another");
+        self.broken = true;
+        false
+    }
+
+    /// Writes what is queued.
+    pub(super) async fn flush(&mut self) -> Result<(), PgError> {
+        let written = self.socket.write_all(&self.write).await;
+        self.write.clear();
+        written.map_err(|error| {
+            self.broken = true;
+            PgError::Io(error)
+        })
+    }
+
+    /// The next whole message in the read buffer, skipping those the server may send at
+    /// any time (notices, parameter changes, notifications).
+    pub(super) fn buffered_message(&mut self) -> Result<Option<Message>, PgError> {
+        loop {
+            match Message::parse(&mut self.read) {
+                Ok(Some(
+                    Message::NoticeResponse(_)
+                    | Message::ParameterStatus(_)
+                    | Message::NotificationResponse(_),
+                )) => continue,
+                Ok(message) => return Ok(message),
+                Err(error) => {
+                    self.broken = true;
+                    return Err(protocol(error));
+                }
+            }
+        }
+    }
+
+    /// The next message from the server, skipping those it may send at any time.
+    pub(super) async fn next_message(&mut self) -> Result<Message, PgError> {
+        loop {
+            if let Some(message) = self.buffered_message()? {
+                return Ok(message);
+            }
+            self.read.reserve(4096);
+            match self.socket.read_buf(&mut self.read).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(PgError::Closed);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.broken = true;
+                    return Err(PgError::Io(error));
+                }
+            }
+        }
+    }
+
+    /// Checks that the connection can take a call.
+    pub(super) fn start(&self) -> Result<(), PgError> {
+        if self.broken {
+            return Err(PgError::Closed);
+        }
+        if self.in_flight || self.reset_behind.is_some() {
+            return Err(PgError::Protocol(
+                "the connection still has answers to read".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues one statement with no parameters and no result, as the unnamed statement.
+    pub(super) fn queue_unnamed(&mut self, sql: &str) -> Result<(), PgError> {
+        queue_unnamed(sql, &mut self.write)
+    }
+
+    /// Reads a group's answers up to its ReadyForQuery. The first `ahead` completions
+    /// answer statements sent ahead of the request's own; then come its rows (for
+    /// `on_row`) and its completion.
+    pub(super) async fn read_group<E>(
+        &mut self,
+        mut ahead: usize,
+        only_first: bool,
+        on_row: &mut impl FnMut(&DataRowBody) -> Result<(), E>,
+    ) -> Result<Outcome<E>, PgError> {
+        let mut outcome = Outcome {
+            rows_affected: 0,
+            error: None,
+        };
+        // With `only_first`, the request's statement is the first after those ahead; what
+        // follows it (the end of its statement timeout) has no rows and no count to give.
+        let mut done = false;
+        loop {
+            match self.next_message().await? {
+                Message::ParseComplete
+                | Message::BindComplete
+                | Message::CloseComplete
+                | Message::NoData
+                | Message::ParameterDescription(_)
+                | Message::RowDescription(_) => {}
+                Message::CommandComplete(body) => {
+                    if ahead > 0 {
+                        ahead -= 1;
+                    } else if !done {
+                        outcome.rows_affected = rows_affected(body.tag().map_err(protocol)?);
+                        done = only_first;
+                    }
+                }
+                Message::EmptyQueryResponse => done = only_first,
+                Message::DataRow(row) => {
+                    if outcome.error.is_none()
+                        && !done
+                        && let Err(error) = on_row(&row)
+                    {
+                        outcome.error = Some(GroupError::Row(error));
+                    }
+                }
+                Message::ErrorResponse(body) => {
+                    let error = DbError::parse(&body);
+                    outcome.error = Some(if ahead > 0 {
+                        GroupError::Ahead(error)
+                    } else {
+                        GroupError::Statement(error)
+                    });
+                }
+                Message::ReadyForQuery(body) => {
+                    self.status = body.status();
+                    return Ok(outcome);
+                }
+                Message::CopyInResponse(_) | Message::CopyOutResponse(_) => {
+                    // The connection is in the middle of a COPY: not worth unwinding.
+                    self.broken = true;
+                    return Err(PgError::Unsupported(
+                        "COPY ... FROM STDIN and COPY ... TO STDOUT are not available through \
+                         the data plane: insert rows with parameters (Execute, or Batch for \
+                         many), and read them with Query"
+                            .to_owned(),
+                    ));
+                }
+                _ => {
+                    self.broken = true;
+                    return Err(unexpected("a statement's answer"));
+                }
+            }
+        }
+    }
+
+    /// Sends what is queued and reads the answers of one group.
+    pub(super) async fn round_trip<E>(
+        &mut self,
+        ahead: usize,
+        only_first: bool,
+        on_row: &mut impl FnMut(&DataRowBody) -> Result<(), E>,
+    ) -> Result<Outcome<E>, PgError> {
+        self.in_flight = true;
+        self.flush().await?;
+        let outcome = self.read_group(ahead, only_first, on_row).await?;
+        self.in_flight = false;
+        Ok(outcome)
+    }
+}
+
+/// A simple query's row (text format).
+pub(super) fn text_row(row: &DataRowBody) -> Result<Vec<Option<String>>, PgError> {
+    let buffer = row.buffer();
+    row.ranges()
+        .map(|range| Ok(range.map(|range| String::from_utf8_lossy(&buffer[range]).into_owned())))
+        .collect()
+        .map_err(protocol)
+}
+
+/// The rows a command tag reports (`INSERT 0 5`, `UPDATE 3`, `SELECT 2`); 0 for others.
+pub(super) fn rows_affected(tag: &str) -> u64 {
+    tag.rsplit(' ')
+        .next()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A new PostgreSQL tenant connection needs nothing before its first request: its
+/// session reset finds out the rest (see `queue_reset_behind`).
+pub(crate) fn postgres_connected(
+    _connection: &mut PgConnection,
+    _controls: Arc<PgControls>,
+) -> BoxFuture<'_, Result<(), PgError>> {
+    Box::pin(std::future::ready(Ok(())))
+}

@@ -1,0 +1,165 @@
+//! Errors of the PostgreSQL wire client (`PgError`: what the server said, or why the
+//! connection failed), and their one mapping into the data plane's error model, by
+//! SQLSTATE class (`from_postgres`).
+
+use std::fmt;
+
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::ErrorResponseBody;
+use tenantry_shared::TenantId;
+
+use crate::error::DataPlaneError;
+
+/// An error the server reported.
+#[derive(Debug)]
+pub(crate) struct DbError {
+    pub(crate) code: String,
+    pub(crate) message: String,
+    pub(crate) detail: Option<String>,
+}
+
+impl DbError {
+    pub(super) fn parse(body: &ErrorResponseBody) -> Self {
+        let mut error = DbError {
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+        };
+        let mut fields = body.fields();
+        while let Ok(Some(field)) = fields.next() {
+            let value = || String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                b'C' => error.code = value(),
+                b'M' => error.message = value(),
+                b'D' => error.detail = Some(value()),
+                _ => {}
+            }
+        }
+        error
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum PgError {
+    /// The server refused the statement.
+    Db(DbError),
+    /// The session reset ahead of the statement failed (the statement did not run); the
+    /// connection is closed.
+    Reset(DbError),
+    /// The server closed the connection.
+    Closed,
+    Io(std::io::Error),
+    /// An answer this client does not understand, or cannot give (authentication).
+    Protocol(String),
+    /// Something the data plane does not offer (COPY over the connection).
+    Unsupported(String),
+    /// A parameter could not be encoded.
+    Parameter(String),
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Db(error) => write!(f, "SQLSTATE {}: {}", error.code, error.message),
+            Self::Reset(error) => write!(
+                f,
+                "session reset failed: SQLSTATE {}: {}",
+                error.code, error.message
+            ),
+            Self::Closed => f.write_str("connection closed"),
+            Self::Io(error) => write!(f, "I/O error: {error}"),
+            Self::Protocol(message) | Self::Unsupported(message) | Self::Parameter(message) => {
+                f.write_str(message)
+            }
+        }
+    }
+}
+
+impl std::error::Error for PgError {}
+
+/// A statement's error, or the error of the caller's row handler.
+pub(crate) enum RunError<E> {
+    Postgres(PgError),
+    Row(E),
+}
+
+pub(super) fn encode_error(error: std::io::Error) -> PgError {
+    PgError::Parameter(format!("cannot encode a message: {error}"))
+}
+
+pub(super) fn protocol(error: impl fmt::Display) -> PgError {
+    PgError::Protocol(format!("cannot read the server's answer: {error}"))
+}
+
+pub(super) fn unexpected(during: &str) -> PgError {
+    PgError::Protocol(format!(
+        "unexpected message from the server during {during}"
+    ))
+}
+
+/// Maps an error from a PostgreSQL tenant database (the data plane's own connections;
+/// see `backend::postgres`).
+pub(crate) fn from_postgres(error: PgError, tenant: &TenantId) -> DataPlaneError {
+    match error {
+        PgError::Db(db) => from_sqlstate(&db.code, &db.message, db.detail.as_deref(), tenant),
+        PgError::Parameter(message) | PgError::Unsupported(message) => {
+            DataPlaneError::InvalidArgument(message)
+        }
+        PgError::Closed => {
+            tracing::warn!(tenant.id = %tenant, "tenant database connection closed");
+            DataPlaneError::Unavailable(format!(
+                "the connection to the database of tenant {tenant} closed; retry"
+            ))
+        }
+        PgError::Reset(db) => {
+            tracing::warn!(tenant.id = %tenant, sqlstate = %db.code, message = %db.message,
+                "tenant connection's session reset failed");
+            DataPlaneError::Unavailable(format!(
+                "the session reset of a connection to the database of tenant {tenant} failed \
+                 (SQLSTATE {}: {}); the statement did not run; retry",
+                db.code, db.message
+            ))
+        }
+        // The connection or the protocol (I/O, unexpected messages, authentication the
+        // client cannot do): not the statement's fault.
+        PgError::Io(_) | PgError::Protocol(_) => {
+            tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
+            DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
+        }
+    }
+}
+
+fn from_sqlstate(
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+    tenant: &TenantId,
+) -> DataPlaneError {
+    let class = code.get(..2).unwrap_or("");
+    let full = match detail {
+        Some(detail) => format!("SQLSTATE {code}: {message} ({detail})"),
+        None => format!("SQLSTATE {code}: {message}"),
+    };
+    match (class, code) {
+        (_, "57014") => DataPlaneError::DeadlineExceeded(format!(
+            "the statement was cancelled at the request's deadline ({full})"
+        )),
+        (_, "40001") | (_, "40P01") => DataPlaneError::Aborted(full),
+        (_, "42501") if message.contains("advisory_lock") => {
+            DataPlaneError::InvalidArgument(format!(
+                "{full}; session-level advisory locks are not available to tenants (a \
+                 connection serves one request after another): take \
+                 pg_advisory_xact_lock() inside a Batch, which holds it until the Batch ends"
+            ))
+        }
+        // connection exceptions, insufficient resources, operator intervention, auth,
+        // database missing: not the statement's fault.
+        ("08", _) | ("53", _) | ("57", _) | ("28", _) | ("3D", _) | ("58", _) | ("XX", _) => {
+            tracing::warn!(tenant.id = %tenant, sqlstate = code, "tenant database unavailable");
+            DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} is unavailable ({full})"
+            ))
+        }
+        _ => DataPlaneError::InvalidArgument(full),
+    }
+}

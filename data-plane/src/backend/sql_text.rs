@@ -1,0 +1,221 @@
+//! SQL text classification, before anything runs: comments, leading words, transaction
+//! control (refused in tenant statements), which statements may share a write with
+//! others, and the highest `$N` placeholder of a PostgreSQL text. Scanners only: they
+//! never parse SQL beyond what these questions need.
+
+use crate::error::{DataPlaneError, Result};
+
+/// If a SQL comment (`-- ...` to the end of the line, or a nested `/* ... */`) starts at
+/// byte `i`, the index just after it.
+pub(crate) fn comment_end(bytes: &[u8], i: usize) -> Option<usize> {
+    match (bytes.get(i), bytes.get(i + 1)) {
+        (Some(b'-'), Some(b'-')) => {
+            let mut end = i;
+            while end < bytes.len() && bytes[end] != b'\n' {
+                end += 1;
+            }
+            Some(end)
+        }
+        (Some(b'/'), Some(b'*')) => {
+            let mut depth = 1;
+            let mut end = i + 2;
+            while end < bytes.len() && depth > 0 {
+                if bytes[end] == b'/' && bytes.get(end + 1) == Some(&b'*') {
+                    depth += 1;
+                    end += 2;
+                } else if bytes[end] == b'*' && bytes.get(end + 1) == Some(&b'/') {
+                    depth -= 1;
+                    end += 2;
+                } else {
+                    end += 1;
+                }
+            }
+            Some(end)
+        }
+        _ => None,
+    }
+}
+
+/// Leading words of a statement, skipping whitespace and comments (upper-cased).
+pub(crate) fn leading_words(sql: &str, count: usize) -> Vec<String> {
+    let bytes = sql.as_bytes();
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() && words.len() < count {
+        match bytes[i] {
+            b'-' | b'/' if comment_end(bytes, i).is_some() => {
+                i = comment_end(bytes, i).unwrap_or(bytes.len());
+            }
+            byte if byte.is_ascii_alphabetic() => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                words.push(sql[start..i].to_ascii_uppercase());
+            }
+            byte if byte.is_ascii_whitespace() => i += 1,
+            _ => break,
+        }
+    }
+    words
+}
+
+/// Refuses transaction control in a tenant statement: every call is its own session,
+/// and Batch is the one way to run statements in a transaction. (On PostgreSQL such a
+/// statement is always a top-level command, so its first words tell.)
+pub(crate) fn refuse_transaction_control(sql: &str) -> Result<()> {
+    let words = leading_words(sql, 2);
+    let first = words.first().map(String::as_str).unwrap_or("");
+    let second = words.get(1).map(String::as_str).unwrap_or("");
+    let controls_transaction = matches!(
+        first,
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE"
+    ) || (first == "PREPARE" && second == "TRANSACTION");
+    if controls_transaction {
+        return Err(DataPlaneError::InvalidArgument(format!(
+            "{first} is refused: each call runs on its own; use Batch to run several \
+             statements in one transaction"
+        )));
+    }
+    Ok(())
+}
+
+/// Statements whose requests may share a write with other requests' (PostgreSQL
+/// pipelining): the ones that read and write rows. Not VACUUM and the like, which cannot
+/// run in a pipeline, nor anything that changes what later statements see of the session.
+const PIPELINED_WORDS: [&str; 7] = [
+    "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "TABLE",
+];
+
+pub(crate) fn may_pipeline(sql: &str) -> bool {
+    leading_words(sql, 1)
+        .first()
+        .is_some_and(|word| PIPELINED_WORDS.contains(&word.as_str()))
+}
+
+/// Whether the statement drops the connection's prepared statements on the server
+/// (DEALLOCATE, DISCARD ALL/PLANS).
+pub(crate) fn drops_prepared_statements(sql: &str) -> bool {
+    matches!(
+        leading_words(sql, 1).first().map(String::as_str),
+        Some("DEALLOCATE" | "DISCARD")
+    )
+}
+
+/// Highest `$N` placeholder in PostgreSQL SQL text, skipping string literals, quoted
+/// identifiers, dollar-quoted strings and comments.
+pub(crate) fn max_placeholder(sql: &str) -> usize {
+    let bytes = sql.as_bytes();
+    let mut max = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' => {
+                // E'...' strings may escape quotes with a backslash.
+                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E');
+                i += 1;
+                while i < bytes.len() {
+                    if escapes && bytes[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if bytes[i] == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' | b'/' if comment_end(bytes, i).is_some() => {
+                i = comment_end(bytes, i).unwrap_or(bytes.len());
+            }
+            b'$' => {
+                let start = i + 1;
+                let mut end = start;
+                while end < bytes.len() && bytes[end].is_ascii_digit() {
+                    end += 1;
+                }
+                let part_of_identifier =
+                    i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+                if end > start && !part_of_identifier {
+                    max = max.max(sql[start..end].parse().unwrap_or(0));
+                    i = end;
+                    continue;
+                }
+                // A dollar quote: $tag$ ... $tag$ (tag may be empty).
+                let mut tag_end = start;
+                while tag_end < bytes.len()
+                    && (bytes[tag_end].is_ascii_alphanumeric() || bytes[tag_end] == b'_')
+                {
+                    tag_end += 1;
+                }
+                if !part_of_identifier && bytes.get(tag_end) == Some(&b'$') {
+                    let tag = &sql[i..=tag_end];
+                    match sql[tag_end + 1..].find(tag) {
+                        Some(offset) => i = tag_end + 1 + offset + tag.len(),
+                        None => i = bytes.len(),
+                    }
+                    continue;
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_placeholders_outside_literals_and_comments() {
+        assert_eq!(max_placeholder("SELECT 1"), 0);
+        assert_eq!(max_placeholder("SELECT $1, $2"), 2);
+        assert_eq!(max_placeholder("SELECT $2 -- $9"), 2);
+        assert_eq!(
+            max_placeholder("SELECT '$7', \"$8\", $1 /* $9 /* $9 */ */"),
+            1
+        );
+        assert_eq!(max_placeholder("SELECT $$ $5 $$, $tag$ $6 $tag$, $3"), 3);
+        assert_eq!(max_placeholder("SELECT E'it\\'s $4', 'it''s $5', $1"), 1);
+        assert_eq!(max_placeholder("SELECT a$1 FROM t WHERE x = $10"), 10);
+    }
+
+    #[test]
+    fn finds_transaction_control_behind_comments() {
+        for sql in [
+            "BEGIN",
+            "  begin;",
+            "-- x\nCOMMIT",
+            "/* a /* b */ */ rollback to s",
+            "PREPARE TRANSACTION 'x'",
+            "start transaction",
+            "end",
+        ] {
+            assert!(refuse_transaction_control(sql).is_err(), "{sql:?}");
+        }
+        for sql in [
+            "SELECT 'BEGIN'",
+            "INSERT INTO t VALUES (1)",
+            "PREPARE q AS SELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "",
+            "(SELECT 1)",
+        ] {
+            assert!(refuse_transaction_control(sql).is_ok(), "{sql:?}");
+        }
+    }
+}
