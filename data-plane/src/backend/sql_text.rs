@@ -218,4 +218,67 @@ mod tests {
             assert!(refuse_transaction_control(sql).is_ok(), "{sql:?}");
         }
     }
+
+    /// A piece of PostgreSQL text for the placeholder scanner.
+    #[derive(Clone, Debug)]
+    enum Piece {
+        Code(&'static str),
+        Placeholder(usize),
+        /// `$N` inside a string, quoted identifier, comment or dollar quote.
+        Hidden(usize, u8),
+    }
+
+    fn piece() -> impl proptest::strategy::Strategy<Value = Piece> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::sample::select(vec![
+                "SELECT", "a", "x_1", "=", ",", "(", ")", "'it''s'", "e'\\''", "1"
+            ])
+            .prop_map(Piece::Code),
+            (1usize..200).prop_map(Piece::Placeholder),
+            (1usize..500, 0u8..5).prop_map(|(n, how)| Piece::Hidden(n, how)),
+        ]
+    }
+
+    fn text_of(pieces: &[Piece]) -> String {
+        pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Code(code) => (*code).to_owned(),
+                Piece::Placeholder(n) => format!("${n}"),
+                Piece::Hidden(n, 0) => format!("'${n}'"),
+                Piece::Hidden(n, 1) => format!("\"${n}\""),
+                Piece::Hidden(n, 2) => format!("-- ${n}\n"),
+                Piece::Hidden(n, 3) => format!("/* ${n} /* ${n} */ */"),
+                Piece::Hidden(n, _) => format!("$q$ ${n} $q$"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_highest_placeholder_outside_quotes_and_comments(
+            pieces in proptest::collection::vec(piece(), 0..20)
+        ) {
+            let expected = pieces
+                .iter()
+                .filter_map(|piece| match piece {
+                    Piece::Placeholder(n) => Some(*n),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let text = text_of(&pieces);
+            proptest::prop_assert_eq!(max_placeholder(&text), expected, "{}", text);
+        }
+
+        #[test]
+        fn scanners_never_panic(sql in ".{0,200}") {
+            let _ = max_placeholder(&sql);
+            let _ = leading_words(&sql, 3);
+            let _ = refuse_transaction_control(&sql);
+            let _ = may_pipeline(&sql);
+        }
+    }
 }

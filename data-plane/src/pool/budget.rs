@@ -149,3 +149,171 @@ impl<B: Backend> ServerBudget<B> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The budget's races, on a backend whose connections are numbers (no database: this
+    //! is the pool's own bookkeeping), with tokio's clock paused, so waits end when the
+    //! runtime has nothing else to do rather than after real time.
+
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::pool::connection_pool::{AcquireError, ConnectionPool, PoolOptions};
+
+    /// Connections are numbers; closing one records it.
+    struct Numbers;
+
+    #[derive(Default)]
+    struct Counters {
+        opened: AtomicU64,
+        closed: Mutex<Vec<u64>>,
+    }
+
+    static COUNTERS: std::sync::LazyLock<Mutex<std::collections::HashMap<u64, Arc<Counters>>>> =
+        std::sync::LazyLock::new(Default::default);
+
+    impl Backend for Numbers {
+        /// (test id, connection number)
+        type Connection = (u64, u64);
+        type ConnectOptions = u64;
+        type Shared = ();
+        type Controls = ();
+        type Error = ();
+
+        fn connect(test: &u64) -> BoxFuture<'_, Result<(u64, u64), ()>> {
+            let counters = counters(*test);
+            let number = counters.opened.fetch_add(1, Ordering::AcqRel);
+            Box::pin(std::future::ready(Ok((*test, number))))
+        }
+
+        fn close(connection: (u64, u64)) -> BoxFuture<'static, ()> {
+            if let Ok(mut closed) = counters(connection.0).closed.lock() {
+                closed.push(connection.1);
+            }
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    fn counters(test: u64) -> Arc<Counters> {
+        let mut all = COUNTERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.entry(test).or_default().clone()
+    }
+
+    fn harden(_: &mut (u64, u64), _: Arc<()>) -> BoxFuture<'_, Result<(), ()>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn pool(test: u64, budget: &Arc<ServerBudget<Numbers>>, max: u32) -> ConnectionPool<Numbers> {
+        ConnectionPool::new_lazy(
+            test,
+            PoolOptions {
+                max_connections: max,
+                acquire_timeout: Duration::from_secs(3),
+                idle_timeout: Duration::from_secs(60),
+            },
+            harden,
+            None,
+            Some(budget.clone()),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_with_no_connection_evicts_the_oldest_idle_one_of_another() {
+        let budget = ServerBudget::new("db:5432".to_owned(), 2);
+        let older = pool(1, &budget, 2);
+        let newer = pool(1, &budget, 2);
+        let quiet = pool(1, &budget, 2);
+        let first = older
+            .acquire()
+            .await
+            .map_err(|_| "older")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let oldest: (u64, u64) = *first;
+        drop(first);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let second = newer
+            .acquire()
+            .await
+            .map_err(|_| "newer")
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(second);
+        assert_eq!(budget.open(), 2);
+        let taken = quiet.acquire().await;
+        assert!(taken.is_ok(), "the quiet pool got no connection");
+        assert_eq!(budget.evictions(), 1);
+        assert_eq!(budget.open(), 2, "the budget was exceeded");
+        let closed = counters(1)
+            .closed
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            closed,
+            vec![oldest.1],
+            "not the least recently used connection"
+        );
+        assert_eq!((older.figures().open, newer.figures().open), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_budget_fails_with_its_cause_after_the_wait() {
+        let budget = ServerBudget::new("db:5432".to_owned(), 1);
+        let holder = pool(2, &budget, 1);
+        let waiter = pool(2, &budget, 1);
+        let _held = holder
+            .acquire()
+            .await
+            .map_err(|_| ())
+            .unwrap_or_else(|()| panic!("held"));
+        match waiter.acquire().await {
+            // (`waited` is wall time, which a paused clock does not move.)
+            Err(AcquireError::Budget {
+                server, budget: 1, ..
+            }) => assert_eq!(server, "db:5432"),
+            Err(other) => panic!("expected the budget's error, got {other:?}"),
+            Ok(_) => panic!("a second connection went past a budget of 1"),
+        }
+        assert_eq!(budget.open(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starving_pool_gets_the_slot_of_a_connection_coming_back() {
+        let budget = ServerBudget::new("db:5432".to_owned(), 2);
+        let busy = pool(3, &budget, 2);
+        let starving = pool(3, &budget, 1);
+        let first = busy
+            .acquire()
+            .await
+            .map_err(|_| ())
+            .unwrap_or_else(|()| panic!("1"));
+        let _second = busy
+            .acquire()
+            .await
+            .map_err(|_| ())
+            .unwrap_or_else(|()| panic!("2"));
+        let waiting = tokio::spawn(async move { starving.acquire().await.map(|c| *c) });
+        // Let the starving request register and wait.
+        while budget.starving.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The busy pool has another connection: this one closes to free its slot.
+        drop(first);
+        let got = waiting
+            .await
+            .map_err(|_| ())
+            .unwrap_or_else(|()| panic!("task"));
+        assert!(got.is_ok(), "the starving pool got no connection");
+        assert_eq!(budget.open(), 2);
+        assert_eq!(
+            busy.figures().open,
+            1,
+            "the busy pool kept both connections"
+        );
+    }
+}

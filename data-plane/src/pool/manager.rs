@@ -293,3 +293,244 @@ impl PoolManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pool manager's bookkeeping of which pool serves which route, on pools that
+    //! only count what is done to them (the backends' own behaviour is tested end to end
+    //! against real databases).
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+    use tenantry_proto::dataplane::v1 as pb;
+
+    use super::*;
+    use crate::error::{DataPlaneError, Result};
+    use crate::pool::connection_pool::ManagedPool;
+    use crate::pool::tenant::{BudgetFigures, Call};
+    use crate::routing::{RouteState, RouterOptions};
+
+    #[derive(Default)]
+    struct CountingPool {
+        marked_closed: AtomicBool,
+        closed: AtomicUsize,
+        unused: AtomicBool,
+    }
+
+    impl ManagedPool for CountingPool {
+        fn figures(&self) -> PoolFigures {
+            PoolFigures::default()
+        }
+        fn max_connections(&self) -> u32 {
+            1
+        }
+        fn touch(&self) {
+            self.unused.store(false, Ordering::Release);
+        }
+        fn is_unused_for(&self, _: Duration) -> bool {
+            self.unused.load(Ordering::Acquire)
+        }
+        fn close_expired_idle(&self) -> BoxFuture<'_, ()> {
+            Box::pin(std::future::ready(()))
+        }
+        fn mark_closed(&self) {
+            self.marked_closed.store(true, Ordering::Release);
+        }
+        fn close(&self) -> BoxFuture<'_, ()> {
+            self.closed.fetch_add(1, Ordering::AcqRel);
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    fn refused<T: Send + 'static>() -> BoxFuture<'static, Result<T>> {
+        Box::pin(std::future::ready(Err(DataPlaneError::Internal(
+            "a counting pool runs nothing".to_owned(),
+        ))))
+    }
+
+    impl TenantPool for CountingPool {
+        fn execute<'a>(
+            &'a self,
+            _: &'a pb::Statement,
+            _: &'a Call<'a>,
+        ) -> BoxFuture<'a, Result<pb::ExecuteResponse>> {
+            refused()
+        }
+        fn query<'a>(
+            &'a self,
+            _: &'a pb::Statement,
+            _: &'a Call<'a>,
+        ) -> BoxFuture<'a, Result<pb::QueryResponse>> {
+            refused()
+        }
+        fn batch<'a>(
+            &'a self,
+            _: &'a [pb::Statement],
+            _: &'a Call<'a>,
+        ) -> BoxFuture<'a, Result<Vec<pb::ExecuteResponse>>> {
+            refused()
+        }
+    }
+
+    /// Remembers every pool it opened, with the options it was given.
+    #[derive(Default)]
+    struct Opened(Mutex<Vec<(Target, u32, Arc<CountingPool>)>>);
+
+    impl PoolFactory for Opened {
+        fn open(&self, target: &Target, options: PoolOptions) -> Arc<dyn TenantPool> {
+            let pool = Arc::new(CountingPool::default());
+            if let Ok(mut opened) = self.0.lock() {
+                opened.push((target.clone(), options.max_connections, pool.clone()));
+            }
+            pool
+        }
+        fn budgets(&self) -> Vec<BudgetFigures> {
+            Vec::new()
+        }
+    }
+
+    impl Opened {
+        fn pool(&self, index: usize) -> Arc<CountingPool> {
+            let opened = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            opened[index].2.clone()
+        }
+        fn count(&self) -> usize {
+            self.0.lock().map_or(0, |opened| opened.len())
+        }
+    }
+
+    fn sqlite(path: &str) -> Target {
+        Target::Sqlite {
+            path: path.to_owned(),
+            incarnation: 1,
+        }
+    }
+
+    fn route(state: RouteState, version: i64, target: &Target) -> Route {
+        Route {
+            state,
+            reason: String::new(),
+            version,
+            target: Some(target.clone()),
+            max_connections: 0,
+            tracing: None,
+        }
+    }
+
+    fn new_manager() -> (PoolManager, Arc<Opened>) {
+        let opened = Arc::new(Opened::default());
+        let manager = PoolManager::new(
+            PoolManagerOptions {
+                max_connections_per_tenant: 4,
+                acquire_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(60),
+            },
+            opened.clone(),
+        );
+        (manager, opened)
+    }
+
+    fn acme() -> TenantId {
+        TenantId::parse("acme").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_pool_per_target_and_the_tenants_own_size() {
+        let (manager, opened) = new_manager();
+        let a = sqlite("/a.db");
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        assert_eq!(opened.count(), 1, "the same target opened twice");
+        assert!(manager.pool(&acme(), &sqlite("/b.db"), 2, 9).is_some());
+        assert_eq!(opened.count(), 2);
+        assert!(
+            opened.pool(0).marked_closed.load(Ordering::Acquire),
+            "the replaced pool lends on"
+        );
+        let sizes: Vec<u32> = opened
+            .0
+            .lock()
+            .map(|o| o.iter().map(|e| e.1).collect())
+            .unwrap_or_default();
+        assert_eq!(sizes, vec![4, 9], "0 means the data plane's default");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_with_an_older_route_never_reopens_old_details() {
+        let (manager, opened) = new_manager();
+        let (a, b) = (sqlite("/a.db"), sqlite("/b.db"));
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        // The stream brings version 2 with other details: the pool stops lending at once.
+        manager.route_changed(&acme(), &route(RouteState::Active, 2, &b), false);
+        assert!(opened.pool(0).marked_closed.load(Ordering::Acquire));
+        // A request that resolved version 1 before the change gets nothing.
+        assert!(manager.pool(&acme(), &a, 1, 0).is_none());
+        assert_eq!(opened.count(), 1);
+        // One with version 2 opens the new details.
+        assert!(manager.pool(&acme(), &b, 2, 0).is_some());
+        assert_eq!(opened.count(), 2);
+        // An older route than the pool's is served the newer pool, not its own details.
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        assert_eq!(opened.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspension_or_a_dropped_route_closes_the_pool() {
+        let (manager, opened) = new_manager();
+        let a = sqlite("/a.db");
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        manager.route_changed(&acme(), &route(RouteState::Active, 1, &a), false);
+        assert!(
+            !opened.pool(0).marked_closed.load(Ordering::Acquire),
+            "same route closed it"
+        );
+        manager.route_changed(&acme(), &route(RouteState::Suspended, 2, &a), false);
+        assert!(opened.pool(0).marked_closed.load(Ordering::Acquire));
+
+        let (manager, opened) = new_manager();
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        RouteListener::route_dropped(&manager, &acme());
+        assert!(opened.pool(0).marked_closed.load(Ordering::Acquire));
+        assert!(manager.stats().1.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_pools_that_no_longer_serve_or_sit_unused() {
+        let (manager, opened) = new_manager();
+        let router = Router::new(
+            "http://127.0.0.1:9",
+            RouterOptions {
+                unknown_tenant_ttl: Duration::from_secs(1),
+                control_plane_timeout: Duration::from_secs(1),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (a, globex) = (
+            sqlite("/a.db"),
+            TenantId::parse("globex").unwrap_or_else(|e| panic!("{e}")),
+        );
+        router.apply(acme(), Arc::new(route(RouteState::Active, 1, &a)), false);
+        router.apply(
+            globex.clone(),
+            Arc::new(route(RouteState::Active, 1, &a)),
+            false,
+        );
+        assert!(manager.pool(&acme(), &a, 1, 0).is_some());
+        assert!(manager.pool(&globex, &a, 1, 0).is_some());
+        manager.close_stale(&router).await;
+        assert_eq!(manager.stats().1.len(), 2, "serving, used pools were swept");
+        // acme stops serving; globex's pool sits unused.
+        router.apply(acme(), Arc::new(route(RouteState::Suspended, 2, &a)), false);
+        opened.pool(1).unused.store(true, Ordering::Release);
+        manager.close_stale(&router).await;
+        tokio::task::yield_now().await;
+        assert!(manager.stats().1.is_empty());
+        assert_eq!(opened.pool(0).closed.load(Ordering::Acquire), 1);
+        assert_eq!(opened.pool(1).closed.load(Ordering::Acquire), 1);
+    }
+}

@@ -9,7 +9,7 @@
 //! listen to route changes.
 
 mod budget;
-mod connection_pool;
+pub(crate) mod connection_pool;
 mod manager;
 mod queue;
 mod tenant;

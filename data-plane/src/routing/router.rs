@@ -313,3 +313,99 @@ impl Drop for ForgetFlight<'_> {
 fn unknown_tenant(tenant_id: &TenantId) -> DataPlaneError {
     DataPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The router's cache rules, without a control plane (nothing here misses; the
+    //! channel to it is made lazily, inside a runtime).
+
+    use super::*;
+
+    fn router() -> Router {
+        Router::new(
+            "http://127.0.0.1:9",
+            RouterOptions {
+                unknown_tenant_ttl: Duration::from_secs(1),
+                control_plane_timeout: Duration::from_secs(1),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn tenant(id: &str) -> TenantId {
+        TenantId::parse(id).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn route(state: RouteState, version: i64, path: &str) -> Arc<Route> {
+        Arc::new(Route {
+            state,
+            reason: "on request".to_owned(),
+            version,
+            target: Some(Target::Sqlite {
+                path: path.to_owned(),
+                incarnation: 1,
+            }),
+            max_connections: 0,
+            tracing: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_newest_route_wins_unless_a_snapshot_replaces_it() {
+        let router = router();
+        let acme = tenant("acme");
+        router.apply(acme.clone(), route(RouteState::Active, 5, "/a"), false);
+        let held = router.apply(acme.clone(), route(RouteState::Suspended, 3, "/a"), false);
+        assert_eq!((held.version, held.state), (5, RouteState::Active));
+        let held = router.apply(acme.clone(), route(RouteState::Suspended, 3, "/a"), true);
+        assert_eq!((held.version, held.state), (3, RouteState::Suspended));
+    }
+
+    #[tokio::test]
+    async fn a_request_uses_the_newer_route_and_its_refusal() {
+        let router = router();
+        let acme = tenant("acme");
+        let resolved = route(RouteState::Active, 1, "/a");
+        router.apply(acme.clone(), resolved.clone(), false);
+        let current = router.current(&acme, &resolved).map_err(|e| e.to_string());
+        assert_eq!(current.map(|r| r.version), Ok(1));
+        router.apply(acme.clone(), route(RouteState::Active, 2, "/b"), false);
+        let current = router.current(&acme, &resolved).map_err(|e| e.to_string());
+        assert_eq!(current.map(|r| r.version), Ok(2));
+        router.apply(acme.clone(), route(RouteState::Suspended, 3, "/b"), false);
+        assert!(matches!(
+            router.current(&acme, &resolved),
+            Err(DataPlaneError::FailedPrecondition(_))
+        ));
+        // A cached ACTIVE route is served without asking the control plane.
+        let globex = tenant("globex");
+        router.apply(globex.clone(), route(RouteState::Active, 4, "/g"), false);
+        assert!(router.resolve(&globex).await.is_ok());
+        assert_eq!(router.route_fetches(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pool_serves_only_its_own_active_target() {
+        let router = router();
+        let acme = tenant("acme");
+        let a = Target::Sqlite {
+            path: "/a".to_owned(),
+            incarnation: 1,
+        };
+        assert!(!router.serves(&acme, &a), "no route, yet it serves");
+        router.apply(acme.clone(), route(RouteState::Active, 1, "/a"), false);
+        assert!(router.serves(&acme, &a));
+        let moved = Target::Sqlite {
+            path: "/a".to_owned(),
+            incarnation: 2,
+        };
+        assert!(
+            !router.serves(&acme, &moved),
+            "a new incarnation is other details"
+        );
+        router.apply(acme.clone(), route(RouteState::Deleting, 2, "/a"), false);
+        assert!(!router.serves(&acme, &a));
+        assert_eq!(router.retain_only(&Default::default()), vec![acme.clone()]);
+        assert!(router.cached(&acme).is_none());
+    }
+}

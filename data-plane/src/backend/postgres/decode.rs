@@ -311,4 +311,107 @@ mod tests {
         assert_eq!(numeric_text(&numeric_bytes(0, 0xC000, 0, &[]))?, "NaN");
         Ok(())
     }
+
+    /// A decimal `mantissa / 10^scale` in PostgreSQL's binary `numeric` format.
+    fn encode_numeric(negative: bool, mantissa: u64, scale: usize) -> Vec<u8> {
+        let text = format!("{mantissa:0>width$}", width = scale + 1);
+        let (int_part, fraction) = text.split_at(text.len() - scale);
+        let int_part = format!(
+            "{int_part:0>width$}",
+            width = int_part.len().div_ceil(4) * 4
+        );
+        let fraction = format!(
+            "{fraction:0<width$}",
+            width = fraction.len().div_ceil(4) * 4
+        );
+        let groups = |digits: &str| -> Vec<i16> {
+            digits
+                .as_bytes()
+                .chunks(4)
+                .map(|chunk| std::str::from_utf8(chunk).map_or(0, |g| g.parse().unwrap_or(0)))
+                .collect()
+        };
+        let mut digits = groups(&int_part);
+        let mut weight = digits.len() as i16 - 1;
+        digits.extend(groups(&fraction));
+        while digits.first() == Some(&0) {
+            digits.remove(0);
+            weight -= 1;
+        }
+        while digits.last() == Some(&0) {
+            digits.pop();
+        }
+        if digits.is_empty() {
+            weight = 0;
+        }
+        let sign = if negative && mantissa != 0 { 0x4000 } else { 0 };
+        numeric_bytes(weight, sign, scale as u16, &digits)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn numeric_text_is_the_exact_decimal(
+            negative: bool,
+            mantissa: u64,
+            scale in 0usize..30,
+        ) {
+            let text = format!("{mantissa:0>width$}", width = scale + 1);
+            let (int_part, fraction) = text.split_at(text.len() - scale);
+            let mut expected = String::new();
+            if negative && mantissa != 0 {
+                expected.push('-');
+            }
+            let int_part = int_part.trim_start_matches('0');
+            expected.push_str(if int_part.is_empty() { "0" } else { int_part });
+            if scale > 0 {
+                expected.push('.');
+                expected.push_str(fraction);
+            }
+            let decoded = numeric_text(&encode_numeric(negative, mantissa, scale))
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            proptest::prop_assert_eq!(decoded, expected);
+        }
+
+        #[test]
+        fn numeric_text_never_panics(bytes: Vec<u8>) {
+            let _ = numeric_text(&bytes);
+        }
+
+        #[test]
+        fn interval_text_gives_back_its_parts(months: i32, days: i32, micros: i64) {
+            let mut raw = Vec::new();
+            raw.extend_from_slice(&micros.to_be_bytes());
+            raw.extend_from_slice(&days.to_be_bytes());
+            raw.extend_from_slice(&months.to_be_bytes());
+            let text = interval_text(&raw)
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            let body = text.strip_prefix('P').and_then(|t| t.strip_suffix('S'));
+            let Some(body) = body else {
+                return Err(proptest::test_runner::TestCaseError::fail(text));
+            };
+            let (months_text, rest) = body.split_once('M').unwrap_or_default();
+            let (days_text, seconds_text) = rest.split_once("DT").unwrap_or_default();
+            proptest::prop_assert_eq!(months_text.parse::<i32>().ok(), Some(months));
+            proptest::prop_assert_eq!(days_text.parse::<i32>().ok(), Some(days));
+            let (sign, unsigned) = match seconds_text.strip_prefix('-') {
+                Some(unsigned) => (-1i128, unsigned),
+                None => (1, seconds_text),
+            };
+            let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+            proptest::prop_assert!(fraction.len() <= 6 && !fraction.ends_with('0'), "{}", text);
+            let fraction_micros = format!("{fraction:0<6}").parse::<i128>().unwrap_or(-1);
+            let total = sign * (whole.parse::<i128>().unwrap_or(-1) * 1_000_000 + fraction_micros);
+            proptest::prop_assert_eq!(total, i128::from(micros), "{}", text);
+        }
+
+        #[test]
+        fn uuid_text_is_the_bytes_in_hyphenated_hex(bytes: [u8; 16]) {
+            let text = uuid_text(&bytes)
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            let groups: Vec<usize> = text.split('-').map(str::len).collect();
+            proptest::prop_assert_eq!(groups, vec![8, 4, 4, 4, 12]);
+            let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+            proptest::prop_assert_eq!(text.replace('-', ""), hex);
+        }
+    }
 }
