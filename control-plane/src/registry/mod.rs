@@ -667,3 +667,98 @@ async fn append_event<C: sea_orm::ConnectionTrait>(db: &C, event: Event<'_>) -> 
     };
     Ok(row.insert(db).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ActiveEnum, ConnectionTrait, FromQueryResult, Iterable};
+
+    use super::*;
+
+    #[test]
+    fn enums_keep_the_strings_registries_hold() {
+        let states: Vec<String> = TenantState::iter().map(|state| state.to_value()).collect();
+        assert_eq!(
+            states,
+            [
+                "PROVISIONING",
+                "ACTIVE",
+                "SUSPENDED",
+                "FAILED",
+                "DELETING",
+                "DELETED"
+            ]
+        );
+        let backends: Vec<String> = Backend::iter().map(|backend| backend.to_value()).collect();
+        assert_eq!(backends, ["postgres", "sqlite"]);
+        assert_eq!(TenantState::Suspended.to_string(), "SUSPENDED");
+    }
+
+    /// A registry written before the enums existed (plain strings) reads unchanged.
+    #[tokio::test]
+    async fn reads_rows_written_as_plain_strings() -> Result<()> {
+        let path = std::env::temp_dir().join(format!(
+            "tenantry-registry-test-{}-{}.db",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let registry = Registry::open(&path.display().to_string()).await?;
+        registry
+            .db
+            .execute_unprepared(
+                "INSERT INTO database_servers (name, backend, location, create_time) \
+                 VALUES ('local', 'sqlite', '/tmp', '2026-01-01T00:00:00Z'); \
+                 INSERT INTO tenants (tenant_id, display_name, state, reason, requested_server, \
+                 database_server, backend, database_name, route_version, schema_version, \
+                 create_time, update_time, max_connections) \
+                 VALUES ('acme', 'Acme', 'SUSPENDED', 'unpaid', '', 'local', 'sqlite', \
+                 'acme.sqlite3', 7, 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', 0)",
+            )
+            .await?;
+        let acme =
+            TenantId::parse("acme").map_err(|e| ControlPlaneError::Internal(e.to_string()))?;
+        let tenant = registry.get_tenant(&acme).await?;
+        assert_eq!(
+            tenant.map(|t| (t.state, t.backend)),
+            Some((TenantState::Suspended, Some(Backend::Sqlite)))
+        );
+        let suspended = registry
+            .list_tenants(None, Some(TenantState::Suspended), 10)
+            .await?;
+        assert_eq!(suspended.len(), 1);
+        assert!(
+            registry
+                .list_tenants(None, Some(TenantState::Active), 10)
+                .await?
+                .is_empty()
+        );
+        assert_eq!(
+            registry.tenant_states().await?.get(&TenantState::Suspended),
+            Some(&1)
+        );
+        assert_eq!(
+            registry.get_server("local").await?.map(|s| s.backend),
+            Some(Backend::Sqlite)
+        );
+        // A change writes the same strings back.
+        let resumed = registry.mark_resumed(&acme, "test", |_| Ok(())).await?;
+        assert_eq!(resumed.state, TenantState::Active);
+        let stored = StoredState::find_by_statement(sea_orm::Statement::from_string(
+            registry.db.get_database_backend(),
+            "SELECT state FROM tenants WHERE tenant_id = 'acme'",
+        ))
+        .one(&registry.db)
+        .await?
+        .map(|row| row.state);
+        assert_eq!(stored.as_deref(), Some("ACTIVE"));
+        registry.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        Ok(())
+    }
+
+    #[derive(FromQueryResult)]
+    struct StoredState {
+        state: String,
+    }
+}
