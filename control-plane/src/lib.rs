@@ -5,8 +5,9 @@
 //! The public API is what the binary, the tests and the benches use: the config, `start`
 //! and, with the `testing` feature, `start_with_faults` and the `testing` hooks.
 //! Inside, dependencies point one way: `service` (gRPC translation) → `domain` (the
-//! rules) → `routes`, `provisioner` → `registry`; `convert` (registry types to
-//! protobuf) and `error` serve them all.
+//! rules) and `routes` → `provisioner` → `registry`; `reconciler` and `metrics` sit
+//! beside `domain`; `convert` (registry types to protobuf) and `error` serve them all.
+//! No lower module names a higher one.
 
 mod convert;
 mod domain;

@@ -68,7 +68,8 @@ impl ServerManager {
         Self { registry }
     }
 
-    /// Registers a server (or, repeated, returns it) with its tenant count.
+    /// Registers a server (or, repeated, returns it) with its tenant count. Server names
+    /// follow the tenant id pattern, so they arrive parsed as one.
     pub(crate) async fn register(
         &self,
         name: &TenantId,
