@@ -430,7 +430,6 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     let control_plane = tenantry_control_plane::start(
         &control_plane_config,
         tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        Default::default(),
     )
     .await?;
     // The baseline pool and the first tenant's pool (the 1-tenant scenarios) have the

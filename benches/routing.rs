@@ -105,7 +105,6 @@ impl Platform {
         let control_plane = tenantry_control_plane::start(
             &config,
             tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            Default::default(),
         )
         .await?;
         let channel = Channel::from_shared(control_plane.url())?.connect().await?;

@@ -81,7 +81,6 @@ async fn side() -> anyhow::Result<Side> {
             ..ControlPlaneConfig::default()
         },
         tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        Default::default(),
     )
     .await?;
     let data_plane = tenantry_data_plane::start(

@@ -139,8 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry =
                 telemetry::init("tenantry-control-plane", format, &config.tracing(), "info")?;
             let listener = bind(config.listen_addr, "control plane").await?;
-            let server =
-                tenantry_control_plane::start(&config, listener, Default::default()).await?;
+            let server = tenantry_control_plane::start(&config, listener).await?;
             tracing::info!(addr = %server.local_addr, "control plane serving");
             let metrics = match config.metrics_addr {
                 Some(addr) => Some(metrics_endpoint(addr, server.metrics.iter().cloned()).await?),
@@ -266,12 +265,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let control_plane_listener = bind(args.control_plane_addr, "control plane").await?;
     let data_plane_listener = bind(args.data_plane_addr, "data plane").await?;
-    let control_plane = tenantry_control_plane::start(
-        &control_plane_config,
-        control_plane_listener,
-        Default::default(),
-    )
-    .await?;
+    let control_plane =
+        tenantry_control_plane::start(&control_plane_config, control_plane_listener).await?;
     let data_plane_config = DataPlaneConfig {
         listen_addr: args.data_plane_addr,
         control_plane_url: control_plane.url(),

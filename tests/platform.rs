@@ -12,7 +12,7 @@ use common::{
     Backend, Sandbox, SandboxOptions, execute_within, int, null, placeholder, query_within, text,
     with_tenant,
 };
-use tenantry_control_plane::provisioner::{FaultInjection, Step};
+use tenantry_control_plane::testing::{FaultInjection, Step};
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
@@ -174,15 +174,12 @@ async fn tenant_lifecycle(backend: Backend) {
     assert_eq!(deleted_again.route_version, deleted.route_version);
 
     // Every change is in the audit log, in order, and each one's id is a route version.
-    let registry = tenantry_control_plane::registry::Registry::open(
+    let events = tenantry_control_plane::testing::audit_events(
         &sandbox.control_plane_config.registry_url,
+        &id,
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let events = registry
-        .audit_events(&id)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
     let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -196,7 +193,6 @@ async fn tenant_lifecycle(backend: Backend) {
     );
     assert_eq!(events.last().map(|e| e.id), Some(deleted.route_version));
     assert_eq!(events[3].detail, "unpaid invoice");
-    registry.close().await;
 }
 
 async fn create_is_idempotent_and_conflicts_are_refused(backend: Backend) {
@@ -625,11 +621,9 @@ async fn sql_errors_map_to_status_codes(backend: Backend) {
                     .decode(salt_b64)
                     .unwrap_or_else(|e| panic!("{e}"))
             };
-            let expected = tenantry_control_plane::provisioner::postgres::scram_sha256_verifier(
-                &pg.password,
-                &salt,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            let expected =
+                tenantry_control_plane::testing::scram_sha256_verifier(&pg.password, &salt)
+                    .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(stored, expected);
             // And it is not a superuser and cannot create roles or databases.
             let flags: (bool, bool, bool) = sandbox

@@ -1,14 +1,23 @@
 //! Tenantry control plane: the tenant registry, the provisioner that creates and drops
 //! tenant databases, the reconciler that finishes interrupted work, and the gRPC
 //! services (`TenantService`, `DatabaseServerService`, `RoutingService`).
+//!
+//! The public API is what the binary, the tests and the benches use: the config, `start`
+//! and, with the `testing` feature, `start_with_faults` and the `testing` hooks.
+//! Inside, dependencies point one way: `service` (gRPC translation) → `domain` (the
+//! rules) and `routes` → `provisioner` → `registry`; `reconciler` and `metrics` sit
+//! beside `domain`; `convert` (registry types to protobuf) and `error` serve them all.
+//! No lower module names a higher one.
 
-pub mod convert;
-pub mod error;
-pub mod metrics;
-pub mod provisioner;
-pub mod reconciler;
-pub mod registry;
-pub mod service;
+mod convert;
+mod domain;
+mod error;
+mod metrics;
+mod provisioner;
+mod reconciler;
+mod registry;
+mod routes;
+mod service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +27,6 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tenantry_proto::controlplane::v1::database_server_service_server::DatabaseServerServiceServer;
-use tenantry_proto::controlplane::v1::register_database_server_request::Location;
 use tenantry_proto::controlplane::v1::routing_service_server::RoutingServiceServer;
 use tenantry_proto::controlplane::v1::tenant_service_server::TenantServiceServer;
 use tenantry_shared::config::PlaneConfig;
@@ -28,8 +36,13 @@ use tenantry_shared::grpc::{
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use provisioner::{FaultInjection, Provisioner, ProvisionerOptions};
+use domain::servers::{ServerLocation, ServerManager, check_location};
+use domain::tenants::TenantManager;
+#[cfg(feature = "testing")]
+use provisioner::FaultInjection;
+use provisioner::{Provisioner, ProvisionerOptions};
 use registry::Registry;
+use routes::RouteTable;
 
 /// Control-plane settings (TOML file, `TENANTRY_*` overrides). See README.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -116,14 +129,55 @@ const SERVICE_NAMES: &[&str] = &[
 ];
 
 /// Name of the SQLite server registered from `sqlite_directory`.
-pub const LOCAL_SQLITE_SERVER: &str = "local";
+const LOCAL_SQLITE_SERVER: &str = "local";
 
 /// Opens the registry, resumes unfinished tenants in the background, and serves on
 /// `listener` until shut down.
 pub async fn start(
     config: &ControlPlaneConfig,
     listener: TcpListener,
+) -> anyhow::Result<ServerHandle> {
+    start_serving(config, listener, |options| options).await
+}
+
+/// `start`, with provisioning broken on purpose as `faults` says.
+#[cfg(feature = "testing")]
+pub async fn start_with_faults(
+    config: &ControlPlaneConfig,
+    listener: TcpListener,
     faults: FaultInjection,
+) -> anyhow::Result<ServerHandle> {
+    start_serving(config, listener, |options| ProvisionerOptions {
+        faults,
+        ..options
+    })
+    .await
+}
+
+/// Test hooks: fault injection, and reads of what the control plane stored.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::provisioner::postgres::scram_sha256_verifier;
+    pub use crate::provisioner::{FaultInjection, Step};
+    pub use crate::registry::AuditEvent;
+
+    /// The audit log of one tenant, oldest first, read from the registry at
+    /// `registry_url` (a control plane may be running on it).
+    pub async fn audit_events(
+        registry_url: &str,
+        tenant_id: &str,
+    ) -> anyhow::Result<Vec<AuditEvent>> {
+        let registry = crate::registry::Registry::open(registry_url).await?;
+        let events = registry.audit_events(tenant_id).await;
+        registry.close().await;
+        Ok(events?)
+    }
+}
+
+async fn start_serving(
+    config: &ControlPlaneConfig,
+    listener: TcpListener,
+    provisioner_options: impl FnOnce(ProvisionerOptions) -> ProvisionerOptions,
 ) -> anyhow::Result<ServerHandle> {
     let registry = Registry::open(&config.registry_url)
         .await
@@ -146,12 +200,13 @@ pub async fn start(
     }
     let provisioner = Arc::new(Provisioner::new(
         registry.clone(),
-        ProvisionerOptions {
+        provisioner_options(ProvisionerOptions {
             tenant_migrations,
             attempts: config.provision_attempts.max(1),
             retry_delay: Duration::from_millis(config.provision_retry_delay_ms),
-            faults,
-        },
+            #[cfg(feature = "testing")]
+            faults: FaultInjection::default(),
+        }),
     ));
     tokio::spawn(reconciler::resume_unfinished(
         registry.clone(),
@@ -164,22 +219,24 @@ pub async fn start(
         registry.clone(),
         watch_streams.clone(),
     ));
-    let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi {
-        registry: registry.clone(),
-        provisioner: provisioner.clone(),
-        metrics: plane_metrics.clone(),
-    }))
+    let tenants = Arc::new(TenantManager::new(
+        registry.clone(),
+        provisioner.clone(),
+        plane_metrics.clone(),
+    ));
+    let routes = Routes::new(TenantServiceServer::new(service::tenants::TenantApi::new(
+        tenants,
+    )))
     .add_service(DatabaseServerServiceServer::new(
-        service::servers::DatabaseServerApi {
-            registry: registry.clone(),
-            provisioner: provisioner.clone(),
-        },
+        service::servers::DatabaseServerApi::new(ServerManager::new(registry.clone())),
     ))
-    .add_service(RoutingServiceServer::new(service::routing::RoutingApi {
-        registry: registry.clone(),
-        shutdown: streams_stop_rx,
-        streams: watch_streams.clone(),
-    }));
+    .add_service(RoutingServiceServer::new(
+        service::routing::RoutingApi::new(RouteTable::new(
+            registry.clone(),
+            streams_stop_rx,
+            watch_streams.clone(),
+        )),
+    ));
     let (routes, health) = with_health_and_reflection(routes, SERVICE_NAMES)?;
     let drain = Drain {
         grace: Duration::from_millis(config.shutdown_grace_ms),
@@ -223,10 +280,9 @@ async fn register_local_sqlite(
         .to_str()
         .context("sqlite_directory is not valid UTF-8")?
         .to_owned();
-    let (backend, location) =
-        service::servers::check_location(&Location::SqliteDirectory(directory))
-            .await
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    let (backend, location) = check_location(&ServerLocation::SqliteDirectory(directory))
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     registry
         .insert_server(LOCAL_SQLITE_SERVER, backend, &location, "startup")
         .await?;

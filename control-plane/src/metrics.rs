@@ -12,18 +12,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use sea_orm::Iterable;
 use tenantry_shared::metrics::{HistogramFamily, MetricsSource, header, labels};
 
 use crate::registry::{Registry, TenantState};
 
-pub struct ControlPlaneMetrics {
+pub(crate) struct ControlPlaneMetrics {
     registry: Registry,
     provisioning: HistogramFamily,
-    pub watch_streams: Arc<AtomicUsize>,
+    watch_streams: Arc<AtomicUsize>,
 }
 
 impl ControlPlaneMetrics {
-    pub fn new(registry: Registry, watch_streams: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(registry: Registry, watch_streams: Arc<AtomicUsize>) -> Self {
         Self {
             registry,
             provisioning: HistogramFamily::default(),
@@ -31,7 +32,7 @@ impl ControlPlaneMetrics {
         }
     }
 
-    pub fn provisioned(&self, outcome: &str, took: Duration) {
+    pub(crate) fn provisioned(&self, outcome: &str, took: Duration) {
         self.provisioning
             .observe(labels(&[("outcome", outcome)]), took);
     }
@@ -47,19 +48,12 @@ impl MetricsSource for ControlPlaneMetrics {
                 "Tenants in the registry by state.",
             );
             let counts = self.registry.tenant_states().await.unwrap_or_default();
-            for state in [
-                TenantState::Provisioning,
-                TenantState::Active,
-                TenantState::Suspended,
-                TenantState::Failed,
-                TenantState::Deleting,
-                TenantState::Deleted,
-            ] {
-                let count = counts.get(state.as_str()).copied().unwrap_or(0);
+            for state in TenantState::iter() {
+                let count = counts.get(&state).copied().unwrap_or(0);
                 let _ = writeln!(
                     out,
                     "tenantry_controlplane_tenants{{{}}} {count}",
-                    labels(&[("state", state.as_str())])
+                    labels(&[("state", &state.to_string())])
                 );
             }
             header(

@@ -12,7 +12,7 @@ const ACTOR: &str = "reconciler";
 
 /// Resumes every unfinished tenant, one after another. Errors are logged, not returned:
 /// one broken tenant must not stop the others.
-pub async fn resume_unfinished(registry: Registry, provisioner: Arc<Provisioner>) {
+pub(crate) async fn resume_unfinished(registry: Registry, provisioner: Arc<Provisioner>) {
     let unfinished = match registry
         .tenants_in_states(&[TenantState::Provisioning, TenantState::Deleting])
         .await
@@ -28,16 +28,18 @@ pub async fn resume_unfinished(registry: Registry, provisioner: Arc<Provisioner>
     }
     for tenant in unfinished {
         let Ok(tenant_id) = TenantId::parse(&tenant.tenant_id) else {
-            tracing::error!(tenant = %tenant.tenant_id, "registry holds an invalid tenant id");
+            tracing::error!(tenant.id = %tenant.tenant_id, "registry holds an invalid tenant id");
             continue;
         };
-        let outcome = if tenant.state == TenantState::Deleting.as_str() {
+        let outcome = if tenant.state == TenantState::Deleting {
             provisioner.delete(&tenant_id, ACTOR).await
         } else {
             provisioner.provision(&tenant_id, ACTOR).await
         };
         match outcome {
-            Ok(row) => tracing::info!(tenant.id = %tenant_id, state = %row.state, "resumed tenant"),
+            Ok(tenant) => {
+                tracing::info!(tenant.id = %tenant_id, state = %tenant.state, "resumed tenant")
+            }
             Err(error) => tracing::warn!(tenant.id = %tenant_id, %error, "cannot resume tenant"),
         }
     }

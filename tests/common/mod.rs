@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tenantry_control_plane::ControlPlaneConfig;
-use tenantry_control_plane::provisioner::FaultInjection;
+use tenantry_control_plane::testing::FaultInjection;
 use tenantry_data_plane::{DataPlane, DataPlaneConfig};
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::controlplane::v1::database_server_service_client::DatabaseServerServiceClient;
@@ -149,10 +149,13 @@ impl Sandbox {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
-        let control_plane =
-            tenantry_control_plane::start(&control_plane_config, listener, options.faults.clone())
-                .await
-                .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+        let control_plane = tenantry_control_plane::start_with_faults(
+            &control_plane_config,
+            listener,
+            options.faults.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
         let mut control_plane_config = control_plane_config;
         control_plane_config.listen_addr = control_plane.local_addr;
 
@@ -272,7 +275,7 @@ impl Sandbox {
                 .await
                 .unwrap_or_else(|e| panic!("{e:#}"));
         let control_plane =
-            tenantry_control_plane::start(&self.control_plane_config, listener, faults)
+            tenantry_control_plane::start_with_faults(&self.control_plane_config, listener, faults)
                 .await
                 .unwrap_or_else(|e| panic!("control plane: {e:#}"));
         self.control_plane = Some(control_plane);

@@ -4,12 +4,26 @@
 //! and `CONNECT` on the database is revoked from PUBLIC, so a tenant's credentials open
 //! its own database and no other tenant's. Statements that carry a password are never
 //! logged (statement logging is off on admin connections) and errors never echo them.
+//! The SQLSTATEs these admin statements expect are read here, next to them.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use hmac::digest::InvalidLength;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions};
+
+use super::error::{ProvisionError, ProvisionResult};
+
+/// SQLSTATE `duplicate_object`: a role created concurrently.
+const DUPLICATE_OBJECT: &str = "42710";
+/// SQLSTATE `duplicate_database`: a database created concurrently.
+const DUPLICATE_DATABASE: &str = "42P04";
+
+/// Whether a statement failed with this SQLSTATE.
+fn has_sqlstate(error: &sqlx::Error, sqlstate: &str) -> bool {
+    matches!(error, sqlx::Error::Database(database_error) if database_error.code().as_deref() == Some(sqlstate))
+}
 
 /// Session-level advisory lock functions, taken away from tenants (see `lock_down`).
 const REVOKE_SESSION_ADVISORY_LOCKS: &str = "REVOKE EXECUTE ON FUNCTION \
@@ -24,21 +38,20 @@ const REVOKE_SESSION_ADVISORY_LOCKS: &str = "REVOKE EXECUTE ON FUNCTION \
      FROM PUBLIC";
 
 /// Admin access to one PostgreSQL database server.
-pub struct PostgresServer {
+pub(crate) struct PostgresServer {
     admin_pool: PgPool,
     admin_options: PgConnectOptions,
 }
 
 /// Where a PostgreSQL server listens, as tenants' data planes should reach it.
-pub struct HostPort {
+pub(crate) struct HostPort {
     pub host: String,
     pub port: u16,
 }
 
 /// Host and port of an admin URL, for routes.
-pub fn host_port(admin_url: &str) -> Result<HostPort, String> {
-    let url = url::Url::parse(admin_url)
-        .map_err(|error| format!("the PostgreSQL admin URL is not a valid URL: {error}"))?;
+pub(crate) fn host_port(admin_url: &str) -> ProvisionResult<HostPort> {
+    let url = url::Url::parse(admin_url).map_err(ProvisionError::AdminUrlUnparsable)?;
     Ok(HostPort {
         host: url.host_str().unwrap_or("localhost").to_owned(),
         port: url.port().unwrap_or(5432),
@@ -47,7 +60,7 @@ pub fn host_port(admin_url: &str) -> Result<HostPort, String> {
 
 /// The admin URL with its password (in the user part or a `password=` parameter)
 /// replaced by `****`, for display.
-pub fn mask_password(admin_url: &str) -> String {
+pub(crate) fn mask_password(admin_url: &str) -> String {
     match url::Url::parse(admin_url) {
         Ok(mut url) => {
             if url.password().is_some() {
@@ -82,10 +95,9 @@ fn random_salt() -> [u8; 16] {
     salt
 }
 
-fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<Vec<u8>, InvalidLength> {
     use hmac::{KeyInit, Mac};
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
-        .map_err(|error| error.to_string())?;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)?;
     mac.update(data);
     Ok(mac.finalize().into_bytes().to_vec())
 }
@@ -93,7 +105,7 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
 /// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802, RFC 7677):
 /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`. Passwords here are ASCII
 /// letters and digits, which SASLprep leaves as they are.
-pub fn scram_sha256_verifier(password: &str, salt: &[u8]) -> Result<String, String> {
+pub fn scram_sha256_verifier(password: &str, salt: &[u8]) -> Result<String, InvalidLength> {
     use base64::Engine as _;
     use sha2::Digest as _;
     // SaltedPassword = Hi(password, salt, i), i.e. PBKDF2-HMAC-SHA-256 with one block.
@@ -120,15 +132,15 @@ pub fn scram_sha256_verifier(password: &str, salt: &[u8]) -> Result<String, Stri
 }
 
 /// Quotes a PostgreSQL identifier.
-pub fn quote_identifier(name: &str) -> String {
+fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 impl PostgresServer {
     /// Parses the admin URL; connects lazily.
-    pub fn new(admin_url: &str) -> Result<Self, String> {
+    pub(crate) fn new(admin_url: &str) -> ProvisionResult<Self> {
         let admin_options = PgConnectOptions::from_str(admin_url)
-            .map_err(|error| format!("the PostgreSQL admin URL is not valid: {error}"))?
+            .map_err(ProvisionError::AdminUrlInvalid)?
             .application_name("tenantry-control-plane")
             .disable_statement_logging();
         let demanded = match admin_options.get_ssl_mode() {
@@ -138,11 +150,7 @@ impl PostgresServer {
             PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => None,
         };
         if let Some(mode) = demanded {
-            return Err(format!(
-                "sslmode={mode} (from the admin URL or PGSSLMODE) is not supported: Tenantry does not use TLS to PostgreSQL yet \
-                 (neither the control plane's admin connection nor data planes' tenant \
-                 connections); use sslmode=disable or prefer (plain TCP), on a network you trust"
-            ));
+            return Err(ProvisionError::TlsDemanded { mode });
         }
         let admin_pool = PgPoolOptions::new()
             .max_connections(4)
@@ -157,17 +165,15 @@ impl PostgresServer {
     }
 
     /// Checks that the admin role can create roles and databases.
-    pub async fn check_privileges(&self) -> Result<(), String> {
+    pub(crate) async fn check_privileges(&self) -> ProvisionResult<()> {
         let (superuser, create_role, create_db): (bool, bool, bool) = sqlx::query_as(
             "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user",
         )
         .fetch_one(&self.admin_pool)
         .await
-        .map_err(|error| format!("cannot use the PostgreSQL admin connection: {error}"))?;
+        .map_err(ProvisionError::AdminConnection)?;
         if !(superuser || (create_role && create_db)) {
-            return Err(
-                "the PostgreSQL admin role needs CREATEROLE and CREATEDB (or superuser)".to_owned(),
-            );
+            return Err(ProvisionError::AdminPrivileges);
         }
         Ok(())
     }
@@ -175,7 +181,7 @@ impl PostgresServer {
     /// Creates the tenant's login role, or resets its password and attributes if it
     /// exists (so the step can be re-run). The server receives a SCRAM-SHA-256 verifier,
     /// never the password itself, so not even its own logs can show it.
-    pub async fn ensure_role(&self, role: &str, password: &str) -> Result<(), sqlx::Error> {
+    pub(crate) async fn ensure_role(&self, role: &str, password: &str) -> Result<(), sqlx::Error> {
         let verifier = scram_sha256_verifier(password, &random_salt()).map_err(|error| {
             sqlx::Error::Protocol(format!("cannot hash the tenant password: {error}"))
         })?;
@@ -192,7 +198,7 @@ impl PostgresServer {
             {
                 Ok(_) => return Ok(()),
                 // duplicate_object: created concurrently; fall through to ALTER.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42710") => {}
+                Err(error) if has_sqlstate(&error, DUPLICATE_OBJECT) => {}
                 Err(error) => return Err(error),
             }
         }
@@ -203,14 +209,14 @@ impl PostgresServer {
         Ok(())
     }
 
-    pub async fn role_exists(&self, role: &str) -> Result<bool, sqlx::Error> {
+    async fn role_exists(&self, role: &str) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
             .bind(role)
             .fetch_one(&self.admin_pool)
             .await
     }
 
-    pub async fn database_exists(&self, database: &str) -> Result<bool, sqlx::Error> {
+    async fn database_exists(&self, database: &str) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(database)
             .fetch_one(&self.admin_pool)
@@ -218,7 +224,11 @@ impl PostgresServer {
     }
 
     /// Creates the tenant's database owned by its role (or makes an existing one so).
-    pub async fn ensure_database(&self, database: &str, owner: &str) -> Result<(), sqlx::Error> {
+    pub(crate) async fn ensure_database(
+        &self,
+        database: &str,
+        owner: &str,
+    ) -> Result<(), sqlx::Error> {
         if !self.database_exists(database).await? {
             let create = format!(
                 "CREATE DATABASE {} OWNER {}",
@@ -231,7 +241,7 @@ impl PostgresServer {
             {
                 Ok(_) => return Ok(()),
                 // duplicate_database: created concurrently.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+                Err(error) if has_sqlstate(&error, DUPLICATE_DATABASE) => {}
                 Err(error) => return Err(error),
             }
         }
@@ -248,7 +258,7 @@ impl PostgresServer {
 
     /// Revokes every database privilege from PUBLIC, so only the owner (and superusers)
     /// can connect.
-    pub async fn lock_down(&self, database: &str, owner: &str) -> Result<(), sqlx::Error> {
+    pub(crate) async fn lock_down(&self, database: &str, owner: &str) -> Result<(), sqlx::Error> {
         let statements = format!(
             "REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT ALL ON DATABASE {db} TO {owner};",
             db = quote_identifier(database),
@@ -278,7 +288,7 @@ impl PostgresServer {
     }
 
     /// Drops the tenant's database, closing any connection to it.
-    pub async fn drop_database(&self, database: &str) -> Result<(), sqlx::Error> {
+    pub(crate) async fn drop_database(&self, database: &str) -> Result<(), sqlx::Error> {
         let drop = format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_identifier(database)
@@ -289,7 +299,7 @@ impl PostgresServer {
         Ok(())
     }
 
-    pub async fn drop_role(&self, role: &str) -> Result<(), sqlx::Error> {
+    pub(crate) async fn drop_role(&self, role: &str) -> Result<(), sqlx::Error> {
         let drop = format!("DROP ROLE IF EXISTS {}", quote_identifier(role));
         sqlx::raw_sql(AssertSqlSafe(drop))
             .execute(&self.admin_pool)
@@ -298,7 +308,12 @@ impl PostgresServer {
     }
 
     /// Connect options for the tenant's own role on its own database.
-    pub fn tenant_options(&self, database: &str, role: &str, password: &str) -> PgConnectOptions {
+    pub(crate) fn tenant_options(
+        &self,
+        database: &str,
+        role: &str,
+        password: &str,
+    ) -> PgConnectOptions {
         self.admin_options
             .clone()
             .database(database)
@@ -307,7 +322,7 @@ impl PostgresServer {
             .application_name("tenantry-control-plane")
     }
 
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.admin_pool.close().await;
     }
 }
@@ -317,13 +332,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scram_verifier_matches_rfc_7677_example() -> Result<(), String> {
+    fn scram_verifier_matches_rfc_7677_example() -> Result<(), Box<dyn std::error::Error>> {
         // Password "pencil", salt "W22ZaJ0SNY7soEsUEjb6gQ==", 4096 iterations (RFC 7677's
         // example); the expected keys were computed apart with Python's hashlib and hmac.
         use base64::Engine as _;
-        let salt = base64::engine::general_purpose::STANDARD
-            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
-            .map_err(|e| e.to_string())?;
+        let salt = base64::engine::general_purpose::STANDARD.decode("W22ZaJ0SNY7soEsUEjb6gQ==")?;
         let verifier = scram_sha256_verifier("pencil", &salt)?;
         assert_eq!(
             verifier,

@@ -5,8 +5,13 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
+/// Path of a tenant's database file in a SQLite server's directory.
+pub(crate) fn database_path(directory: &str, database_name: &str) -> PathBuf {
+    Path::new(directory).join(database_name)
+}
+
 /// Connect options for a tenant file, creating it if missing.
-pub fn tenant_options(path: &Path) -> SqliteConnectOptions {
+fn tenant_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -15,7 +20,7 @@ pub fn tenant_options(path: &Path) -> SqliteConnectOptions {
 }
 
 /// Creates the tenant's database file (WAL mode) if it does not exist yet.
-pub async fn ensure_database(path: &Path) -> Result<(), sqlx::Error> {
+pub(crate) async fn ensure_database(path: &Path) -> Result<(), sqlx::Error> {
     let pool = open(path).await?;
     sqlx::query("SELECT 1").execute(&pool).await?;
     pool.close().await;
@@ -23,7 +28,7 @@ pub async fn ensure_database(path: &Path) -> Result<(), sqlx::Error> {
 }
 
 /// A one-connection pool on the tenant file, for migrations.
-pub async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
+pub(crate) async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
     SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(tenant_options(path))
@@ -31,7 +36,7 @@ pub async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
 }
 
 /// Removes the tenant's database file and its WAL and shared-memory files.
-pub fn remove_database(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_database(path: &Path) -> std::io::Result<()> {
     for candidate in [
         path.to_path_buf(),
         suffixed(path, "-wal"),

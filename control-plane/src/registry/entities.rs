@@ -1,8 +1,60 @@
-//! sea-orm entities of the registry tables.
+//! sea-orm entities of the registry tables, and the enums stored in their columns.
+//!
+//! `TenantState` and `Backend` are stored as the strings they always were ("ACTIVE",
+//! "postgres", ...), so registries written before these enums existed read unchanged.
+
+use std::fmt;
+
+use sea_orm::entity::prelude::*;
+
+/// Lifecycle state of a tenant: the one state enum of the control plane (the API's
+/// `TenantState` is converted from it in `convert`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum TenantState {
+    #[sea_orm(string_value = "PROVISIONING")]
+    Provisioning,
+    #[sea_orm(string_value = "ACTIVE")]
+    Active,
+    #[sea_orm(string_value = "SUSPENDED")]
+    Suspended,
+    #[sea_orm(string_value = "FAILED")]
+    Failed,
+    #[sea_orm(string_value = "DELETING")]
+    Deleting,
+    #[sea_orm(string_value = "DELETED")]
+    Deleted,
+}
+
+/// The stored name ("ACTIVE", ...), as messages and metric labels show it.
+impl fmt::Display for TenantState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_value())
+    }
+}
+
+/// Which kind of database a server provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum Backend {
+    #[sea_orm(string_value = "postgres")]
+    Postgres,
+    #[sea_orm(string_value = "sqlite")]
+    Sqlite,
+}
+
+/// The stored name ("postgres" or "sqlite").
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_value())
+    }
+}
 
 /// One row per tenant, tombstones included.
-pub mod tenant {
+pub(crate) mod tenant {
     use sea_orm::entity::prelude::*;
+
+    use super::{Backend, TenantState};
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "tenants")]
@@ -10,16 +62,15 @@ pub mod tenant {
         #[sea_orm(primary_key, auto_increment = false)]
         pub tenant_id: String,
         pub display_name: String,
-        /// One of `TenantState::as_str()`.
-        pub state: String,
+        pub state: TenantState,
         pub reason: String,
         /// The server the request pinned ("" if none): part of the request, for
         /// idempotent retries.
         pub requested_server: String,
         /// The server the tenant lives on, once placed.
         pub database_server: Option<String>,
-        /// "postgres" or "sqlite", once placed.
-        pub backend: Option<String>,
+        /// Once placed.
+        pub backend: Option<Backend>,
         pub database_name: Option<String>,
         pub db_username: Option<String>,
         /// The tenant role's password (PostgreSQL). Handed only to data planes through
@@ -47,16 +98,17 @@ pub mod tenant {
 }
 
 /// Places tenants can live: PostgreSQL servers and SQLite directories.
-pub mod database_server {
+pub(crate) mod database_server {
     use sea_orm::entity::prelude::*;
+
+    use super::Backend;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "database_servers")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub name: String,
-        /// "postgres" or "sqlite".
-        pub backend: String,
+        pub backend: Backend,
         /// Admin connection URL (PostgreSQL) or directory (SQLite).
         pub location: String,
         pub create_time: DateTimeUtc,
@@ -70,8 +122,10 @@ pub mod database_server {
 
 /// Every change of a tenant's state or route, and every server registration: who did
 /// what, when. A row's id is the route version the change produced.
-pub mod audit_event {
+pub(crate) mod audit_event {
     use sea_orm::entity::prelude::*;
+
+    use super::TenantState;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "audit_events")]
@@ -84,8 +138,8 @@ pub mod audit_event {
         pub actor: String,
         /// What, e.g. "create", "placed", "suspend", "provisioning failed".
         pub action: String,
-        pub from_state: Option<String>,
-        pub to_state: Option<String>,
+        pub from_state: Option<TenantState>,
+        pub to_state: Option<TenantState>,
         pub detail: String,
         pub time: DateTimeUtc,
     }

@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-pub struct Migrator;
+pub(crate) struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {

@@ -7,12 +7,18 @@
 //! of a tenant's route (state, placement, credentials) runs in one transaction that
 //! appends an audit event and sets the tenant's `route_version` to that event's id: one
 //! monotonic sequence for the whole registry.
+//!
+//! The API is typed and named by intent (`mark_active`, `mark_failed`, ...): callers never
+//! see a sea-orm `ActiveModel`. The lifecycle rules (which state a change may start from)
+//! belong to the tenant manager and the provisioner's step machine; they hand them in as
+//! a check that runs inside the change's transaction, so no concurrent change slips
+//! between check and write.
 
-pub mod entities;
-pub mod migration;
+pub(crate) mod entities;
+pub(crate) mod error;
+pub(crate) mod migration;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::time::Duration;
 
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -21,101 +27,63 @@ use sea_orm::{
     IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
+use tenantry_shared::TenantId;
 
-pub use entities::{audit_event, database_server, tenant};
+pub(crate) use entities::{Backend, TenantState};
+use entities::{audit_event, database_server, tenant};
+use error::{DbFailure, classify};
 
 use crate::error::{ControlPlaneError, Result};
 
-/// Lifecycle state of a tenant, as stored in the registry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TenantState {
-    Provisioning,
-    Active,
-    Suspended,
-    Failed,
-    Deleting,
-    Deleted,
-}
+/// A tenant as the registry holds it (tombstones included).
+pub(crate) type Tenant = tenant::Model;
+/// A place tenants can live: a PostgreSQL server or a SQLite directory.
+pub(crate) type DatabaseServer = database_server::Model;
+/// One change of a tenant or a server, as the audit log records it.
+pub type AuditEvent = audit_event::Model;
 
-impl TenantState {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Provisioning => "PROVISIONING",
-            Self::Active => "ACTIVE",
-            Self::Suspended => "SUSPENDED",
-            Self::Failed => "FAILED",
-            Self::Deleting => "DELETING",
-            Self::Deleted => "DELETED",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Result<Self> {
-        Ok(match raw {
-            "PROVISIONING" => Self::Provisioning,
-            "ACTIVE" => Self::Active,
-            "SUSPENDED" => Self::Suspended,
-            "FAILED" => Self::Failed,
-            "DELETING" => Self::Deleting,
-            "DELETED" => Self::Deleted,
-            other => {
-                return Err(ControlPlaneError::Internal(format!(
-                    "registry holds unknown tenant state {other:?}"
-                )));
-            }
-        })
-    }
-}
-
-impl fmt::Display for TenantState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which kind of database a server provides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-impl Backend {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Postgres => "postgres",
-            Self::Sqlite => "sqlite",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Result<Self> {
-        match raw {
-            "postgres" => Ok(Self::Postgres),
-            "sqlite" => Ok(Self::Sqlite),
-            other => Err(ControlPlaneError::Internal(format!(
-                "registry holds unknown backend {other:?}"
-            ))),
-        }
-    }
-}
-
-/// What a new tenant row starts with.
-pub struct NewTenant {
-    pub tenant_id: String,
+/// What a new (or reused) tenant starts with.
+pub(crate) struct NewTenant {
     pub display_name: String,
+    /// The server the request pinned ("" if none).
     pub requested_server: String,
     pub max_connections: i32,
 }
 
-/// A change to one tenant, recorded as one audit event.
-pub struct TenantChange<'a> {
-    pub actor: &'a str,
-    pub action: &'a str,
-    pub detail: String,
-    pub to_state: Option<TenantState>,
+/// Where a tenant's database lives, and the credentials of its role (PostgreSQL).
+pub(crate) struct Placement {
+    pub server: String,
+    pub backend: Backend,
+    pub database_name: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A tenant's tracing override.
+pub(crate) struct TracingOverride {
+    /// Share of the tenant's traces kept.
+    pub ratio: f64,
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Log level ("" for none).
+    pub log_level: String,
+}
+
+/// The audit event one tenant change records.
+struct Change<'a> {
+    actor: &'a str,
+    action: &'a str,
+    detail: String,
+    to_state: Option<TenantState>,
+}
+
+/// The check of a change that any state allows (the caller decided under the tenant's
+/// lock already).
+fn no_check(_: &Tenant) -> Result<()> {
+    Ok(())
 }
 
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     db: DatabaseConnection,
     /// Serializes this process's write transactions. SQLite (WAL) lets readers run
     /// beside a writer but fails a deferred transaction that tries to write after another
@@ -129,7 +97,7 @@ pub struct Registry {
 impl Registry {
     /// Opens (creating if needed) and migrates the registry at `url`: `postgres://...`,
     /// `sqlite://PATH`, or a plain file path for SQLite.
-    pub async fn open(url: &str) -> Result<Self> {
+    pub(crate) async fn open(url: &str) -> Result<Self> {
         let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             url.to_owned()
         } else if url.starts_with("sqlite:") {
@@ -176,58 +144,136 @@ impl Registry {
         Ok(registry)
     }
 
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.db.close().await;
     }
 
-    pub async fn get_tenant(&self, tenant_id: &str) -> Result<Option<tenant::Model>> {
-        Ok(tenant::Entity::find_by_id(tenant_id.to_owned())
+    // Tenants: reads.
+
+    pub(crate) async fn get_tenant(&self, tenant_id: &TenantId) -> Result<Option<Tenant>> {
+        Ok(tenant::Entity::find_by_id(tenant_id.to_string())
             .one(&self.db)
             .await?)
     }
 
     /// Tenants ordered by id, after `after_id`, optionally in one state.
-    pub async fn list_tenants(
+    pub(crate) async fn list_tenants(
         &self,
-        after_id: Option<&str>,
+        after_id: Option<&TenantId>,
         state: Option<TenantState>,
         limit: u64,
-    ) -> Result<Vec<tenant::Model>> {
+    ) -> Result<Vec<Tenant>> {
         let mut query = tenant::Entity::find().order_by_asc(tenant::Column::TenantId);
         if let Some(after_id) = after_id {
-            query = query.filter(tenant::Column::TenantId.gt(after_id));
+            query = query.filter(tenant::Column::TenantId.gt(after_id.as_str()));
         }
         if let Some(state) = state {
-            query = query.filter(tenant::Column::State.eq(state.as_str()));
+            query = query.filter(tenant::Column::State.eq(state));
         }
         Ok(query.limit(limit).all(&self.db).await?)
     }
 
-    pub async fn tenants_in_states(&self, states: &[TenantState]) -> Result<Vec<tenant::Model>> {
+    pub(crate) async fn tenants_in_states(&self, states: &[TenantState]) -> Result<Vec<Tenant>> {
         Ok(tenant::Entity::find()
-            .filter(tenant::Column::State.is_in(states.iter().map(|s| s.as_str())))
+            .filter(tenant::Column::State.is_in(states.iter().copied()))
             .order_by_asc(tenant::Column::TenantId)
             .all(&self.db)
             .await?)
     }
 
-    pub async fn get_tenants(&self, tenant_ids: &[String]) -> Result<Vec<tenant::Model>> {
+    pub(crate) async fn get_tenants(&self, tenant_ids: &[TenantId]) -> Result<Vec<Tenant>> {
         Ok(tenant::Entity::find()
-            .filter(tenant::Column::TenantId.is_in(tenant_ids.iter().cloned()))
+            .filter(tenant::Column::TenantId.is_in(tenant_ids.iter().map(TenantId::to_string)))
             .all(&self.db)
             .await?)
     }
 
+    /// Tells when a route version newer than the receiver has seen commits.
+    pub(crate) fn watch_committed(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.committed.subscribe()
+    }
+
+    /// The highest route version of any tenant (0 for an empty registry).
+    pub(crate) async fn latest_route_version(&self) -> Result<i64> {
+        let latest: Option<Option<i64>> = tenant::Entity::find()
+            .select_only()
+            .column_as(Expr::col(tenant::Column::RouteVersion).max(), "latest")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(latest.flatten().unwrap_or(0))
+    }
+
+    /// Tenants whose route changed after `after_version`, in route-version order. Each row
+    /// holds the tenant's latest state, so these are the changes since then, compacted.
+    pub(crate) async fn tenants_changed_after(
+        &self,
+        after_version: i64,
+        limit: u64,
+    ) -> Result<Vec<Tenant>> {
+        Ok(tenant::Entity::find()
+            .filter(tenant::Column::RouteVersion.gt(after_version))
+            .order_by_asc(tenant::Column::RouteVersion)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Number of tenants on each server that still have (or are getting) a database.
+    pub(crate) async fn tenant_counts(&self) -> Result<HashMap<String, i64>> {
+        let rows: Vec<(Option<String>, i64)> = tenant::Entity::find()
+            .select_only()
+            .column(tenant::Column::DatabaseServer)
+            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
+            .filter(tenant::Column::State.ne(TenantState::Deleted))
+            .filter(tenant::Column::DatabaseServer.is_not_null())
+            .group_by(tenant::Column::DatabaseServer)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(server, count)| server.map(|server| (server, count)))
+            .collect())
+    }
+
+    /// Number of tenants in each state.
+    pub(crate) async fn tenant_states(&self) -> Result<HashMap<TenantState, i64>> {
+        let rows: Vec<(TenantState, i64)> = tenant::Entity::find()
+            .select_only()
+            .column(tenant::Column::State)
+            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
+            .group_by(tenant::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Audit events of one tenant, oldest first.
+    #[cfg(feature = "testing")]
+    pub(crate) async fn audit_events(&self, tenant_id: &str) -> Result<Vec<AuditEvent>> {
+        Ok(audit_event::Entity::find()
+            .filter(audit_event::Column::TenantId.eq(tenant_id))
+            .order_by_asc(audit_event::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    // Tenants: changes. Each one is one transaction with one audit event, and bumps the
+    // tenant's route version.
+
     /// Inserts a PROVISIONING tenant. Returns `Ok(None)` when the id is already taken
     /// (by any state, tombstones included): the caller compares requests.
-    pub async fn insert_tenant(
+    pub(crate) async fn insert_provisioning(
         &self,
+        tenant_id: &TenantId,
         new: NewTenant,
         actor: &str,
-    ) -> Result<Option<tenant::Model>> {
+    ) -> Result<Option<Tenant>> {
         let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
-        let exists = tenant::Entity::find_by_id(new.tenant_id.clone())
+        let exists = tenant::Entity::find_by_id(tenant_id.to_string())
             .count(&txn)
             .await?
             > 0;
@@ -237,19 +283,21 @@ impl Registry {
         let now = chrono::Utc::now();
         let event = append_event(
             &txn,
-            Some(&new.tenant_id),
-            None,
-            actor,
-            "create",
-            None,
-            Some(TenantState::Provisioning),
-            format!("display name {:?}", new.display_name),
+            Event {
+                tenant_id: Some(tenant_id.as_str()),
+                database_server: None,
+                actor,
+                action: "create",
+                from_state: None,
+                to_state: Some(TenantState::Provisioning),
+                detail: format!("display name {:?}", new.display_name),
+            },
         )
         .await?;
         let row = tenant::ActiveModel {
-            tenant_id: Set(new.tenant_id),
+            tenant_id: Set(tenant_id.to_string()),
             display_name: Set(new.display_name),
-            state: Set(TenantState::Provisioning.as_str().to_owned()),
+            state: Set(TenantState::Provisioning),
             reason: Set(String::new()),
             requested_server: Set(new.requested_server),
             database_server: Set(None),
@@ -269,7 +317,7 @@ impl Registry {
         let inserted = match row.insert(&txn).await {
             Ok(inserted) => inserted,
             // Lost a race with a concurrent insert of the same id.
-            Err(error) if is_unique_violation(&error) => return Ok(None),
+            Err(error) if classify(&error) == DbFailure::UniqueViolation => return Ok(None),
             Err(error) => return Err(error.into()),
         };
         txn.commit().await?;
@@ -277,40 +325,253 @@ impl Registry {
         Ok(Some(inserted))
     }
 
-    /// Applies `apply` to a tenant in one transaction with an audit event, and bumps its
-    /// route version. `apply` sees the current row and may refuse the change.
-    pub async fn update_tenant<F>(
+    /// Turns a tombstone back into a fresh PROVISIONING tenant: new request, no
+    /// placement, no credentials, a new incarnation (`create_time`).
+    pub(crate) async fn reuse_deleted(
         &self,
-        tenant_id: &str,
-        change: TenantChange<'_>,
-        apply: F,
-    ) -> Result<tenant::Model>
-    where
-        F: FnOnce(&tenant::Model, &mut tenant::ActiveModel) -> Result<()>,
-    {
+        tenant_id: &TenantId,
+        new: NewTenant,
+        actor: &str,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "create (reusing deleted id)",
+            detail: format!("display name {:?}", new.display_name),
+            to_state: Some(TenantState::Provisioning),
+        };
+        self.change_tenant(tenant_id, change, check, |row| {
+            row.display_name = Set(new.display_name);
+            row.requested_server = Set(new.requested_server);
+            row.max_connections = Set(new.max_connections);
+            row.reason = Set(String::new());
+            row.database_server = Set(None);
+            row.backend = Set(None);
+            row.database_name = Set(None);
+            row.db_username = Set(None);
+            row.db_password = Set(None);
+            row.schema_version = Set(0);
+            row.create_time = Set(chrono::Utc::now());
+        })
+        .await
+    }
+
+    /// FAILED back to PROVISIONING, for another run of the provisioning steps.
+    pub(crate) async fn retry_provisioning(
+        &self,
+        tenant_id: &TenantId,
+        actor: &str,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "retry provisioning",
+            detail: String::new(),
+            to_state: Some(TenantState::Provisioning),
+        };
+        self.change_tenant(tenant_id, change, no_check, |row| {
+            row.reason = Set(String::new());
+        })
+        .await
+    }
+
+    /// Records where the tenant's database lives and its role's credentials.
+    pub(crate) async fn mark_placed(
+        &self,
+        tenant_id: &TenantId,
+        placement: Placement,
+        actor: &str,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "place",
+            detail: format!("on database server {}", placement.server),
+            to_state: None,
+        };
+        self.change_tenant(tenant_id, change, no_check, |row| {
+            row.database_server = Set(Some(placement.server));
+            row.backend = Set(Some(placement.backend));
+            row.database_name = Set(Some(placement.database_name));
+            row.db_username = Set(placement.username);
+            row.db_password = Set(placement.password);
+        })
+        .await
+    }
+
+    /// The tenant's database is ready at `schema_version`: it serves.
+    pub(crate) async fn mark_active(
+        &self,
+        tenant_id: &TenantId,
+        schema_version: i64,
+        actor: &str,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "activate",
+            detail: format!("schema version {schema_version}"),
+            to_state: Some(TenantState::Active),
+        };
+        self.change_tenant(tenant_id, change, check, |row| {
+            row.schema_version = Set(schema_version);
+            row.reason = Set(String::new());
+        })
+        .await
+    }
+
+    /// A step sequence gave up: FAILED, with the reason (recorded under `action`).
+    pub(crate) async fn mark_failed(
+        &self,
+        tenant_id: &TenantId,
+        action: &str,
+        reason: String,
+        actor: &str,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action,
+            detail: reason.clone(),
+            to_state: Some(TenantState::Failed),
+        };
+        self.change_tenant(tenant_id, change, no_check, |row| {
+            row.reason = Set(reason);
+        })
+        .await
+    }
+
+    /// Deletion starts: DELETING (the tenant no longer serves).
+    pub(crate) async fn mark_deleting(&self, tenant_id: &TenantId, actor: &str) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "delete",
+            detail: String::new(),
+            to_state: Some(TenantState::Deleting),
+        };
+        self.change_tenant(tenant_id, change, no_check, |row| {
+            row.reason = Set(String::new());
+        })
+        .await
+    }
+
+    /// Database and role are gone: a DELETED tombstone, without the password.
+    pub(crate) async fn mark_deleted(&self, tenant_id: &TenantId, actor: &str) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "deleted",
+            detail: "database and role dropped".to_owned(),
+            to_state: Some(TenantState::Deleted),
+        };
+        self.change_tenant(tenant_id, change, no_check, |row| {
+            row.db_password = Set(None);
+            row.reason = Set(String::new());
+        })
+        .await
+    }
+
+    /// SUSPENDED with the reason: the tenant stops serving.
+    pub(crate) async fn mark_suspended(
+        &self,
+        tenant_id: &TenantId,
+        reason: String,
+        actor: &str,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "suspend",
+            detail: reason.clone(),
+            to_state: Some(TenantState::Suspended),
+        };
+        self.change_tenant(tenant_id, change, check, |row| {
+            row.reason = Set(reason);
+        })
+        .await
+    }
+
+    /// ACTIVE again after a suspension.
+    pub(crate) async fn mark_resumed(
+        &self,
+        tenant_id: &TenantId,
+        actor: &str,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "resume",
+            detail: String::new(),
+            to_state: Some(TenantState::Active),
+        };
+        self.change_tenant(tenant_id, change, check, |row| {
+            row.reason = Set(String::new());
+        })
+        .await
+    }
+
+    /// Sets (or with `None` clears) the tenant's tracing override; routes carry it.
+    pub(crate) async fn set_tracing(
+        &self,
+        tenant_id: &TenantId,
+        tracing_override: Option<TracingOverride>,
+        detail: String,
+        actor: &str,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+    ) -> Result<Tenant> {
+        let change = Change {
+            actor,
+            action: "set tracing",
+            detail,
+            to_state: None,
+        };
+        self.change_tenant(tenant_id, change, check, |row| match tracing_override {
+            Some(tracing_override) => {
+                row.trace_ratio = Set(Some(tracing_override.ratio));
+                row.trace_until = Set(Some(tracing_override.until));
+                row.log_level = Set(Some(tracing_override.log_level).filter(|l| !l.is_empty()));
+            }
+            None => {
+                row.trace_ratio = Set(None);
+                row.trace_until = Set(None);
+                row.log_level = Set(None);
+            }
+        })
+        .await
+    }
+
+    /// Applies one change to a tenant in one transaction with an audit event, and bumps
+    /// its route version. `check` sees the current row and may refuse the change.
+    async fn change_tenant(
+        &self,
+        tenant_id: &TenantId,
+        change: Change<'_>,
+        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        apply: impl FnOnce(&mut tenant::ActiveModel) + Send,
+    ) -> Result<Tenant> {
         let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
-        let current = tenant::Entity::find_by_id(tenant_id.to_owned())
+        let current = tenant::Entity::find_by_id(tenant_id.to_string())
             .one(&txn)
             .await?
             .ok_or_else(|| {
                 ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
             })?;
-        let mut row = current.clone().into_active_model();
-        apply(&current, &mut row)?;
+        check(&current)?;
+        let from_state = current.state;
+        let mut row = current.into_active_model();
+        apply(&mut row);
         let event = append_event(
             &txn,
-            Some(tenant_id),
-            None,
-            change.actor,
-            change.action,
-            Some(TenantState::parse(&current.state)?),
-            change.to_state,
-            change.detail,
+            Event {
+                tenant_id: Some(tenant_id.as_str()),
+                database_server: None,
+                actor: change.actor,
+                action: change.action,
+                from_state: Some(from_state),
+                to_state: change.to_state,
+                detail: change.detail,
+            },
         )
         .await?;
         if let Some(to_state) = change.to_state {
-            row.state = Set(to_state.as_str().to_owned());
+            row.state = Set(to_state);
         }
         row.route_version = Set(event.id);
         row.update_time = Set(chrono::Utc::now());
@@ -320,44 +581,15 @@ impl Registry {
         Ok(updated)
     }
 
-    /// Tells when a route version newer than the receiver has seen commits.
-    pub fn watch_committed(&self) -> tokio::sync::watch::Receiver<i64> {
-        self.committed.subscribe()
-    }
+    // Database servers.
 
-    /// The highest route version of any tenant (0 for an empty registry).
-    pub async fn latest_route_version(&self) -> Result<i64> {
-        let latest: Option<Option<i64>> = tenant::Entity::find()
-            .select_only()
-            .column_as(Expr::col(tenant::Column::RouteVersion).max(), "latest")
-            .into_tuple()
-            .one(&self.db)
-            .await?;
-        Ok(latest.flatten().unwrap_or(0))
-    }
-
-    /// Tenants whose route changed after `after_version`, in route-version order. Each row
-    /// holds the tenant's latest state, so these are the changes since then, compacted.
-    pub async fn tenants_changed_after(
-        &self,
-        after_version: i64,
-        limit: u64,
-    ) -> Result<Vec<tenant::Model>> {
-        Ok(tenant::Entity::find()
-            .filter(tenant::Column::RouteVersion.gt(after_version))
-            .order_by_asc(tenant::Column::RouteVersion)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
-    }
-
-    pub async fn get_server(&self, name: &str) -> Result<Option<database_server::Model>> {
+    pub(crate) async fn get_server(&self, name: &str) -> Result<Option<DatabaseServer>> {
         Ok(database_server::Entity::find_by_id(name.to_owned())
             .one(&self.db)
             .await?)
     }
 
-    pub async fn list_servers(&self) -> Result<Vec<database_server::Model>> {
+    pub(crate) async fn list_servers(&self) -> Result<Vec<DatabaseServer>> {
         Ok(database_server::Entity::find()
             .order_by_asc(database_server::Column::Name)
             .all(&self.db)
@@ -365,13 +597,13 @@ impl Registry {
     }
 
     /// Inserts a server; `Ok(None)` when the name is taken.
-    pub async fn insert_server(
+    pub(crate) async fn insert_server(
         &self,
         name: &str,
         backend: Backend,
         location: &str,
         actor: &str,
-    ) -> Result<Option<database_server::Model>> {
+    ) -> Result<Option<DatabaseServer>> {
         let _writer = self.write_lock.lock().await;
         let txn = self.db.begin().await?;
         if database_server::Entity::find_by_id(name.to_owned())
@@ -383,99 +615,150 @@ impl Registry {
         }
         let row = database_server::ActiveModel {
             name: Set(name.to_owned()),
-            backend: Set(backend.as_str().to_owned()),
+            backend: Set(backend),
             location: Set(location.to_owned()),
             create_time: Set(chrono::Utc::now()),
         };
         let inserted = match row.insert(&txn).await {
             Ok(inserted) => inserted,
-            Err(error) if is_unique_violation(&error) => return Ok(None),
+            Err(error) if classify(&error) == DbFailure::UniqueViolation => return Ok(None),
             Err(error) => return Err(error.into()),
         };
         append_event(
             &txn,
-            None,
-            Some(name),
-            actor,
-            "register server",
-            None,
-            None,
-            format!("backend {}", backend.as_str()),
+            Event {
+                tenant_id: None,
+                database_server: Some(name),
+                actor,
+                action: "register server",
+                from_state: None,
+                to_state: None,
+                detail: format!("backend {backend}"),
+            },
         )
         .await?;
         txn.commit().await?;
         Ok(Some(inserted))
     }
-
-    /// Number of tenants on each server that still have (or are getting) a database.
-    pub async fn tenant_counts(&self) -> Result<HashMap<String, i64>> {
-        let rows: Vec<(Option<String>, i64)> = tenant::Entity::find()
-            .select_only()
-            .column(tenant::Column::DatabaseServer)
-            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
-            .filter(tenant::Column::State.ne(TenantState::Deleted.as_str()))
-            .filter(tenant::Column::DatabaseServer.is_not_null())
-            .group_by(tenant::Column::DatabaseServer)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(server, count)| server.map(|server| (server, count)))
-            .collect())
-    }
-
-    /// Number of tenants in each state.
-    pub async fn tenant_states(&self) -> Result<HashMap<String, i64>> {
-        let rows: Vec<(String, i64)> = tenant::Entity::find()
-            .select_only()
-            .column(tenant::Column::State)
-            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
-            .group_by(tenant::Column::State)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows.into_iter().collect())
-    }
-
-    /// Audit events of one tenant, oldest first.
-    pub async fn audit_events(&self, tenant_id: &str) -> Result<Vec<audit_event::Model>> {
-        Ok(audit_event::Entity::find()
-            .filter(audit_event::Column::TenantId.eq(tenant_id))
-            .order_by_asc(audit_event::Column::Id)
-            .all(&self.db)
-            .await?)
-    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn append_event<C: sea_orm::ConnectionTrait>(
-    db: &C,
-    tenant_id: Option<&str>,
-    database_server: Option<&str>,
-    actor: &str,
-    action: &str,
+/// One row of the audit log.
+struct Event<'a> {
+    tenant_id: Option<&'a str>,
+    database_server: Option<&'a str>,
+    actor: &'a str,
+    action: &'a str,
     from_state: Option<TenantState>,
     to_state: Option<TenantState>,
     detail: String,
-) -> Result<audit_event::Model> {
-    let event = audit_event::ActiveModel {
-        tenant_id: Set(tenant_id.map(str::to_owned)),
-        database_server: Set(database_server.map(str::to_owned)),
-        actor: Set(actor.to_owned()),
-        action: Set(action.to_owned()),
-        from_state: Set(from_state.map(|s| s.as_str().to_owned())),
-        to_state: Set(to_state.map(|s| s.as_str().to_owned())),
-        detail: Set(detail),
+}
+
+async fn append_event<C: sea_orm::ConnectionTrait>(db: &C, event: Event<'_>) -> Result<AuditEvent> {
+    let row = audit_event::ActiveModel {
+        tenant_id: Set(event.tenant_id.map(str::to_owned)),
+        database_server: Set(event.database_server.map(str::to_owned)),
+        actor: Set(event.actor.to_owned()),
+        action: Set(event.action.to_owned()),
+        from_state: Set(event.from_state),
+        to_state: Set(event.to_state),
+        detail: Set(event.detail),
         time: Set(chrono::Utc::now()),
         ..Default::default()
     };
-    Ok(event.insert(db).await?)
+    Ok(row.insert(db).await?)
 }
 
-fn is_unique_violation(error: &sea_orm::DbErr) -> bool {
-    matches!(
-        error.sql_err(),
-        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
-    )
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ActiveEnum, ConnectionTrait, FromQueryResult, Iterable};
+
+    use super::*;
+
+    #[test]
+    fn enums_keep_the_strings_registries_hold() {
+        let states: Vec<String> = TenantState::iter().map(|state| state.to_value()).collect();
+        assert_eq!(
+            states,
+            [
+                "PROVISIONING",
+                "ACTIVE",
+                "SUSPENDED",
+                "FAILED",
+                "DELETING",
+                "DELETED"
+            ]
+        );
+        let backends: Vec<String> = Backend::iter().map(|backend| backend.to_value()).collect();
+        assert_eq!(backends, ["postgres", "sqlite"]);
+        assert_eq!(TenantState::Suspended.to_string(), "SUSPENDED");
+    }
+
+    /// A registry written before the enums existed (plain strings) reads unchanged.
+    #[tokio::test]
+    async fn reads_rows_written_as_plain_strings() -> Result<()> {
+        let path = std::env::temp_dir().join(format!(
+            "tenantry-registry-test-{}-{}.db",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let registry = Registry::open(&path.display().to_string()).await?;
+        registry
+            .db
+            .execute_unprepared(
+                "INSERT INTO database_servers (name, backend, location, create_time) \
+                 VALUES ('local', 'sqlite', '/tmp', '2026-01-01T00:00:00Z'); \
+                 INSERT INTO tenants (tenant_id, display_name, state, reason, requested_server, \
+                 database_server, backend, database_name, route_version, schema_version, \
+                 create_time, update_time, max_connections) \
+                 VALUES ('acme', 'Acme', 'SUSPENDED', 'unpaid', '', 'local', 'sqlite', \
+                 'acme.sqlite3', 7, 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', 0)",
+            )
+            .await?;
+        let acme =
+            TenantId::parse("acme").map_err(|e| ControlPlaneError::Internal(e.to_string()))?;
+        let tenant = registry.get_tenant(&acme).await?;
+        assert_eq!(
+            tenant.map(|t| (t.state, t.backend)),
+            Some((TenantState::Suspended, Some(Backend::Sqlite)))
+        );
+        let suspended = registry
+            .list_tenants(None, Some(TenantState::Suspended), 10)
+            .await?;
+        assert_eq!(suspended.len(), 1);
+        assert!(
+            registry
+                .list_tenants(None, Some(TenantState::Active), 10)
+                .await?
+                .is_empty()
+        );
+        assert_eq!(
+            registry.tenant_states().await?.get(&TenantState::Suspended),
+            Some(&1)
+        );
+        assert_eq!(
+            registry.get_server("local").await?.map(|s| s.backend),
+            Some(Backend::Sqlite)
+        );
+        // A change writes the same strings back.
+        let resumed = registry.mark_resumed(&acme, "test", |_| Ok(())).await?;
+        assert_eq!(resumed.state, TenantState::Active);
+        let stored = StoredState::find_by_statement(sea_orm::Statement::from_string(
+            registry.db.get_database_backend(),
+            "SELECT state FROM tenants WHERE tenant_id = 'acme'",
+        ))
+        .one(&registry.db)
+        .await?
+        .map(|row| row.state);
+        assert_eq!(stored.as_deref(), Some("ACTIVE"));
+        registry.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        Ok(())
+    }
+
+    #[derive(FromQueryResult)]
+    struct StoredState {
+        state: String,
+    }
 }
