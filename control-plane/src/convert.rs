@@ -5,7 +5,7 @@
 use prost_types::Timestamp;
 use tenantry_proto::controlplane::v1 as pb;
 
-use crate::provisioner::postgres;
+use crate::location;
 use crate::registry::{Backend, DatabaseServer, Tenant, TenantState};
 
 pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
@@ -83,7 +83,7 @@ pub(crate) fn tracing_to_proto(row: &Tenant) -> Option<pb::TenantTracing> {
 /// A server as callers see it: the admin URL's password masked.
 pub(crate) fn server_to_proto(row: &DatabaseServer, tenant_count: i64) -> pb::DatabaseServer {
     let location = match row.backend {
-        Backend::Postgres => postgres::mask_password(&row.location),
+        Backend::Postgres => location::mask_password(&row.location),
         Backend::Sqlite => row.location.clone(),
     };
     pb::DatabaseServer {

@@ -36,7 +36,7 @@ pub(crate) enum ControlPlaneError {
     Internal(String),
 }
 
-// The one conversion to gRPC statuses; the workspace's clippy.toml forbids the
+// The one conversion to gRPC statuses; the crate's clippy.toml forbids the
 // constructors everywhere else.
 #[allow(clippy::disallowed_methods)]
 impl From<ControlPlaneError> for Status {

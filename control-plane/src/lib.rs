@@ -5,13 +5,15 @@
 //! The public API is what the binary, the tests and the benches use: the config, `start`
 //! and, with the `testing` feature, `start_with_faults` and the `testing` hooks.
 //! Inside, dependencies point one way: `service` (gRPC translation) → `domain` (the
-//! rules) and `routes` → `provisioner` → `registry`; `reconciler` and `metrics` sit
-//! beside `domain`; `convert` (registry types to protobuf) and `error` serve them all.
-//! No lower module names a higher one.
+//! rules) and `routes` (route building and the WatchRoutes feed); `domain` →
+//! `provisioner` → `registry`; `reconciler` → `provisioner`; `convert` (registry types to
+//! protobuf), `location` (what a server's stored location means) and `error` serve them.
+//! No lower module names a higher one (tests/module_dependencies.rs).
 
 mod convert;
 mod domain;
 mod error;
+mod location;
 mod metrics;
 mod provisioner;
 mod reconciler;

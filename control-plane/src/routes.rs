@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::convert::{backend_to_proto, tracing_to_proto};
 use crate::error::{ControlPlaneError, Result};
-use crate::provisioner::{postgres, sqlite};
+use crate::location;
 use crate::registry::{Backend, DatabaseServer, Registry, Tenant, TenantState};
 
 /// Most tenants one GetRoutes call may ask for.
@@ -58,8 +58,11 @@ pub(crate) fn route_of(
     })?;
     route.connection = Some(match server.backend {
         Backend::Postgres => {
-            let host_port = postgres::host_port(&server.location)
-                .map_err(|error| ControlPlaneError::Internal(error.to_string()))?;
+            let host_port = location::host_port(&server.location).map_err(|error| {
+                ControlPlaneError::Internal(format!(
+                    "the PostgreSQL admin URL is not a valid URL: {error}"
+                ))
+            })?;
             pb::route::Connection::Postgres(pb::PostgresConnection {
                 host: host_port.host,
                 port: u32::from(host_port.port),
@@ -69,7 +72,7 @@ pub(crate) fn route_of(
             })
         }
         Backend::Sqlite => pb::route::Connection::Sqlite(pb::SqliteConnection {
-            path: sqlite::database_path(&server.location, database_name)
+            path: location::database_path(&server.location, database_name)
                 .display()
                 .to_string(),
         }),

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::TenantId;
-use crate::metadata::{CallTenant, TENANT_ID};
+use crate::metadata::CallTenant;
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
@@ -107,14 +107,7 @@ where
         // The tenant, when the call names a valid one in its metadata (the tenant layer
         // refuses bad ones). The sampler sees it at the span's start. Parsed once, by the
         // server's outermost layer where it has one (`CallTenant` in the extensions).
-        let tenant = match request.extensions().get::<CallTenant>() {
-            Some(call_tenant) => call_tenant.named().map(TenantId::to_string),
-            None => request
-                .headers()
-                .get(TENANT_ID)
-                .and_then(|value| TenantId::parse_bytes(value.as_bytes()).ok())
-                .map(|tenant| tenant.to_string()),
-        };
+        let tenant = CallTenant::of(&request).named().map(TenantId::to_string);
         let span = tracing::info_span!(
             "grpc",
             otel.name = path.trim_start_matches('/'),

@@ -40,6 +40,15 @@ impl CallTenant {
         }
     }
 
+    /// The call's `CallTenant`: the one the outermost layer put in its extensions, or,
+    /// where no such layer runs, parsed from its headers now.
+    pub fn of<B>(request: &http::Request<B>) -> std::borrow::Cow<'_, Self> {
+        match request.extensions().get::<Self>() {
+            Some(parsed) => std::borrow::Cow::Borrowed(parsed),
+            None => std::borrow::Cow::Owned(Self::from_headers(request.headers())),
+        }
+    }
+
     /// The tenant the call names, if its first value is a valid id (for labels and
     /// spans, which tell a refused call's tenant where they can).
     pub fn named(&self) -> Option<&TenantId> {

@@ -8,8 +8,6 @@ pub(crate) type ProvisionResult<T> = std::result::Result<T, ProvisionError>;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProvisionError {
-    #[error("the PostgreSQL admin URL is not a valid URL: {0}")]
-    AdminUrlUnparsable(url::ParseError),
     #[error("the PostgreSQL admin URL is not valid: {0}")]
     AdminUrlInvalid(sqlx::Error),
     #[error(
@@ -47,7 +45,7 @@ impl ProvisionError {
     /// used is the caller's mistake; a server that refuses is a precondition.
     pub(crate) fn into_registration_error(self) -> ControlPlaneError {
         match self {
-            Self::AdminUrlUnparsable(_) | Self::AdminUrlInvalid(_) | Self::TlsDemanded { .. } => {
+            Self::AdminUrlInvalid(_) | Self::TlsDemanded { .. } => {
                 ControlPlaneError::InvalidArgument(self.to_string())
             }
             Self::Registry(error) => error,

@@ -43,49 +43,6 @@ pub(crate) struct PostgresServer {
     admin_options: PgConnectOptions,
 }
 
-/// Where a PostgreSQL server listens, as tenants' data planes should reach it.
-pub(crate) struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-/// Host and port of an admin URL, for routes.
-pub(crate) fn host_port(admin_url: &str) -> ProvisionResult<HostPort> {
-    let url = url::Url::parse(admin_url).map_err(ProvisionError::AdminUrlUnparsable)?;
-    Ok(HostPort {
-        host: url.host_str().unwrap_or("localhost").to_owned(),
-        port: url.port().unwrap_or(5432),
-    })
-}
-
-/// The admin URL with its password (in the user part or a `password=` parameter)
-/// replaced by `****`, for display.
-pub(crate) fn mask_password(admin_url: &str) -> String {
-    match url::Url::parse(admin_url) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("****"));
-            }
-            let masked_query: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(key, value)| {
-                    let value = if key.eq_ignore_ascii_case("password") {
-                        "****".to_owned()
-                    } else {
-                        value.into_owned()
-                    };
-                    (key.into_owned(), value)
-                })
-                .collect();
-            if !masked_query.is_empty() {
-                url.query_pairs_mut().clear().extend_pairs(masked_query);
-            }
-            url.to_string()
-        }
-        Err(_) => "<invalid URL>".to_owned(),
-    }
-}
-
 /// Iterations of PBKDF2 in tenant password verifiers (PostgreSQL's default).
 const SCRAM_ITERATIONS: u32 = 4096;
 
@@ -348,7 +305,7 @@ mod tests {
     #[test]
     fn masks_passwords_in_user_part_and_parameters() {
         assert_eq!(
-            mask_password(
+            crate::location::mask_password(
                 "postgres://admin:secret@db:5432/postgres?password=other&sslmode=require"
             ),
             "postgres://admin:****@db:5432/postgres?password=****&sslmode=require"

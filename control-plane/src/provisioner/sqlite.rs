@@ -5,11 +5,6 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
-/// Path of a tenant's database file in a SQLite server's directory.
-pub(crate) fn database_path(directory: &str, database_name: &str) -> PathBuf {
-    Path::new(directory).join(database_name)
-}
-
 /// Connect options for a tenant file, creating it if missing.
 fn tenant_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()

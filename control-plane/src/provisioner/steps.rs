@@ -252,7 +252,7 @@ impl Provisioner {
                 migrated.map_err(failed(Step::Migrate))?
             }
             Backend::Sqlite => {
-                let path = sqlite::database_path(&server.location, &database_name);
+                let path = crate::location::database_path(&server.location, &database_name);
                 self.checkpoint(Step::CreateDatabase)?;
                 sqlite::ensure_database(&path)
                     .instrument(step_span(Step::CreateDatabase, tenant_id))
@@ -309,7 +309,7 @@ impl Provisioner {
                 }
                 Backend::Sqlite => {
                     self.checkpoint(Step::DropDatabase)?;
-                    sqlite::remove_database(&sqlite::database_path(
+                    sqlite::remove_database(&crate::location::database_path(
                         &server.location,
                         &database_name,
                     ))

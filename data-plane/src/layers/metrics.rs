@@ -69,10 +69,7 @@ where
         let Some(method) = sql_service_method(request.uri().path()).map(str::to_owned) else {
             return Box::pin(inner.call(request));
         };
-        let tenant = match request.extensions().get::<CallTenant>() {
-            Some(call_tenant) => call_tenant.named().cloned(),
-            None => CallTenant::from_headers(request.headers()).named().cloned(),
-        };
+        let tenant = CallTenant::of(&request).named().cloned();
         let metrics = self.metrics.clone();
         let started = Instant::now();
         Box::pin(async move {

@@ -48,15 +48,7 @@ pub struct TenantRouteService<S> {
 /// The tenant the call acts for, from the `CallTenant` the outermost layer parsed (or
 /// from the headers, if that layer is not in the stack).
 fn tenant_of(request: &http::Request<Body>) -> Result<TenantId, DataPlaneError> {
-    let parsed;
-    let call_tenant = match request.extensions().get::<CallTenant>() {
-        Some(call_tenant) => call_tenant,
-        None => {
-            parsed = CallTenant::from_headers(request.headers());
-            &parsed
-        }
-    };
-    call_tenant
+    CallTenant::of(request)
         .require()
         .cloned()
         .map_err(|error| DataPlaneError::InvalidArgument(error.to_string()))

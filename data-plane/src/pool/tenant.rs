@@ -38,9 +38,7 @@ impl Call<'_> {
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
     }
 
-    /// Runs `work` within the request's deadline (if any). A plain function, not an
-    /// `async fn`, so the returned future holds `work` once rather than twice (an async
-    /// fn keeps its argument beside what it awaits).
+    /// Runs `work` within the request's deadline (if any), logging how long it took.
     pub(crate) fn within_deadline<T, F>(
         &self,
         work: F,

@@ -125,9 +125,12 @@ pub(super) fn take_for(
         if job.request.answer.is_closed() {
             return Pick::Drop;
         }
+        if !has_room {
+            return Pick::Keep(job);
+        }
         match connection.cached(&job.key) {
-            Some(prepared) if has_room => Pick::Take(Taken::check(job.request, prepared)),
-            _ => Pick::Keep(job),
+            Some(prepared) => Pick::Take(Taken::check(job.request, prepared)),
+            None => Pick::Keep(job),
         }
     })
 }
