@@ -36,6 +36,13 @@ pub(crate) enum ControlPlaneError {
     Internal(String),
 }
 
+impl ControlPlaneError {
+    /// The one answer for a tenant id the registry does not hold.
+    pub(crate) fn tenant_not_found(tenant_id: &tenantry_shared::TenantId) -> Self {
+        Self::NotFound(format!("tenant {tenant_id} does not exist"))
+    }
+}
+
 // The one conversion to gRPC statuses; the crate's clippy.toml forbids the
 // constructors everywhere else.
 #[allow(clippy::disallowed_methods)]

@@ -104,9 +104,11 @@ impl RouteTable {
     }
 
     pub(crate) async fn route(&self, tenant_id: &TenantId) -> Result<pb::Route> {
-        let tenant = self.registry.get_tenant(tenant_id).await?.ok_or_else(|| {
-            ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
-        })?;
+        let tenant = self
+            .registry
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| ControlPlaneError::tenant_not_found(tenant_id))?;
         route_of(&tenant, &servers_by_name(&self.registry).await?)
     }
 

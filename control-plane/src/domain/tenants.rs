@@ -203,7 +203,7 @@ impl TenantManager {
         self.registry
             .get_tenant(tenant_id)
             .await?
-            .ok_or_else(|| not_found(tenant_id))
+            .ok_or_else(|| ControlPlaneError::tenant_not_found(tenant_id))
     }
 
     /// Tenants ordered by id, after `after_id`, optionally in one state.
@@ -351,10 +351,6 @@ impl TenantManager {
         }
         Ok(deleted)
     }
-}
-
-fn not_found(tenant_id: &TenantId) -> ControlPlaneError {
-    ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
 }
 
 /// The rule of suspend and resume: only from `from` (`done` says what the change does).

@@ -118,9 +118,10 @@ impl Provisioner {
     }
 
     async fn get(&self, tenant_id: &TenantId) -> Result<Tenant> {
-        self.registry.get_tenant(tenant_id).await?.ok_or_else(|| {
-            ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
-        })
+        self.registry
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| ControlPlaneError::tenant_not_found(tenant_id))
     }
 
     pub(crate) async fn close(&self) {

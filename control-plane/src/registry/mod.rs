@@ -550,9 +550,7 @@ impl Registry {
         let current = tenant::Entity::find_by_id(tenant_id.to_string())
             .one(&txn)
             .await?
-            .ok_or_else(|| {
-                ControlPlaneError::NotFound(format!("tenant {tenant_id} does not exist"))
-            })?;
+            .ok_or_else(|| ControlPlaneError::tenant_not_found(tenant_id))?;
         check(&current)?;
         let from_state = current.state;
         let mut row = current.into_active_model();
