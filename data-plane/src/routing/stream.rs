@@ -92,7 +92,10 @@ pub(crate) async fn run(
         if caught_up {
             backoff = MIN_BACKOFF;
         }
-        let reason = ended.err().unwrap_or_default();
+        let reason = match ended {
+            Ok(()) => String::new(),
+            Err(ended) => ended.to_string(),
+        };
         if lost_since.is_none() {
             lost_since = Some(std::time::Instant::now());
             tracing::warn!(%reason, "route stream to the control plane lost; serving the routes held, reconnecting");
@@ -112,6 +115,15 @@ pub(crate) async fn run(
     }
 }
 
+/// Why a route stream ended (for the log).
+#[derive(Debug, thiserror::Error)]
+enum StreamEnded {
+    #[error("the control plane ended the stream")]
+    ByControlPlane,
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Failed(tonic::Status),
+}
+
 /// One stream, from connect to its end. Err says why it ended.
 async fn follow(
     router: &Router,
@@ -119,20 +131,20 @@ async fn follow(
     health: &HealthReporter,
     status: &StreamProgress,
     caught_up: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), StreamEnded> {
     let after_version = *status.applied.borrow();
     let mut stream = router
         .stream_client()
         .watch_routes(pb::WatchRoutesRequest { after_version })
         .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .map_err(StreamEnded::Failed)?
         .into_inner();
     let mut snapshot_ids: Option<HashSet<TenantId>> = None;
     loop {
         let message = match stream.message().await {
             Ok(Some(message)) => message,
-            Ok(None) => return Err("the control plane ended the stream".to_owned()),
-            Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+            Ok(None) => return Err(StreamEnded::ByControlPlane),
+            Err(status) => return Err(StreamEnded::Failed(status)),
         };
         if message.snapshot && snapshot_ids.is_none() {
             snapshot_ids = Some(HashSet::new());

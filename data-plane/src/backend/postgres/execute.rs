@@ -23,7 +23,7 @@ use super::pipeline::Piped;
 use super::reset::PgControls;
 use super::run::Bound;
 use super::statements::Prepared;
-use super::waiting::{Answer, Request, Taken, Wanted, enqueue, take_for};
+use super::waiting::{Answer, StatementRequest, Taken, Wanted, enqueue, take_for};
 use crate::backend::answer::{at_statement, parameter_count_error, push_row};
 use crate::backend::sql_text::{
     drops_prepared_statements, max_placeholder, may_pipeline, refuse_transaction_control,
@@ -221,7 +221,7 @@ async fn single(
     // Run in a task of its own: the others' answers must not depend on this request
     // staying (its deadline, its client).
     let prepared = prepared?;
-    let (own, answered) = Request::new(statement, call, wanted);
+    let (own, answered) = StatementRequest::new(statement, call, wanted);
     let mut batch = Vec::with_capacity(others.len() + 1);
     batch.extend(Taken::check(own, prepared));
     batch.extend(others);

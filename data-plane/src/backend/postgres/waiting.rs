@@ -36,7 +36,7 @@ pub(super) enum Answer {
 
 /// A one-statement request to run in a write shared with others, and where its answer
 /// goes.
-pub(super) struct Request {
+pub(super) struct StatementRequest {
     pub(super) statement: pb::Statement,
     pub(super) wanted: Wanted,
     pub(super) deadline: Option<std::time::Instant>,
@@ -44,7 +44,7 @@ pub(super) struct Request {
     pub(super) answer: oneshot::Sender<Result<Answer>>,
 }
 
-impl Request {
+impl StatementRequest {
     pub(super) fn new(
         statement: &pb::Statement,
         call: &Call<'_>,
@@ -66,12 +66,12 @@ impl Request {
 pub(crate) struct Job {
     /// Its statement's cache key (`cache_key`).
     key: String,
-    request: Request,
+    request: StatementRequest,
 }
 
 /// A request taken by a connection that has its statement prepared.
 pub(super) struct Taken {
-    pub(super) request: Request,
+    pub(super) request: StatementRequest,
     pub(super) prepared: Arc<Prepared>,
     pub(super) decoders: Vec<Decoder>,
 }
@@ -79,7 +79,7 @@ pub(super) struct Taken {
 impl Taken {
     /// Checks `request` against the statement prepared for it: parameter count, and for
     /// rows a Value mapping for every column. A request that fails gets its error now.
-    pub(super) fn check(request: Request, prepared: Arc<Prepared>) -> Option<Self> {
+    pub(super) fn check(request: StatementRequest, prepared: Arc<Prepared>) -> Option<Self> {
         let decoders =
             check_params(&prepared, &request.statement).and_then(|()| match request.wanted {
                 Wanted::Rows { .. } => decoders_of(&prepared),
@@ -106,7 +106,7 @@ pub(super) fn enqueue<'q>(
     call: &Call<'_>,
     wanted: Wanted,
 ) -> (Queued<'q, Job>, oneshot::Receiver<Result<Answer>>) {
-    let (request, answered) = Request::new(statement, call, wanted);
+    let (request, answered) = StatementRequest::new(statement, call, wanted);
     let job = Job {
         key: cache_key(statement),
         request,
