@@ -21,8 +21,6 @@
 
 #[path = "support.rs"]
 mod support;
-#[path = "../tests/common/postgres.rs"]
-mod test_postgres;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -419,7 +417,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     let run_id = run_id();
     let temp = tempfile::tempdir()?;
     let admin_url = match backend {
-        Backend::Postgres => Some(test_postgres::admin_url().await),
+        Backend::Postgres => Some(tenantry_testkit::postgres::admin_url().await),
         Backend::Sqlite => None,
     };
     let control_plane_config = ControlPlaneConfig {

@@ -16,8 +16,6 @@
 
 #[path = "support.rs"]
 mod support;
-#[path = "../tests/common/postgres.rs"]
-mod test_postgres;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,7 +109,7 @@ impl Platform {
         let channel = Channel::from_shared(control_plane.url())?.connect().await?;
         let location = match backend {
             Backend::Postgres => cp::register_database_server_request::Location::PostgresAdminUrl(
-                test_postgres::admin_url().await,
+                tenantry_testkit::postgres::admin_url().await,
             ),
             Backend::Sqlite => cp::register_database_server_request::Location::SqliteDirectory(
                 temp.path().join("tenants").display().to_string(),
@@ -547,7 +545,7 @@ async fn zipf_on(platform: &Platform, many: usize, budget: u32) -> anyhow::Resul
     // the rounds measure routing, not the server's catch-up writes.
     {
         use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&test_postgres::admin_url().await).await?;
+        let mut admin = sqlx::PgConnection::connect(&tenantry_testkit::postgres::admin_url().await).await?;
         sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
         admin.close().await?;
     }

@@ -2,19 +2,17 @@
 //! commands (`servers`, `tenants`, `sql`) print results, or the status code and message
 //! with a non-zero exit.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use tenantry_testkit::{Backend, Sandbox};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
 

@@ -2,20 +2,18 @@
 //! real gRPC on loopback, real SQLite files and a real PostgreSQL. Every test runs on
 //! both backends.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{
-    Backend, Sandbox, SandboxOptions, execute_within, int, null, placeholder, query_within, text,
-    with_tenant,
-};
 use tenantry_control_plane::provisioner::{FaultInjection, Step};
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
+use tenantry_testkit::{
+    Backend, Sandbox, SandboxOptions, backend_tests, execute_within, int, null, placeholder,
+    postgres_only_tests, query_within, text, wait_until, with_database, with_tenant,
+};
 use tonic::Code;
 
 backend_tests!(
@@ -894,7 +892,7 @@ async fn advisory_locks_do_not_outlive_requests(sandbox: &Sandbox) {
     {
         use sqlx::Connection;
         let mut connection =
-            sqlx::PgConnection::connect(&common::with_database(admin, &tenant.database_name))
+            sqlx::PgConnection::connect(&with_database(admin, &tenant.database_name))
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         sqlx::raw_sql("GRANT EXECUTE ON FUNCTION pg_catalog.pg_advisory_lock(bigint) TO PUBLIC")
@@ -1091,39 +1089,11 @@ async fn requests_sharing_a_connection(backend: Backend, pipelining: bool) {
     }
 }
 
-/// Polls `condition` every 10 ms until it holds; panics saying `what` never came after
-/// 20 s.
-async fn wait_until<F, Fut>(what: String, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited 20 s for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_answer_does_not_wait_for_statements_behind_it() {
-        super::an_answer_does_not_wait_for_statements_behind_it().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn requests_sharing_a_connection_with_pipelining_off() {
-        super::requests_sharing_a_connection_with_pipelining_off().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn idle_connections_the_server_ended_are_not_lent() {
-        super::idle_connections_the_server_ended_are_not_lent().await;
-    }
-}
+postgres_only_tests!(
+    an_answer_does_not_wait_for_statements_behind_it,
+    requests_sharing_a_connection_with_pipelining_off,
+    idle_connections_the_server_ended_are_not_lent,
+);
 
 /// The server ends a tenant's idle connections (as a restart, a failover or
 /// `idle_session_timeout` would): the tenant's next requests get new connections and
@@ -1230,7 +1200,7 @@ async fn an_answer_does_not_wait_for_statements_behind_it() {
         .pg_admin_url
         .clone()
         .unwrap_or_else(|| panic!("no PostgreSQL admin URL"));
-    let url = common::with_database(&admin, &tenant.database_name);
+    let url = with_database(&admin, &tenant.database_name);
     let lock = |row: i64| {
         let url = url.clone();
         async move {

@@ -3,19 +3,21 @@
 //! server outage, and graceful shutdown. Real gRPC on loopback, real SQLite files and a
 //! real PostgreSQL.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox, SandboxOptions, connect, plain, with_deadline};
 use futures::StreamExt;
 use tenantry_data_plane::DataPlane;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_testkit::proxy::Proxy;
+use tenantry_testkit::{
+    Backend, Sandbox, SandboxOptions, backend_tests, connect, plain, postgres_only_tests,
+    with_deadline,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -30,22 +32,11 @@ backend_tests!(
     shutdown_drains_calls_in_flight,
 );
 
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn budget_caps_connections_over_many_tenants() {
-        super::budget_caps_connections_over_many_tenants().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn full_budget_fails_fast_with_its_cause() {
-        super::full_budget_fails_fast_with_its_cause().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn unreachable_server_fails_only_its_tenants() {
-        super::unreachable_server_fails_only_its_tenants().await;
-    }
-}
+postgres_only_tests!(
+    budget_caps_connections_over_many_tenants,
+    full_budget_fails_fast_with_its_cause,
+    unreachable_server_fails_only_its_tenants,
+);
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -812,7 +803,7 @@ async fn unreachable_server_fails_only_its_tenants() {
         upstream.host_str().unwrap_or("127.0.0.1"),
         upstream.port().unwrap_or(5432)
     );
-    let proxy = common::proxy::Proxy::start(upstream_addr).await;
+    let proxy = Proxy::start(upstream_addr).await;
     let mut via_proxy = upstream.clone();
     via_proxy
         .set_port(Some(proxy.port()))

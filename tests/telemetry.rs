@@ -5,13 +5,10 @@
 //! traced. The tracing subscriber is process-wide, so this file holds one test that sets it up
 //! once and runs every scenario in turn.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox, text, with_tenant};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -23,6 +20,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tenantry_testkit::{Backend, Sandbox, placeholder, text, with_tenant};
 
 /// Spans the collector received.
 #[derive(Clone, Default)]
@@ -128,7 +126,7 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
     let secret = format!("secret-parameter-{}", sandbox.run_id);
     let sql = format!(
         "SELECT count(*) AS n FROM notes WHERE body = {}",
-        common::placeholder(backend, 1)
+        placeholder(backend, 1)
     );
     sandbox
         .sql()

@@ -3,11 +3,6 @@
 //! PostgreSQL. Every sandbox has a run id that all its names carry, and removes what it
 //! created when dropped.
 
-#![allow(dead_code)]
-
-pub mod postgres;
-pub mod proxy;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -25,35 +20,11 @@ use tenantry_shared::grpc::ServerHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+use crate::backend::Backend;
+use crate::postgres;
+use crate::requests::{connect, with_tenant};
 
-/// Runs one async test body against both backends.
-#[macro_export]
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
+/// What a test changes in its sandbox's planes; `None` keeps the sandbox's default.
 #[derive(Clone, Default)]
 pub struct SandboxOptions {
     pub faults: FaultInjection,
@@ -70,6 +41,7 @@ pub struct SandboxOptions {
     pub postgres_pipelining: Option<bool>,
 }
 
+/// A running control plane and data plane (see the module comment).
 pub struct Sandbox {
     pub backend: Backend,
     pub run_id: String,
@@ -517,91 +489,5 @@ impl Drop for Sandbox {
             });
         });
         let _ = cleanup.join();
-    }
-}
-
-pub async fn connect(url: &str) -> Channel {
-    Channel::from_shared(url.to_owned())
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
-}
-
-pub fn with_tenant<T>(message: T, tenant_id: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "x-tenant-id",
-        tenant_id
-            .parse()
-            .unwrap_or_else(|e| panic!("metadata {tenant_id:?}: {e}")),
-    );
-    request
-}
-
-/// A statement with no parameters.
-pub fn plain(sql: &str) -> Option<dp::Statement> {
-    Some(dp::Statement {
-        sql: sql.to_owned(),
-        params: vec![],
-    })
-}
-
-/// A request for `tenant_id` whose gRPC deadline is `timeout` away (none: no deadline).
-pub fn with_deadline<T>(
-    message: T,
-    tenant_id: &str,
-    timeout: Option<Duration>,
-) -> tonic::Request<T> {
-    let mut request = with_tenant(message, tenant_id);
-    if let Some(timeout) = timeout {
-        request.set_timeout(timeout);
-    }
-    request
-}
-
-/// An Execute request for `tenant_id` whose gRPC deadline is `timeout` away.
-pub fn execute_within(
-    sql: &str,
-    tenant_id: &str,
-    timeout: Duration,
-) -> tonic::Request<dp::ExecuteRequest> {
-    let statement = plain(sql);
-    with_deadline(dp::ExecuteRequest { statement }, tenant_id, Some(timeout))
-}
-
-/// A Query request for `tenant_id` whose gRPC deadline is `timeout` away.
-pub fn query_within(
-    sql: &str,
-    tenant_id: &str,
-    timeout: Duration,
-) -> tonic::Request<dp::QueryRequest> {
-    let statement = plain(sql);
-    with_deadline(dp::QueryRequest { statement }, tenant_id, Some(timeout))
-}
-
-pub fn int(v: i64) -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Int64(v)),
-    }
-}
-
-pub fn text(v: &str) -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Text(v.to_owned())),
-    }
-}
-
-pub fn null() -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Null(true)),
-    }
-}
-
-/// `$1` on PostgreSQL, `?` on SQLite.
-pub fn placeholder(backend: Backend, n: usize) -> String {
-    match backend {
-        Backend::Postgres => format!("${n}"),
-        Backend::Sqlite => "?".to_owned(),
     }
 }
