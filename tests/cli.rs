@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use tenantry_testkit::{Backend, Sandbox};
+use tenantry_testkit::{Backend, Patience, Sandbox, wait_until_ok_blocking};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
 
@@ -446,8 +446,8 @@ fn dev_mode_serves_and_stops() {
     assert!(quiet.success, "{}", quiet.stderr);
     // The override reaches the data plane with the route (milliseconds); poll until a
     // debug line shows up rather than sleep.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_ok_blocking(patience, || {
         for tenant in ["devcheck", "devquiet"] {
             let ran = tenantry(
                 &["sql", "--tenant", tenant, "SELECT 1 AS one"],
@@ -461,14 +461,11 @@ fn dev_mode_serves_and_stops() {
             serde_json::from_str::<serde_json::Value>(line)
                 .is_ok_and(|line| line["tenant_id"] == "devcheck" && line["level"] == "DEBUG")
         }) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("no DEBUG line for devcheck:\n{logged}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no DEBUG line for devcheck:\n{logged}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     // Both planes' metrics at one endpoint; the tenant's counter moved.
     let scraped = http_get(&metrics);
     for expected in [
@@ -480,9 +477,9 @@ fn dev_mode_serves_and_stops() {
         assert!(scraped.contains(expected), "no {expected:?} in:\n{scraped}");
     }
     // The same series pushed over OTLP: the tenant's counter and latency histogram.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let query = [("tenant", "devcheck"), ("method", "Query")];
-    loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    let service = wait_until_ok_blocking(patience, || {
         let requests = otlp_metrics.latest(
             "tenantry_dataplane_requests_total",
             &[("tenant", "devcheck"), ("method", "Query"), ("code", "0")],
@@ -492,28 +489,23 @@ fn dev_mode_serves_and_stops() {
             && *requests >= 2.0
             && latency_count >= 2.0
         {
-            assert!(service.contains("tenantry"), "service.name {service}");
-            break;
+            return Ok(service.clone());
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "no pushed Query counter for devcheck over OTLP (latest {requests:?})"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ))
+    });
+    assert!(service.contains("tenantry"), "service.name {service}");
 
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            assert!(status.success(), "dev exited with {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let patience = Patience::new(Duration::from_secs(30), Duration::from_millis(50));
+    let status = wait_until_ok_blocking(patience, || match child.0.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("dev did not stop on SIGTERM".to_owned()),
+    });
+    assert!(status.success(), "dev exited with {status}");
     // --log-format json: every line is a JSON object; the tenant's lines name it.
     let logged = std::fs::read_to_string(&log_path).unwrap_or_else(|e| panic!("{e}"));
     let lines: Vec<serde_json::Value> = logged

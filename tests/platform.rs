@@ -11,8 +11,8 @@ use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_testkit::{
-    Backend, Sandbox, SandboxOptions, backend_tests, execute_within, int, null, placeholder,
-    postgres_only_tests, query_within, text, wait_until, with_database, with_tenant,
+    Backend, Patience, Sandbox, SandboxOptions, backend_tests, execute_within, int, null, placeholder,
+    postgres_only_tests, query_within, text, wait_until, wait_until_ok, with_database, with_tenant,
 };
 use tonic::Code;
 
@@ -326,22 +326,20 @@ async fn deleted_id_is_reserved_until_reused_on_purpose(backend: Backend) {
     assert_eq!(reused.state, cp::TenantState::Active as i32);
     // Once the route stream brings the new route, the data plane serves the fresh,
     // empty database: the old table is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    let patience = Patience::new(Duration::from_secs(15), Duration::from_millis(50));
+    wait_until_ok(patience, || async {
         let old = sandbox
             .query(&id, "SELECT * FROM old_data", vec![])
             .await
             .err()
             .map(|s| s.code());
         if old == Some(Code::InvalidArgument) {
-            break;
+            Ok(())
+        } else {
+            Err("the reused id still reaches the old database".to_owned())
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reused id still reaches the old database"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     sandbox
         .query(&id, "SELECT 1", vec![])
         .await
@@ -1630,8 +1628,8 @@ async fn deadline_cancels_the_statement(backend: Backend) {
     );
     // The statement itself stopped: a write needing the same table's lock goes through
     // (SQLite: the write lock; PostgreSQL: nothing of the tenant is still running).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_ok(patience, || async {
         let still_running = match backend {
             Backend::Postgres => {
                 let rows = sandbox
@@ -1650,15 +1648,13 @@ async fn deadline_cancels_the_statement(backend: Backend) {
                 .await
                 .is_err(),
         };
-        if !still_running {
-            break;
+        if still_running {
+            Err("the cancelled statement kept running".to_owned())
+        } else {
+            Ok(())
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cancelled statement kept running"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let rows = sandbox
         .query(&id, "SELECT count(*) FROM sink", vec![])
         .await

@@ -15,8 +15,8 @@ use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_testkit::proxy::Proxy;
 use tenantry_testkit::{
-    Backend, Sandbox, SandboxOptions, backend_tests, connect, plain, postgres_only_tests,
-    with_deadline,
+    Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain,
+    postgres_only_tests, wait_until_ok, with_deadline,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -95,18 +95,18 @@ async fn health(channel: &Channel, service: &str) -> Option<ServingStatus> {
 }
 
 async fn wait_health(channel: &Channel, service: &str, want: ServingStatus) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let patience = Patience::new(WAIT, Duration::from_millis(20));
+    wait_until_ok(patience, || async move {
         let got = health(channel, service).await;
         if got == Some(want) {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "health of {service:?} is {got:?}, expected {want:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "health of {service:?} is {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Reads a route stream until a message marked `caught_up`; returns the messages.
@@ -546,20 +546,19 @@ async fn budget_caps_connections_over_many_tenants() {
     assert!(stats.tenants.len() <= ids.len());
 
     // Idle pools close: no connection left after the idle timeout.
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(100)), || async {
         let open = data_plane_backends(&admin, &sandbox.run_id).await;
         let (servers, tenants) = sandbox.data_plane().pools.stats();
         if open == 0 && servers[0].connections.open == 0 && tenants.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{open} connections and {} pools still open after the idle timeout",
+                tenants.len()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{open} connections and {} pools still open after the idle timeout",
-            tenants.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     admin.close().await;
 }
 
@@ -586,22 +585,21 @@ async fn full_budget_fails_fast_with_its_cause() {
             })
         })
         .collect();
-    let deadline = Instant::now() + WAIT;
-    while sandbox
-        .data_plane()
-        .pools
-        .stats()
-        .0
-        .first()
-        .map(|s| s.connections.in_use)
-        != Some(2)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the slow statements never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(10)), || async {
+        let in_use = sandbox
+            .data_plane()
+            .pools
+            .stats()
+            .0
+            .first()
+            .map(|s| s.connections.in_use);
+        if in_use == Some(2) {
+            Ok(())
+        } else {
+            Err("the slow statements never started".to_owned())
+        }
+    })
+    .await;
     // ...so the third gets UNAVAILABLE after the bounded wait, naming the budget.
     let started = Instant::now();
     let refused = query_on(&channel, &ids[2], "SELECT 1", None).await.err();
@@ -756,16 +754,16 @@ async fn shutdown_drains_calls_in_flight(backend: Backend) {
         })
         .collect();
     // Every call is running before the shutdown starts.
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(5)), || async {
         let (_, tenants) = plane.pools.stats();
         let in_use: u32 = tenants.iter().map(|t| t.connections.in_use).sum();
         if in_use == 8 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("only {in_use} calls started"))
         }
-        assert!(Instant::now() < deadline, "only {in_use} calls started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
     let url = plane.server.url();
     let stopping = tokio::spawn(async move { plane.server.shutdown().await });
     // First, health says NOT_SERVING while the plane still takes calls.

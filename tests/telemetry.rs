@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -20,7 +20,9 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
-use tenantry_testkit::{Backend, Sandbox, placeholder, text, with_tenant};
+use tenantry_testkit::{
+    Backend, Patience, Sandbox, placeholder, text, wait_until_ok, with_tenant,
+};
 
 /// Spans the collector received.
 #[derive(Clone, Default)]
@@ -143,8 +145,8 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
         .unwrap_or_else(|e| panic!("{e}"));
 
     // Wait for the request's spans to arrive.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (server, trace) = loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    let (server, trace) = wait_until_ok(patience, || async {
         guard.flush();
         let spans = collector.snapshot();
         let server = spans.iter().find(|span| {
@@ -165,16 +167,15 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
                 attributes(span).get("rpc.method").map(String::as_str) == Some("GetRoute")
             });
             if has_sql && has_lookup {
-                break (server.clone(), trace);
+                return Ok((server.clone(), trace));
             }
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{backend:?}: the request's spans never all arrived ({} spans received)",
             spans.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        ))
+    })
+    .await;
 
     // The data plane's call span.
     let server_attributes = attributes(&server);
@@ -299,15 +300,17 @@ async fn per_tenant_switch(
     );
     marked_query(&sandbox, &watched, &first).await;
     marked_query(&sandbox, &quiet, &other).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while spans_with(collector, "db.query.text", &first) == 0 {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_ok(patience, || async {
+        if spans_with(collector, "db.query.text", &first) > 0 {
+            return Ok(());
+        }
         guard.flush();
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{backend:?}: the traced tenant's spans never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ))
+    })
+    .await;
     guard.flush();
     assert_eq!(
         spans_with(collector, "tenant.id", &quiet),

@@ -4,7 +4,7 @@
 //! created when dropped.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use tenantry_control_plane::ControlPlaneConfig;
@@ -23,6 +23,7 @@ use tonic::{Code, Status};
 use crate::backend::Backend;
 use crate::postgres;
 use crate::requests::{connect, with_tenant};
+use crate::wait::{Patience, wait_until_ok};
 
 /// What a test changes in its sandbox's planes; `None` keeps the sandbox's default.
 #[derive(Clone, Default)]
@@ -366,37 +367,35 @@ impl Sandbox {
 
     /// Waits until `query` on the tenant gives `code` (Ok counts as Code::Ok).
     pub async fn wait_for_code(&self, tenant_id: &str, code: Code) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        let patience = Patience::new(Duration::from_secs(15), Duration::from_millis(50));
+        wait_until_ok(patience, || async move {
             let got = match self.query(tenant_id, "SELECT 1", vec![]).await {
                 Ok(_) => Code::Ok,
                 Err(status) => status.code(),
             };
             if got == code {
-                return;
+                Ok(())
+            } else {
+                Err(format!(
+                    "tenant {tenant_id} still answers {got:?}, expected {code:?}"
+                ))
             }
-            assert!(
-                Instant::now() < deadline,
-                "tenant {tenant_id} still answers {got:?}, expected {code:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     /// Waits until the registry shows the tenant in `state`, and returns it.
     pub async fn wait_for_state(&self, tenant_id: &str, state: cp::TenantState) -> cp::Tenant {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(50));
+        wait_until_ok(patience, || async move {
             let tenant = self.get(tenant_id).await.unwrap_or_else(|e| panic!("{e}"));
             if tenant.state == state as i32 {
-                return tenant;
+                Ok(tenant)
+            } else {
+                Err(format!("{tenant_id} never became {state:?}: {tenant:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{tenant_id} never became {state:?}: {tenant:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Does the tenant's database still exist (PostgreSQL database or SQLite file)?
