@@ -12,15 +12,9 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::DataPlaneConfig;
 use tenantry_proto::controlplane::v1 as cp;
@@ -29,6 +23,7 @@ use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tenantry_testkit::otlp::TraceCollector;
 use tonic::transport::Channel;
 
 use support::{ms, percentile, seconds_per_round};
@@ -37,32 +32,6 @@ const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 /// Pairs of rounds; each round is a sixth of `TENANTRY_BENCH_SECONDS` (default 0.5 s).
 const PAIRS: usize = 40;
-
-/// Counts the spans it receives.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<AtomicU64>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans: usize = request
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|resource| &resource.scope_spans)
-            .map(|scope| scope.spans.len())
-            .sum();
-        self.spans.fetch_add(spans as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
 
 /// One side of the comparison: a platform with one tenant holding a 100-row table.
 struct Side {
@@ -228,21 +197,15 @@ fn main() -> anyhow::Result<()> {
     let collector_runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let collector = Collector::default();
+    let collector = TraceCollector::counting_spans();
     // The exporter's channel lives on the collector's runtime too.
     let (on_dispatch, guard) = collector_runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(collector.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let endpoint = collector.serve().await?;
         telemetry::dispatch(
             "tenantry-bench",
             LogFormat::Text,
             &TracingConfig {
-                otlp_endpoint: Some(format!("http://{address}")),
+                otlp_endpoint: Some(endpoint),
                 sample_ratio: Some(0.01),
             },
             "warn",
@@ -319,7 +282,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "spans received by the collector: {}",
-        collector.spans.load(Ordering::Relaxed)
+        collector.span_count()
     );
     Ok(())
 }

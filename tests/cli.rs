@@ -6,12 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use tenantry_testkit::otlp::MetricsCollector;
 use tenantry_testkit::{Backend, Patience, Sandbox, wait_until_ok_blocking};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
@@ -228,115 +223,6 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
-    }
-}
-
-/// An OTLP metrics collector on its own thread: what the planes push.
-#[derive(Clone, Default)]
-struct MetricsCollector {
-    received: std::sync::Arc<std::sync::Mutex<Vec<ExportMetricsServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl MetricsService for MetricsCollector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        if let Ok(mut received) = self.received.lock() {
-            received.push(request.into_inner());
-        }
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl MetricsCollector {
-    /// Starts one on 127.0.0.1; its `http://` URL.
-    fn start(&self) -> String {
-        let collector = self.clone();
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("{e}"));
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                let _ = address_tx.send(listener.local_addr().map(|a| a.to_string()));
-                let _ = tonic::transport::Server::builder()
-                    .add_service(MetricsServiceServer::new(collector))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                    .await;
-            });
-        });
-        let address = address_rx
-            .recv()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        format!("http://{address}")
-    }
-
-    /// The newest value pushed for `name` with all of `attributes`: a counter's value or
-    /// a histogram's count, with the pushing service's name.
-    fn latest(&self, name: &str, attributes: &[(&str, &str)]) -> Option<(f64, String)> {
-        use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-        use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
-        let matches = |point_attributes: &[KeyValue]| {
-            attributes.iter().all(|(key, value)| {
-                point_attributes.iter().any(|attribute| {
-                    attribute.key == *key
-                        && attribute.value.as_ref().and_then(|v| v.value.as_ref())
-                            == Some(&any_value::Value::StringValue((*value).to_owned()))
-                })
-            })
-        };
-        let received = self.received.lock().ok()?;
-        let mut latest = None;
-        for resource in received
-            .iter()
-            .flat_map(|request| &request.resource_metrics)
-        {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|resource| &resource.attributes)
-                .find(|attribute| attribute.key == "service.name")
-                .and_then(|attribute| attribute.value.as_ref()?.value.as_ref())
-                .map(|value| format!("{value:?}"))
-                .unwrap_or_default();
-            for metric in resource
-                .scope_metrics
-                .iter()
-                .flat_map(|scope| &scope.metrics)
-                .filter(|metric| metric.name == name)
-            {
-                let value = match &metric.data {
-                    Some(metric::Data::Sum(sum)) => sum
-                        .data_points
-                        .iter()
-                        .filter(|point| matches(&point.attributes))
-                        .find_map(|point| match point.value {
-                            Some(number_data_point::Value::AsDouble(value)) => Some(value),
-                            Some(number_data_point::Value::AsInt(value)) => Some(value as f64),
-                            None => None,
-                        }),
-                    Some(metric::Data::Histogram(histogram)) => histogram
-                        .data_points
-                        .iter()
-                        .find(|point| matches(&point.attributes))
-                        .map(|point| point.count as f64),
-                    _ => None,
-                };
-                if let Some(value) = value {
-                    latest = Some((value, service.clone()));
-                }
-            }
-        }
-        latest
     }
 }
 

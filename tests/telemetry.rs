@@ -1,4 +1,4 @@
-//! Traces end to end: an OTLP collector started here (a tonic `TraceService` server)
+//! Traces end to end: the testkit's OTLP trace collector (a tonic `TraceService` server)
 //! receives the spans of real requests through both planes, on SQLite and PostgreSQL.
 //!
 //! The default sampling ratio is 0: only tenants switched on with SetTenantTracing are
@@ -6,59 +6,17 @@
 //! once and runs every scenario in turn.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tenantry_testkit::otlp::TraceCollector;
 use tenantry_testkit::{
     Backend, Patience, Sandbox, placeholder, text, wait_until_ok, with_tenant,
 };
-
-/// Spans the collector received.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|resource| resource.scope_spans)
-            .flat_map(|scope| scope.spans);
-        if let Ok(mut held) = self.spans.lock() {
-            held.extend(spans);
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl Collector {
-    fn snapshot(&self) -> Vec<Span> {
-        self.spans
-            .lock()
-            .map(|spans| spans.clone())
-            .unwrap_or_default()
-    }
-}
 
 fn attributes(span: &Span) -> HashMap<String, String> {
     span.attributes
@@ -84,21 +42,13 @@ fn traces_follow_a_tenant_through_both_planes() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     runtime.block_on(async {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(collector.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let collector = TraceCollector::keeping_spans();
+        let endpoint = collector.serve().await.unwrap_or_else(|e| panic!("{e}"));
         let guard = telemetry::init(
             "tenantry-test",
             LogFormat::Text,
             &TracingConfig {
-                otlp_endpoint: Some(format!("http://{address}")),
+                otlp_endpoint: Some(endpoint),
                 // Nothing is traced unless a tenant is switched on.
                 sample_ratio: Some(0.0),
             },
@@ -112,7 +62,7 @@ fn traces_follow_a_tenant_through_both_planes() {
     });
 }
 
-async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetry::TelemetryGuard) {
+async fn request_trace(backend: Backend, collector: &TraceCollector, guard: &telemetry::TelemetryGuard) {
     let sandbox = Sandbox::start(backend).await;
     let id = sandbox.tid("traced");
     sandbox.create(&id).await;
@@ -269,7 +219,7 @@ async fn marked_query(sandbox: &Sandbox, tenant_id: &str, marker: &str) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-fn spans_with(collector: &Collector, key: &str, needle: &str) -> usize {
+fn spans_with(collector: &TraceCollector, key: &str, needle: &str) -> usize {
     collector
         .snapshot()
         .iter()
@@ -285,7 +235,7 @@ fn spans_with(collector: &Collector, key: &str, needle: &str) -> usize {
 /// expires.
 async fn per_tenant_switch(
     backend: Backend,
-    collector: &Collector,
+    collector: &TraceCollector,
     guard: &telemetry::TelemetryGuard,
 ) {
     let sandbox = Sandbox::start(backend).await;

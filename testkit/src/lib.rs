@@ -7,9 +7,11 @@
 //!   ([`backend_tests!`], [`postgres_only_tests!`]);
 //! - [`requests`]: data-plane requests and values built for tests;
 //! - [`wait`]: polling for a condition with a deadline, never a fixed sleep;
+//! - [`otlp`]: OTLP collectors standing in for a tracing or metrics backend;
 //! - [`proxy`]: a TCP proxy a test can cut, to make a database server unreachable.
 
 pub mod backend;
+pub mod otlp;
 pub mod postgres;
 pub mod proxy;
 pub mod requests;
