@@ -8,12 +8,8 @@
 //! (which side goes first alternates), so that a machine's drift hits both alike; the
 //! ratio reported is the median of the pairs' ratios, with their spread.
 
-#[path = "support.rs"]
-mod support;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::DataPlaneConfig;
@@ -23,10 +19,11 @@ use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tenantry_testkit::bench::{ms, percentile, run_id, seconds_per_round};
+use tenantry_testkit::load::Load;
 use tenantry_testkit::otlp::TraceCollector;
 use tonic::transport::Channel;
 
-use support::{ms, percentile, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
@@ -37,7 +34,8 @@ const PAIRS: usize = 40;
 struct Side {
     _temp: tempfile::TempDir,
     channels: Vec<Channel>,
-    tenant: String,
+    /// The one tenant, as a load's tenant list.
+    tenant: Arc<Vec<String>>,
 }
 
 async fn side() -> anyhow::Result<Side> {
@@ -74,7 +72,7 @@ async fn side() -> anyhow::Result<Side> {
             ),
         })
         .await?;
-    let tenant = format!("traced-{}", support::run_id());
+    let tenant = format!("traced-{}", run_id());
     TenantServiceClient::new(control)
         .create_tenant(cp::CreateTenantRequest {
             tenant_id: tenant.clone(),
@@ -116,7 +114,7 @@ async fn side() -> anyhow::Result<Side> {
     Ok(Side {
         _temp: temp,
         channels,
-        tenant,
+        tenant: Arc::new(vec![tenant]),
     })
 }
 
@@ -127,49 +125,20 @@ struct Round {
 }
 
 async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|worker| {
-            let mut client = SqlServiceClient::new(side.channels[worker % CHANNELS].clone());
-            let tenant = side.tenant.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut n: i64 = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    n = n % 100 + 1;
-                    let mut request = tonic::Request::new(dp::QueryRequest {
-                        statement: Some(dp::Statement {
-                            sql: "SELECT v FROM kv WHERE id = ?".into(),
-                            params: vec![dp::Value {
-                                kind: Some(dp::value::Kind::Int64(n)),
-                            }],
-                        }),
-                    });
-                    if let Ok(value) = tenant.parse() {
-                        request.metadata_mut().insert("x-tenant-id", value);
-                    }
-                    let sent = Instant::now();
-                    if client.query(request).await.is_ok() {
-                        latencies.push(sent.elapsed());
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
+    let running = Load::new(&side.channels, side.tenant.clone(), |n| dp::Statement {
+        sql: "SELECT v FROM kv WHERE id = ?".into(),
+        params: vec![dp::Value {
+            kind: Some(dp::value::Kind::Int64(i64::try_from(n % 100).unwrap_or(0) + 1)),
+        }],
+    })
+    .workers(CONCURRENCY)
+    .start();
     tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await?);
-    }
-    latencies.sort();
+    let tally = running.stop().await;
     Ok(Round {
-        rate: latencies.len() as f64 / started.elapsed().as_secs_f64(),
-        p50: percentile(&latencies, 0.5),
-        p99: percentile(&latencies, 0.99),
+        rate: tally.latencies.len() as f64 / tally.elapsed.as_secs_f64(),
+        p50: percentile(&tally.latencies, 0.5),
+        p99: percentile(&tally.latencies, 0.99),
     })
 }
 

@@ -4,7 +4,7 @@
 //! real PostgreSQL.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,6 +13,7 @@ use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_testkit::load::{Load, Pick, RunningLoad};
 use tenantry_testkit::proxy::Proxy;
 use tenantry_testkit::{
     Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain,
@@ -491,37 +492,27 @@ async fn budget_caps_connections_over_many_tenants() {
         })
     };
     // 32 concurrent clients, round robin over the 300 tenants, three times over.
-    let next = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let channel = sandbox.data_plane_channel.clone();
-            let ids = ids.clone();
-            let next = next.clone();
-            let failures = failures.clone();
-            tokio::spawn(async move {
-                loop {
-                    let n = next.fetch_add(1, Ordering::AcqRel);
-                    if n >= ids.len() * 3 {
-                        return;
-                    }
-                    let id = &ids[n % ids.len()];
-                    if let Err(status) = query_on(&channel, id, "SELECT 1 AS one", None).await
-                        && let Ok(mut failures) = failures.lock()
-                    {
-                        failures.push(format!("{id}: {status}"));
-                    }
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        client.await.unwrap_or_else(|e| panic!("{e}"));
-    }
+    let tally = Load::new(&[sandbox.data_plane_channel.clone()], ids.clone(), |_| {
+        dp::Statement {
+            sql: "SELECT 1 AS one".into(),
+            params: vec![],
+        }
+    })
+    .workers(32)
+    .pick(Pick::RoundRobin)
+    .max_calls(ids.len() as u64 * 3)
+    .start()
+    .wait()
+    .await;
     loading.store(false, Ordering::Release);
     watcher.await.unwrap_or_else(|e| panic!("{e}"));
-    let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
-    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(tally.calls, ids.len() as u64 * 3);
+    assert!(
+        tally.errors == 0,
+        "{} failed requests: {:?}",
+        tally.errors,
+        tally.failures
+    );
     let most_seen = most_seen.load(Ordering::Acquire);
     assert!(
         most_seen <= u64::from(BUDGET),
@@ -622,44 +613,17 @@ async fn full_budget_fails_fast_with_its_cause() {
     assert_eq!(code_on(&channel, &ids[2]).await, Code::Ok);
 }
 
-/// Runs `SELECT 1` on `ids` round robin from 8 clients until `stop`; returns the
-/// failures and the number of calls made.
-fn load(
-    channel: Channel,
-    ids: Arc<Vec<String>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<String>, u64)> {
-    tokio::spawn(async move {
-        let next = Arc::new(AtomicUsize::new(0));
-        let calls = Arc::new(AtomicU64::new(0));
-        let clients: Vec<_> = (0..8)
-            .map(|_| {
-                let channel = channel.clone();
-                let ids = ids.clone();
-                let stop = stop.clone();
-                let next = next.clone();
-                let calls = calls.clone();
-                tokio::spawn(async move {
-                    let mut failures = Vec::new();
-                    while !stop.load(Ordering::Acquire) {
-                        let id = &ids[next.fetch_add(1, Ordering::AcqRel) % ids.len()];
-                        calls.fetch_add(1, Ordering::AcqRel);
-                        let result =
-                            query_on(&channel, id, "SELECT 1", Some(Duration::from_secs(5))).await;
-                        if let Err(status) = result {
-                            failures.push(format!("{id}: {status}"));
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        let mut failures = Vec::new();
-        for client in clients {
-            failures.extend(client.await.unwrap_or_default());
-        }
-        (failures, calls.load(Ordering::Acquire))
+/// `SELECT 1` on `ids` round robin from 8 clients, each call with a 5 s deadline, until
+/// stopped.
+fn load(channel: Channel, ids: Arc<Vec<String>>) -> RunningLoad {
+    Load::new(&[channel], ids, |_| dp::Statement {
+        sql: "SELECT 1".into(),
+        params: vec![],
     })
+    .workers(8)
+    .pick(Pick::RoundRobin)
+    .call_timeout(Duration::from_secs(5))
+    .start()
 }
 
 async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
@@ -676,8 +640,7 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     )
     .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(channel.clone(), ids.clone(), stop.clone());
+    let running = load(channel.clone(), ids.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     sandbox.stop_control_plane().await;
     // The data plane notices the lost stream and says so, but keeps serving.
@@ -705,13 +668,13 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let (failures, calls) = running.await.unwrap_or_else(|e| panic!("{e}"));
+    let tally = running.stop().await;
+    let (failures, calls) = (tally.failures, tally.calls);
     assert!(calls > 0);
     assert!(
-        failures.is_empty(),
+        tally.errors == 0,
         "{} of {calls} calls failed during the outage: {:?}",
-        failures.len(),
+        tally.errors,
         &failures[..failures.len().min(5)]
     );
     // A change made after the restart reaches the data plane.
@@ -825,8 +788,7 @@ async fn unreachable_server_fails_only_its_tenants() {
         assert_eq!(code_on(&channel, id).await, Code::Ok);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(channel.clone(), steady.clone(), stop.clone());
+    let running = load(channel.clone(), steady.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The flaky server stops answering: open connections are cut, new ones hang.
     proxy.black_hole();
@@ -841,11 +803,11 @@ async fn unreachable_server_fails_only_its_tenants() {
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let (failures, calls) = running.await.unwrap_or_else(|e| panic!("{e}"));
+    let tally = running.stop().await;
+    let (failures, calls) = (tally.failures, tally.calls);
     assert!(calls > 0);
     assert!(
-        failures.is_empty(),
+        tally.errors == 0,
         "tenants on the healthy server failed: {:?}",
         &failures[..failures.len().min(5)]
     );

@@ -8,9 +8,13 @@
 //! - [`requests`]: data-plane requests and values built for tests;
 //! - [`wait`]: polling for a condition with a deadline, never a fixed sleep;
 //! - [`otlp`]: OTLP collectors standing in for a tracing or metrics backend;
-//! - [`proxy`]: a TCP proxy a test can cut, to make a database server unreachable.
+//! - [`load`]: the load generator (concurrent Query calls over a set of tenants);
+//! - [`proxy`]: a TCP proxy a test can cut, to make a database server unreachable;
+//! - [`bench`]: what only the benches need (round lengths, percentiles, cleanup).
 
 pub mod backend;
+pub mod bench;
+pub mod load;
 pub mod otlp;
 pub mod postgres;
 pub mod proxy;
