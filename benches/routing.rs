@@ -485,7 +485,8 @@ async fn zipf_on(platform: &Platform, many: usize, budget: u32) -> anyhow::Resul
     // the rounds measure routing, not the server's catch-up writes.
     {
         use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&tenantry_testkit::postgres::admin_url().await).await?;
+        let mut admin =
+            sqlx::PgConnection::connect(&tenantry_testkit::postgres::admin_url().await).await?;
         sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
         admin.close().await?;
     }

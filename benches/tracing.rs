@@ -24,7 +24,6 @@ use tenantry_testkit::load::Load;
 use tenantry_testkit::otlp::TraceCollector;
 use tonic::transport::Channel;
 
-
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 /// Pairs of rounds; each round is a sixth of `TENANTRY_BENCH_SECONDS` (default 0.5 s).
@@ -128,7 +127,9 @@ async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
     let running = Load::new(&side.channels, side.tenant.clone(), |n| dp::Statement {
         sql: "SELECT v FROM kv WHERE id = ?".into(),
         params: vec![dp::Value {
-            kind: Some(dp::value::Kind::Int64(i64::try_from(n % 100).unwrap_or(0) + 1)),
+            kind: Some(dp::value::Kind::Int64(
+                i64::try_from(n % 100).unwrap_or(0) + 1,
+            )),
         }],
     })
     .workers(CONCURRENCY)

@@ -16,8 +16,8 @@ use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_testkit::load::{Load, Pick, RunningLoad};
 use tenantry_testkit::proxy::Proxy;
 use tenantry_testkit::{
-    Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain,
-    postgres_only_tests, wait_until_ok, with_deadline,
+    Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain, postgres_only_tests,
+    wait_until_ok, with_deadline,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -492,12 +492,14 @@ async fn budget_caps_connections_over_many_tenants() {
         })
     };
     // 32 concurrent clients, round robin over the 300 tenants, three times over.
-    let tally = Load::new(&[sandbox.data_plane_channel.clone()], ids.clone(), |_| {
-        dp::Statement {
+    let tally = Load::new(
+        std::slice::from_ref(&sandbox.data_plane_channel),
+        ids.clone(),
+        |_| dp::Statement {
             sql: "SELECT 1 AS one".into(),
             params: vec![],
-        }
-    })
+        },
+    )
     .workers(32)
     .pick(Pick::RoundRobin)
     .max_calls(ids.len() as u64 * 3)

@@ -14,9 +14,7 @@ use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
 use tenantry_testkit::otlp::TraceCollector;
-use tenantry_testkit::{
-    Backend, Patience, Sandbox, placeholder, text, wait_until_ok, with_tenant,
-};
+use tenantry_testkit::{Backend, Patience, Sandbox, placeholder, text, wait_until_ok, with_tenant};
 
 fn attributes(span: &Span) -> HashMap<String, String> {
     span.attributes
@@ -62,7 +60,11 @@ fn traces_follow_a_tenant_through_both_planes() {
     });
 }
 
-async fn request_trace(backend: Backend, collector: &TraceCollector, guard: &telemetry::TelemetryGuard) {
+async fn request_trace(
+    backend: Backend,
+    collector: &TraceCollector,
+    guard: &telemetry::TelemetryGuard,
+) {
     let sandbox = Sandbox::start(backend).await;
     let id = sandbox.tid("traced");
     sandbox.create(&id).await;

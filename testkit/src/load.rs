@@ -148,9 +148,8 @@ impl Load {
         let pick = Arc::new(self.pick);
         let workers = (0..self.workers)
             .map(|worker| {
-                let client = SqlServiceClient::new(
-                    self.channels[worker % self.channels.len()].clone(),
-                );
+                let client =
+                    SqlServiceClient::new(self.channels[worker % self.channels.len()].clone());
                 let caller = Caller {
                     tenants: self.tenants.clone(),
                     statement: self.statement.clone(),
@@ -284,9 +283,7 @@ impl RunningLoad {
             total.errors += tally.errors;
             total.calls += tally.calls;
             let room = FAILURES_KEPT.saturating_sub(total.failures.len());
-            total
-                .failures
-                .extend(tally.failures.into_iter().take(room));
+            total.failures.extend(tally.failures.into_iter().take(room));
         }
         total.elapsed = self.started.elapsed();
         total.latencies.sort();
