@@ -19,14 +19,8 @@
 //! `TENANTRY_BENCH_CONNECTIONS` sizes the baseline's and the first tenant's pool (default 4);
 //! `TENANTRY_BENCH_VERBOSE=1` prints every round.
 
-#[path = "support.rs"]
-mod support;
-#[path = "../tests/common/postgres.rs"]
-mod test_postgres;
-
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -41,10 +35,11 @@ use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_server::{SqlService, SqlServiceServer};
 use tenantry_shared::TenantId;
+use tenantry_testkit::Backend;
+use tenantry_testkit::bench::{delete_tenants, ms, percentile, run_id, seconds_per_round};
+use tenantry_testkit::load::Load;
 use tonic::transport::Channel;
 use tower::{Layer, Service, ServiceExt};
-
-use support::{delete_tenants, ms, percentile, run_id, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
@@ -181,12 +176,6 @@ async fn layers() -> anyhow::Result<()> {
         per(layered_time) - per(bare_time)
     );
     Ok(())
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Backend {
-    Sqlite,
-    Postgres,
 }
 
 /// The baseline: SqlService.Query on one pre-opened pool, no tenant layers.
@@ -336,64 +325,23 @@ async fn run_load(
     placeholder: &str,
     round: Duration,
 ) -> Measured {
-    let stop = Arc::new(AtomicBool::new(false));
-    let measure_from = Instant::now() + RAMP;
-    let sql = Arc::new(format!("SELECT v FROM kv WHERE id = {placeholder}"));
-    let mut tasks = Vec::new();
-    for worker in 0..CONCURRENCY {
-        let mut client = SqlServiceClient::new(channels[worker % channels.len()].clone());
-        let tenants = tenants.clone();
-        let stop = stop.clone();
-        let sql = sql.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(100_000);
-            let mut errors = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (tenant, id) = {
-                    let mut rng = rand::rng();
-                    (
-                        &tenants[rng.random_range(0..tenants.len())],
-                        rng.random_range(1..=ROWS_PER_TENANT),
-                    )
-                };
-                let mut request = tonic::Request::new(dp::QueryRequest {
-                    statement: Some(dp::Statement {
-                        sql: sql.as_str().to_owned(),
-                        params: vec![to_value_i64(id)],
-                    }),
-                });
-                if let Ok(value) = tenant.parse() {
-                    request.metadata_mut().insert("x-tenant-id", value);
-                }
-                let started = Instant::now();
-                let result = client.query(request).await;
-                if started < measure_from || stop.load(Ordering::Relaxed) {
-                    continue;
-                }
-                match result {
-                    Ok(_) => latencies.push(started.elapsed()),
-                    Err(_) => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    tokio::time::sleep_until((measure_from + round).into()).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for task in tasks {
-        if let Ok((mut l, e)) = task.await {
-            latencies.append(&mut l);
-            errors += e;
-        }
-    }
-    latencies.sort();
+    let sql = format!("SELECT v FROM kv WHERE id = {placeholder}");
+    let running = Load::new(channels, tenants, move |_| dp::Statement {
+        sql: sql.clone(),
+        params: vec![to_value_i64(rand::rng().random_range(1..=ROWS_PER_TENANT))],
+    })
+    .workers(CONCURRENCY)
+    .ramp(RAMP)
+    .only_answers_before_stop()
+    .latency_capacity(100_000)
+    .start();
+    tokio::time::sleep_until((running.counted_from() + round).into()).await;
+    let tally = running.stop().await;
     Measured {
-        throughput: latencies.len() as f64 / round.as_secs_f64(),
-        p50: percentile(&latencies, 0.5),
-        p99: percentile(&latencies, 0.99),
-        errors,
+        throughput: tally.latencies.len() as f64 / round.as_secs_f64(),
+        p50: percentile(&tally.latencies, 0.5),
+        p99: percentile(&tally.latencies, 0.99),
+        errors: usize::try_from(tally.errors).unwrap_or(usize::MAX),
     }
 }
 
@@ -419,7 +367,7 @@ async fn end_to_end(backend: Backend, many: usize) -> anyhow::Result<Vec<String>
     let run_id = run_id();
     let temp = tempfile::tempdir()?;
     let admin_url = match backend {
-        Backend::Postgres => Some(test_postgres::admin_url().await),
+        Backend::Postgres => Some(tenantry_testkit::postgres::admin_url().await),
         Backend::Sqlite => None,
     };
     let control_plane_config = ControlPlaneConfig {

@@ -14,17 +14,11 @@
 //! `TENANTRY_BENCH_ZIPF_TENANTS` (default 5000), `TENANTRY_BENCH_MEMORY_ROUTES` (default
 //! 10000) and `TENANTRY_BENCH_SECONDS` (default 3, per measured round) size them.
 
-#[path = "support.rs"]
-mod support;
-#[path = "../tests/common/postgres.rs"]
-mod test_postgres;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use rand::Rng;
 use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::{DataPlane, DataPlaneConfig};
 use tenantry_proto::controlplane::v1 as cp;
@@ -34,19 +28,14 @@ use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_shared::grpc::ServerHandle;
+use tenantry_testkit::Backend;
+use tenantry_testkit::bench::{delete_tenants, ms, percentile, run_id, seconds_per_round};
+use tenantry_testkit::load::{Load, Pick, Zipf};
 use tonic::transport::Channel;
-
-use support::{delete_tenants, ms, percentile, run_id, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 const ROUNDS: usize = 3;
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -110,7 +99,7 @@ impl Platform {
         let channel = Channel::from_shared(control_plane.url())?.connect().await?;
         let location = match backend {
             Backend::Postgres => cp::register_database_server_request::Location::PostgresAdminUrl(
-                test_postgres::admin_url().await,
+                tenantry_testkit::postgres::admin_url().await,
             ),
             Backend::Sqlite => cp::register_database_server_request::Location::SqliteDirectory(
                 temp.path().join("tenants").display().to_string(),
@@ -448,31 +437,6 @@ async fn memory(count: usize) -> anyhow::Result<()> {
     platform.stop().await
 }
 
-/// Zipf(s) ranks 0..n by inverse CDF.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut total = 0.0;
-        let mut cdf = Vec::with_capacity(n);
-        for rank in 1..=n {
-            total += 1.0 / (rank as f64).powf(s);
-            cdf.push(total);
-        }
-        for value in &mut cdf {
-            *value /= total;
-        }
-        Self { cdf }
-    }
-
-    fn sample(&self, rng: &mut impl Rng) -> usize {
-        let u: f64 = rng.random();
-        self.cdf.partition_point(|p| *p < u).min(self.cdf.len() - 1)
-    }
-}
-
 struct Round {
     requests: u64,
     errors: u64,
@@ -485,50 +449,24 @@ async fn zipf_round(
     ids: Arc<Vec<String>>,
     duration: Duration,
 ) -> anyhow::Result<Round> {
-    let zipf = Arc::new(Zipf::new(ids.len(), 1.1));
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|worker| {
-            let mut client = SqlServiceClient::new(channels[worker % channels.len()].clone());
-            let ids = ids.clone();
-            let zipf = zipf.clone();
-            let stop = stop.clone();
-            let errors = errors.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let n = zipf.sample(&mut rand::rng());
-                    let Ok(request) = point_query(&ids[n]) else {
-                        continue;
-                    };
-                    let sent = Instant::now();
-                    if let Err(status) = client.query(request).await {
-                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                            eprintln!("  error: {status}");
-                        }
-                    } else {
-                        latencies.push(sent.elapsed());
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
+    let zipf = Zipf::new(ids.len(), 1.1);
+    let running = Load::new(channels, ids, |_| dp::Statement {
+        sql: "SELECT 1 + 1 AS two".into(),
+        params: vec![],
+    })
+    .workers(CONCURRENCY)
+    .pick(Pick::Zipf(zipf))
+    .start();
     tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await?);
+    let tally = running.stop().await;
+    for failure in tally.failures.iter().take(3) {
+        eprintln!("  error: {failure}");
     }
-    let elapsed = started.elapsed();
-    latencies.sort();
     Ok(Round {
-        requests: latencies.len() as u64,
-        errors: errors.load(Ordering::Relaxed),
-        latencies,
-        elapsed,
+        requests: tally.latencies.len() as u64,
+        errors: tally.errors,
+        latencies: tally.latencies,
+        elapsed: tally.elapsed,
     })
 }
 
@@ -546,7 +484,8 @@ async fn zipf_on(platform: &Platform, many: usize, budget: u32) -> anyhow::Resul
     // the rounds measure routing, not the server's catch-up writes.
     {
         use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&test_postgres::admin_url().await).await?;
+        let mut admin =
+            sqlx::PgConnection::connect(&tenantry_testkit::postgres::admin_url().await).await?;
         sqlx::raw_sql("CHECKPOINT").execute(&mut admin).await?;
         admin.close().await?;
     }

@@ -8,19 +8,9 @@
 //! (which side goes first alternates), so that a machine's drift hits both alike; the
 //! ratio reported is the median of the pairs' ratios, with their spread.
 
-#[path = "support.rs"]
-mod support;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use tenantry_control_plane::ControlPlaneConfig;
 use tenantry_data_plane::DataPlaneConfig;
 use tenantry_proto::controlplane::v1 as cp;
@@ -29,46 +19,22 @@ use tenantry_proto::controlplane::v1::tenant_service_client::TenantServiceClient
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
+use tenantry_testkit::bench::{ms, percentile, run_id, seconds_per_round};
+use tenantry_testkit::load::Load;
+use tenantry_testkit::otlp::TraceCollector;
 use tonic::transport::Channel;
-
-use support::{ms, percentile, seconds_per_round};
 
 const CONCURRENCY: usize = 32;
 const CHANNELS: usize = 4;
 /// Pairs of rounds; each round is a sixth of `TENANTRY_BENCH_SECONDS` (default 0.5 s).
 const PAIRS: usize = 40;
 
-/// Counts the spans it receives.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<AtomicU64>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans: usize = request
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|resource| &resource.scope_spans)
-            .map(|scope| scope.spans.len())
-            .sum();
-        self.spans.fetch_add(spans as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
 /// One side of the comparison: a platform with one tenant holding a 100-row table.
 struct Side {
     _temp: tempfile::TempDir,
     channels: Vec<Channel>,
-    tenant: String,
+    /// The one tenant, as a load's tenant list.
+    tenant: Arc<Vec<String>>,
 }
 
 async fn side() -> anyhow::Result<Side> {
@@ -104,7 +70,7 @@ async fn side() -> anyhow::Result<Side> {
             ),
         })
         .await?;
-    let tenant = format!("traced-{}", support::run_id());
+    let tenant = format!("traced-{}", run_id());
     TenantServiceClient::new(control)
         .create_tenant(cp::CreateTenantRequest {
             tenant_id: tenant.clone(),
@@ -146,7 +112,7 @@ async fn side() -> anyhow::Result<Side> {
     Ok(Side {
         _temp: temp,
         channels,
-        tenant,
+        tenant: Arc::new(vec![tenant]),
     })
 }
 
@@ -157,49 +123,22 @@ struct Round {
 }
 
 async fn round(side: &Side, duration: Duration) -> anyhow::Result<Round> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|worker| {
-            let mut client = SqlServiceClient::new(side.channels[worker % CHANNELS].clone());
-            let tenant = side.tenant.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut n: i64 = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    n = n % 100 + 1;
-                    let mut request = tonic::Request::new(dp::QueryRequest {
-                        statement: Some(dp::Statement {
-                            sql: "SELECT v FROM kv WHERE id = ?".into(),
-                            params: vec![dp::Value {
-                                kind: Some(dp::value::Kind::Int64(n)),
-                            }],
-                        }),
-                    });
-                    if let Ok(value) = tenant.parse() {
-                        request.metadata_mut().insert("x-tenant-id", value);
-                    }
-                    let sent = Instant::now();
-                    if client.query(request).await.is_ok() {
-                        latencies.push(sent.elapsed());
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
+    let running = Load::new(&side.channels, side.tenant.clone(), |n| dp::Statement {
+        sql: "SELECT v FROM kv WHERE id = ?".into(),
+        params: vec![dp::Value {
+            kind: Some(dp::value::Kind::Int64(
+                i64::try_from(n % 100).unwrap_or(0) + 1,
+            )),
+        }],
+    })
+    .workers(CONCURRENCY)
+    .start();
     tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await?);
-    }
-    latencies.sort();
+    let tally = running.stop().await;
     Ok(Round {
-        rate: latencies.len() as f64 / started.elapsed().as_secs_f64(),
-        p50: percentile(&latencies, 0.5),
-        p99: percentile(&latencies, 0.99),
+        rate: tally.latencies.len() as f64 / tally.elapsed.as_secs_f64(),
+        p50: percentile(&tally.latencies, 0.5),
+        p99: percentile(&tally.latencies, 0.99),
     })
 }
 
@@ -227,21 +166,15 @@ fn main() -> anyhow::Result<()> {
     let collector_runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let collector = Collector::default();
+    let collector = TraceCollector::counting_spans();
     // The exporter's channel lives on the collector's runtime too.
     let (on_dispatch, guard) = collector_runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(collector.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let endpoint = collector.serve().await?;
         telemetry::dispatch(
             "tenantry-bench",
             LogFormat::Text,
             &TracingConfig {
-                otlp_endpoint: Some(format!("http://{address}")),
+                otlp_endpoint: Some(endpoint),
                 sample_ratio: Some(0.01),
             },
             "warn",
@@ -318,7 +251,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "spans received by the collector: {}",
-        collector.spans.load(Ordering::Relaxed)
+        collector.span_count()
     );
     Ok(())
 }

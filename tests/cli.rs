@@ -2,19 +2,12 @@
 //! commands (`servers`, `tenants`, `sql`) print results, or the status code and message
 //! with a non-zero exit.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use tenantry_testkit::otlp::MetricsCollector;
+use tenantry_testkit::{Backend, Patience, Sandbox, wait_until_ok_blocking};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry");
 
@@ -233,115 +226,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// An OTLP metrics collector on its own thread: what the planes push.
-#[derive(Clone, Default)]
-struct MetricsCollector {
-    received: std::sync::Arc<std::sync::Mutex<Vec<ExportMetricsServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl MetricsService for MetricsCollector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        if let Ok(mut received) = self.received.lock() {
-            received.push(request.into_inner());
-        }
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl MetricsCollector {
-    /// Starts one on 127.0.0.1; its `http://` URL.
-    fn start(&self) -> String {
-        let collector = self.clone();
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("{e}"));
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                let _ = address_tx.send(listener.local_addr().map(|a| a.to_string()));
-                let _ = tonic::transport::Server::builder()
-                    .add_service(MetricsServiceServer::new(collector))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                    .await;
-            });
-        });
-        let address = address_rx
-            .recv()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        format!("http://{address}")
-    }
-
-    /// The newest value pushed for `name` with all of `attributes`: a counter's value or
-    /// a histogram's count, with the pushing service's name.
-    fn latest(&self, name: &str, attributes: &[(&str, &str)]) -> Option<(f64, String)> {
-        use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-        use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
-        let matches = |point_attributes: &[KeyValue]| {
-            attributes.iter().all(|(key, value)| {
-                point_attributes.iter().any(|attribute| {
-                    attribute.key == *key
-                        && attribute.value.as_ref().and_then(|v| v.value.as_ref())
-                            == Some(&any_value::Value::StringValue((*value).to_owned()))
-                })
-            })
-        };
-        let received = self.received.lock().ok()?;
-        let mut latest = None;
-        for resource in received
-            .iter()
-            .flat_map(|request| &request.resource_metrics)
-        {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|resource| &resource.attributes)
-                .find(|attribute| attribute.key == "service.name")
-                .and_then(|attribute| attribute.value.as_ref()?.value.as_ref())
-                .map(|value| format!("{value:?}"))
-                .unwrap_or_default();
-            for metric in resource
-                .scope_metrics
-                .iter()
-                .flat_map(|scope| &scope.metrics)
-                .filter(|metric| metric.name == name)
-            {
-                let value = match &metric.data {
-                    Some(metric::Data::Sum(sum)) => sum
-                        .data_points
-                        .iter()
-                        .filter(|point| matches(&point.attributes))
-                        .find_map(|point| match point.value {
-                            Some(number_data_point::Value::AsDouble(value)) => Some(value),
-                            Some(number_data_point::Value::AsInt(value)) => Some(value as f64),
-                            None => None,
-                        }),
-                    Some(metric::Data::Histogram(histogram)) => histogram
-                        .data_points
-                        .iter()
-                        .find(|point| matches(&point.attributes))
-                        .map(|point| point.count as f64),
-                    _ => None,
-                };
-                if let Some(value) = value {
-                    latest = Some((value, service.clone()));
-                }
-            }
-        }
-        latest
-    }
-}
-
 /// `tenantry dev` comes up, prints its endpoints, serves them (metrics too, and pushes
 /// them over OTLP with `--otlp-metrics`), logs JSON lines that name the tenant, and stops
 /// on SIGTERM.
@@ -448,8 +332,8 @@ fn dev_mode_serves_and_stops() {
     assert!(quiet.success, "{}", quiet.stderr);
     // The override reaches the data plane with the route (milliseconds); poll until a
     // debug line shows up rather than sleep.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_ok_blocking(patience, || {
         for tenant in ["devcheck", "devquiet"] {
             let ran = tenantry(
                 &["sql", "--tenant", tenant, "SELECT 1 AS one"],
@@ -463,14 +347,11 @@ fn dev_mode_serves_and_stops() {
             serde_json::from_str::<serde_json::Value>(line)
                 .is_ok_and(|line| line["tenant_id"] == "devcheck" && line["level"] == "DEBUG")
         }) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("no DEBUG line for devcheck:\n{logged}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no DEBUG line for devcheck:\n{logged}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     // Both planes' metrics at one endpoint; the tenant's counter moved.
     let scraped = http_get(&metrics);
     for expected in [
@@ -482,9 +363,9 @@ fn dev_mode_serves_and_stops() {
         assert!(scraped.contains(expected), "no {expected:?} in:\n{scraped}");
     }
     // The same series pushed over OTLP: the tenant's counter and latency histogram.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let query = [("tenant", "devcheck"), ("method", "Query")];
-    loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    let service = wait_until_ok_blocking(patience, || {
         let requests = otlp_metrics.latest(
             "tenantry_dataplane_requests_total",
             &[("tenant", "devcheck"), ("method", "Query"), ("code", "0")],
@@ -494,28 +375,23 @@ fn dev_mode_serves_and_stops() {
             && *requests >= 2.0
             && latency_count >= 2.0
         {
-            assert!(service.contains("tenantry"), "service.name {service}");
-            break;
+            return Ok(service.clone());
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "no pushed Query counter for devcheck over OTLP (latest {requests:?})"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ))
+    });
+    assert!(service.contains("tenantry"), "service.name {service}");
 
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            assert!(status.success(), "dev exited with {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let patience = Patience::new(Duration::from_secs(30), Duration::from_millis(50));
+    let status = wait_until_ok_blocking(patience, || match child.0.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("dev did not stop on SIGTERM".to_owned()),
+    });
+    assert!(status.success(), "dev exited with {status}");
     // --log-format json: every line is a JSON object; the tenant's lines name it.
     let logged = std::fs::read_to_string(&log_path).unwrap_or_else(|e| panic!("{e}"));
     let lines: Vec<serde_json::Value> = logged

@@ -1,12 +1,10 @@
 //! Metrics end to end: both planes' metrics scraped over HTTP from a metrics endpoint,
 //! on SQLite and PostgreSQL.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{Backend, Sandbox, SandboxOptions};
 use tenantry_shared::metrics::MetricsEndpoint;
+use tenantry_testkit::{Backend, Sandbox, SandboxOptions, backend_tests};
 
 backend_tests!(metrics_count_tenants_and_stay_bounded);
 

@@ -3,19 +3,22 @@
 //! server outage, and graceful shutdown. Real gRPC on loopback, real SQLite files and a
 //! real PostgreSQL.
 
-mod common;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sandbox, SandboxOptions, connect, plain, with_deadline};
 use futures::StreamExt;
 use tenantry_data_plane::DataPlane;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
+use tenantry_testkit::load::{Load, Pick, RunningLoad};
+use tenantry_testkit::proxy::Proxy;
+use tenantry_testkit::{
+    Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain, postgres_only_tests,
+    wait_until_ok, with_deadline,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -30,22 +33,11 @@ backend_tests!(
     shutdown_drains_calls_in_flight,
 );
 
-mod postgres_only {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn budget_caps_connections_over_many_tenants() {
-        super::budget_caps_connections_over_many_tenants().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn full_budget_fails_fast_with_its_cause() {
-        super::full_budget_fails_fast_with_its_cause().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn unreachable_server_fails_only_its_tenants() {
-        super::unreachable_server_fails_only_its_tenants().await;
-    }
-}
+postgres_only_tests!(
+    budget_caps_connections_over_many_tenants,
+    full_budget_fails_fast_with_its_cause,
+    unreachable_server_fails_only_its_tenants,
+);
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -104,18 +96,18 @@ async fn health(channel: &Channel, service: &str) -> Option<ServingStatus> {
 }
 
 async fn wait_health(channel: &Channel, service: &str, want: ServingStatus) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let patience = Patience::new(WAIT, Duration::from_millis(20));
+    wait_until_ok(patience, || async move {
         let got = health(channel, service).await;
         if got == Some(want) {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "health of {service:?} is {got:?}, expected {want:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "health of {service:?} is {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Reads a route stream until a message marked `caught_up`; returns the messages.
@@ -500,37 +492,29 @@ async fn budget_caps_connections_over_many_tenants() {
         })
     };
     // 32 concurrent clients, round robin over the 300 tenants, three times over.
-    let next = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let channel = sandbox.data_plane_channel.clone();
-            let ids = ids.clone();
-            let next = next.clone();
-            let failures = failures.clone();
-            tokio::spawn(async move {
-                loop {
-                    let n = next.fetch_add(1, Ordering::AcqRel);
-                    if n >= ids.len() * 3 {
-                        return;
-                    }
-                    let id = &ids[n % ids.len()];
-                    if let Err(status) = query_on(&channel, id, "SELECT 1 AS one", None).await
-                        && let Ok(mut failures) = failures.lock()
-                    {
-                        failures.push(format!("{id}: {status}"));
-                    }
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        client.await.unwrap_or_else(|e| panic!("{e}"));
-    }
+    let tally = Load::new(
+        std::slice::from_ref(&sandbox.data_plane_channel),
+        ids.clone(),
+        |_| dp::Statement {
+            sql: "SELECT 1 AS one".into(),
+            params: vec![],
+        },
+    )
+    .workers(32)
+    .pick(Pick::RoundRobin)
+    .max_calls(ids.len() as u64 * 3)
+    .start()
+    .wait()
+    .await;
     loading.store(false, Ordering::Release);
     watcher.await.unwrap_or_else(|e| panic!("{e}"));
-    let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
-    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(tally.calls, ids.len() as u64 * 3);
+    assert!(
+        tally.errors == 0,
+        "{} failed requests: {:?}",
+        tally.errors,
+        tally.failures
+    );
     let most_seen = most_seen.load(Ordering::Acquire);
     assert!(
         most_seen <= u64::from(BUDGET),
@@ -555,20 +539,19 @@ async fn budget_caps_connections_over_many_tenants() {
     assert!(stats.tenants.len() <= ids.len());
 
     // Idle pools close: no connection left after the idle timeout.
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(100)), || async {
         let open = data_plane_backends(&admin, &sandbox.run_id).await;
         let (servers, tenants) = sandbox.data_plane().pools.stats();
         if open == 0 && servers[0].connections.open == 0 && tenants.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{open} connections and {} pools still open after the idle timeout",
+                tenants.len()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{open} connections and {} pools still open after the idle timeout",
-            tenants.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     admin.close().await;
 }
 
@@ -595,22 +578,21 @@ async fn full_budget_fails_fast_with_its_cause() {
             })
         })
         .collect();
-    let deadline = Instant::now() + WAIT;
-    while sandbox
-        .data_plane()
-        .pools
-        .stats()
-        .0
-        .first()
-        .map(|s| s.connections.in_use)
-        != Some(2)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the slow statements never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(10)), || async {
+        let in_use = sandbox
+            .data_plane()
+            .pools
+            .stats()
+            .0
+            .first()
+            .map(|s| s.connections.in_use);
+        if in_use == Some(2) {
+            Ok(())
+        } else {
+            Err("the slow statements never started".to_owned())
+        }
+    })
+    .await;
     // ...so the third gets UNAVAILABLE after the bounded wait, naming the budget.
     let started = Instant::now();
     let refused = query_on(&channel, &ids[2], "SELECT 1", None).await.err();
@@ -633,44 +615,17 @@ async fn full_budget_fails_fast_with_its_cause() {
     assert_eq!(code_on(&channel, &ids[2]).await, Code::Ok);
 }
 
-/// Runs `SELECT 1` on `ids` round robin from 8 clients until `stop`; returns the
-/// failures and the number of calls made.
-fn load(
-    channel: Channel,
-    ids: Arc<Vec<String>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<String>, u64)> {
-    tokio::spawn(async move {
-        let next = Arc::new(AtomicUsize::new(0));
-        let calls = Arc::new(AtomicU64::new(0));
-        let clients: Vec<_> = (0..8)
-            .map(|_| {
-                let channel = channel.clone();
-                let ids = ids.clone();
-                let stop = stop.clone();
-                let next = next.clone();
-                let calls = calls.clone();
-                tokio::spawn(async move {
-                    let mut failures = Vec::new();
-                    while !stop.load(Ordering::Acquire) {
-                        let id = &ids[next.fetch_add(1, Ordering::AcqRel) % ids.len()];
-                        calls.fetch_add(1, Ordering::AcqRel);
-                        let result =
-                            query_on(&channel, id, "SELECT 1", Some(Duration::from_secs(5))).await;
-                        if let Err(status) = result {
-                            failures.push(format!("{id}: {status}"));
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        let mut failures = Vec::new();
-        for client in clients {
-            failures.extend(client.await.unwrap_or_default());
-        }
-        (failures, calls.load(Ordering::Acquire))
+/// `SELECT 1` on `ids` round robin from 8 clients, each call with a 5 s deadline, until
+/// stopped.
+fn load(channel: Channel, ids: Arc<Vec<String>>) -> RunningLoad {
+    Load::new(&[channel], ids, |_| dp::Statement {
+        sql: "SELECT 1".into(),
+        params: vec![],
     })
+    .workers(8)
+    .pick(Pick::RoundRobin)
+    .call_timeout(Duration::from_secs(5))
+    .start()
 }
 
 async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
@@ -687,8 +642,7 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     )
     .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(channel.clone(), ids.clone(), stop.clone());
+    let running = load(channel.clone(), ids.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     sandbox.stop_control_plane().await;
     // The data plane notices the lost stream and says so, but keeps serving.
@@ -716,13 +670,13 @@ async fn data_plane_serves_through_control_plane_outage(backend: Backend) {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let (failures, calls) = running.await.unwrap_or_else(|e| panic!("{e}"));
+    let tally = running.stop().await;
+    let (failures, calls) = (tally.failures, tally.calls);
     assert!(calls > 0);
     assert!(
-        failures.is_empty(),
+        tally.errors == 0,
         "{} of {calls} calls failed during the outage: {:?}",
-        failures.len(),
+        tally.errors,
         &failures[..failures.len().min(5)]
     );
     // A change made after the restart reaches the data plane.
@@ -765,16 +719,16 @@ async fn shutdown_drains_calls_in_flight(backend: Backend) {
         })
         .collect();
     // Every call is running before the shutdown starts.
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until_ok(Patience::new(WAIT, Duration::from_millis(5)), || async {
         let (_, tenants) = plane.pools.stats();
         let in_use: u32 = tenants.iter().map(|t| t.connections.in_use).sum();
         if in_use == 8 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("only {in_use} calls started"))
         }
-        assert!(Instant::now() < deadline, "only {in_use} calls started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
     let url = plane.server.url();
     let stopping = tokio::spawn(async move { plane.server.shutdown().await });
     // First, health says NOT_SERVING while the plane still takes calls.
@@ -812,7 +766,7 @@ async fn unreachable_server_fails_only_its_tenants() {
         upstream.host_str().unwrap_or("127.0.0.1"),
         upstream.port().unwrap_or(5432)
     );
-    let proxy = common::proxy::Proxy::start(upstream_addr).await;
+    let proxy = Proxy::start(upstream_addr).await;
     let mut via_proxy = upstream.clone();
     via_proxy
         .set_port(Some(proxy.port()))
@@ -836,8 +790,7 @@ async fn unreachable_server_fails_only_its_tenants() {
         assert_eq!(code_on(&channel, id).await, Code::Ok);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = load(channel.clone(), steady.clone(), stop.clone());
+    let running = load(channel.clone(), steady.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The flaky server stops answering: open connections are cut, new ones hang.
     proxy.black_hole();
@@ -852,11 +805,11 @@ async fn unreachable_server_fails_only_its_tenants() {
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let (failures, calls) = running.await.unwrap_or_else(|e| panic!("{e}"));
+    let tally = running.stop().await;
+    let (failures, calls) = (tally.failures, tally.calls);
     assert!(calls > 0);
     assert!(
-        failures.is_empty(),
+        tally.errors == 0,
         "tenants on the healthy server failed: {:?}",
         &failures[..failures.len().min(5)]
     );

@@ -1,64 +1,20 @@
-//! Traces end to end: an OTLP collector started here (a tonic `TraceService` server)
+//! Traces end to end: the testkit's OTLP trace collector (a tonic `TraceService` server)
 //! receives the spans of real requests through both planes, on SQLite and PostgreSQL.
 //!
 //! The default sampling ratio is 0: only tenants switched on with SetTenantTracing are
 //! traced. The tracing subscriber is process-wide, so this file holds one test that sets it up
 //! once and runs every scenario in turn.
 
-mod common;
-
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Backend, Sandbox, text, with_tenant};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_shared::telemetry::{self, LogFormat, TracingConfig};
-
-/// Spans the collector received.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|resource| resource.scope_spans)
-            .flat_map(|scope| scope.spans);
-        if let Ok(mut held) = self.spans.lock() {
-            held.extend(spans);
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl Collector {
-    fn snapshot(&self) -> Vec<Span> {
-        self.spans
-            .lock()
-            .map(|spans| spans.clone())
-            .unwrap_or_default()
-    }
-}
+use tenantry_testkit::otlp::TraceCollector;
+use tenantry_testkit::{Backend, Patience, Sandbox, placeholder, text, wait_until_ok, with_tenant};
 
 fn attributes(span: &Span) -> HashMap<String, String> {
     span.attributes
@@ -84,21 +40,13 @@ fn traces_follow_a_tenant_through_both_planes() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     runtime.block_on(async {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(collector.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let collector = TraceCollector::keeping_spans();
+        let endpoint = collector.serve().await.unwrap_or_else(|e| panic!("{e}"));
         let guard = telemetry::init(
             "tenantry-test",
             LogFormat::Text,
             &TracingConfig {
-                otlp_endpoint: Some(format!("http://{address}")),
+                otlp_endpoint: Some(endpoint),
                 // Nothing is traced unless a tenant is switched on.
                 sample_ratio: Some(0.0),
             },
@@ -112,7 +60,11 @@ fn traces_follow_a_tenant_through_both_planes() {
     });
 }
 
-async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetry::TelemetryGuard) {
+async fn request_trace(
+    backend: Backend,
+    collector: &TraceCollector,
+    guard: &telemetry::TelemetryGuard,
+) {
     let sandbox = Sandbox::start(backend).await;
     let id = sandbox.tid("traced");
     sandbox.create(&id).await;
@@ -128,7 +80,7 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
     let secret = format!("secret-parameter-{}", sandbox.run_id);
     let sql = format!(
         "SELECT count(*) AS n FROM notes WHERE body = {}",
-        common::placeholder(backend, 1)
+        placeholder(backend, 1)
     );
     sandbox
         .sql()
@@ -145,8 +97,8 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
         .unwrap_or_else(|e| panic!("{e}"));
 
     // Wait for the request's spans to arrive.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (server, trace) = loop {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    let (server, trace) = wait_until_ok(patience, || async {
         guard.flush();
         let spans = collector.snapshot();
         let server = spans.iter().find(|span| {
@@ -167,16 +119,15 @@ async fn request_trace(backend: Backend, collector: &Collector, guard: &telemetr
                 attributes(span).get("rpc.method").map(String::as_str) == Some("GetRoute")
             });
             if has_sql && has_lookup {
-                break (server.clone(), trace);
+                return Ok((server.clone(), trace));
             }
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{backend:?}: the request's spans never all arrived ({} spans received)",
             spans.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        ))
+    })
+    .await;
 
     // The data plane's call span.
     let server_attributes = attributes(&server);
@@ -270,7 +221,7 @@ async fn marked_query(sandbox: &Sandbox, tenant_id: &str, marker: &str) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-fn spans_with(collector: &Collector, key: &str, needle: &str) -> usize {
+fn spans_with(collector: &TraceCollector, key: &str, needle: &str) -> usize {
     collector
         .snapshot()
         .iter()
@@ -286,7 +237,7 @@ fn spans_with(collector: &Collector, key: &str, needle: &str) -> usize {
 /// expires.
 async fn per_tenant_switch(
     backend: Backend,
-    collector: &Collector,
+    collector: &TraceCollector,
     guard: &telemetry::TelemetryGuard,
 ) {
     let sandbox = Sandbox::start(backend).await;
@@ -301,15 +252,17 @@ async fn per_tenant_switch(
     );
     marked_query(&sandbox, &watched, &first).await;
     marked_query(&sandbox, &quiet, &other).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while spans_with(collector, "db.query.text", &first) == 0 {
+    let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_ok(patience, || async {
+        if spans_with(collector, "db.query.text", &first) > 0 {
+            return Ok(());
+        }
         guard.flush();
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{backend:?}: the traced tenant's spans never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ))
+    })
+    .await;
     guard.flush();
     assert_eq!(
         spans_with(collector, "tenant.id", &quiet),

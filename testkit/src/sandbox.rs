@@ -3,13 +3,8 @@
 //! PostgreSQL. Every sandbox has a run id that all its names carry, and removes what it
 //! created when dropped.
 
-#![allow(dead_code)]
-
-pub mod postgres;
-pub mod proxy;
-
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use tenantry_control_plane::ControlPlaneConfig;
@@ -25,35 +20,12 @@ use tenantry_shared::grpc::ServerHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+use crate::backend::Backend;
+use crate::postgres;
+use crate::requests::{connect, with_tenant};
+use crate::wait::{Patience, wait_until_ok};
 
-/// Runs one async test body against both backends.
-#[macro_export]
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
+/// What a test changes in its sandbox's planes; `None` keeps the sandbox's default.
 #[derive(Clone, Default)]
 pub struct SandboxOptions {
     pub faults: FaultInjection,
@@ -70,6 +42,7 @@ pub struct SandboxOptions {
     pub postgres_pipelining: Option<bool>,
 }
 
+/// A running control plane and data plane (see the module comment).
 pub struct Sandbox {
     pub backend: Backend,
     pub run_id: String,
@@ -397,37 +370,35 @@ impl Sandbox {
 
     /// Waits until `query` on the tenant gives `code` (Ok counts as Code::Ok).
     pub async fn wait_for_code(&self, tenant_id: &str, code: Code) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        let patience = Patience::new(Duration::from_secs(15), Duration::from_millis(50));
+        wait_until_ok(patience, || async move {
             let got = match self.query(tenant_id, "SELECT 1", vec![]).await {
                 Ok(_) => Code::Ok,
                 Err(status) => status.code(),
             };
             if got == code {
-                return;
+                Ok(())
+            } else {
+                Err(format!(
+                    "tenant {tenant_id} still answers {got:?}, expected {code:?}"
+                ))
             }
-            assert!(
-                Instant::now() < deadline,
-                "tenant {tenant_id} still answers {got:?}, expected {code:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     /// Waits until the registry shows the tenant in `state`, and returns it.
     pub async fn wait_for_state(&self, tenant_id: &str, state: cp::TenantState) -> cp::Tenant {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let patience = Patience::new(Duration::from_secs(20), Duration::from_millis(50));
+        wait_until_ok(patience, || async move {
             let tenant = self.get(tenant_id).await.unwrap_or_else(|e| panic!("{e}"));
             if tenant.state == state as i32 {
-                return tenant;
+                Ok(tenant)
+            } else {
+                Err(format!("{tenant_id} never became {state:?}: {tenant:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{tenant_id} never became {state:?}: {tenant:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Does the tenant's database still exist (PostgreSQL database or SQLite file)?
@@ -520,91 +491,5 @@ impl Drop for Sandbox {
             });
         });
         let _ = cleanup.join();
-    }
-}
-
-pub async fn connect(url: &str) -> Channel {
-    Channel::from_shared(url.to_owned())
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
-}
-
-pub fn with_tenant<T>(message: T, tenant_id: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "x-tenant-id",
-        tenant_id
-            .parse()
-            .unwrap_or_else(|e| panic!("metadata {tenant_id:?}: {e}")),
-    );
-    request
-}
-
-/// A statement with no parameters.
-pub fn plain(sql: &str) -> Option<dp::Statement> {
-    Some(dp::Statement {
-        sql: sql.to_owned(),
-        params: vec![],
-    })
-}
-
-/// A request for `tenant_id` whose gRPC deadline is `timeout` away (none: no deadline).
-pub fn with_deadline<T>(
-    message: T,
-    tenant_id: &str,
-    timeout: Option<Duration>,
-) -> tonic::Request<T> {
-    let mut request = with_tenant(message, tenant_id);
-    if let Some(timeout) = timeout {
-        request.set_timeout(timeout);
-    }
-    request
-}
-
-/// An Execute request for `tenant_id` whose gRPC deadline is `timeout` away.
-pub fn execute_within(
-    sql: &str,
-    tenant_id: &str,
-    timeout: Duration,
-) -> tonic::Request<dp::ExecuteRequest> {
-    let statement = plain(sql);
-    with_deadline(dp::ExecuteRequest { statement }, tenant_id, Some(timeout))
-}
-
-/// A Query request for `tenant_id` whose gRPC deadline is `timeout` away.
-pub fn query_within(
-    sql: &str,
-    tenant_id: &str,
-    timeout: Duration,
-) -> tonic::Request<dp::QueryRequest> {
-    let statement = plain(sql);
-    with_deadline(dp::QueryRequest { statement }, tenant_id, Some(timeout))
-}
-
-pub fn int(v: i64) -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Int64(v)),
-    }
-}
-
-pub fn text(v: &str) -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Text(v.to_owned())),
-    }
-}
-
-pub fn null() -> dp::Value {
-    dp::Value {
-        kind: Some(dp::value::Kind::Null(true)),
-    }
-}
-
-/// `$1` on PostgreSQL, `?` on SQLite.
-pub fn placeholder(backend: Backend, n: usize) -> String {
-    match backend {
-        Backend::Postgres => format!("${n}"),
-        Backend::Sqlite => "?".to_owned(),
     }
 }

@@ -1,6 +1,5 @@
-//! Helpers both bench binaries use.
-
-#![allow(dead_code)]
+//! What only the benches need: the length of a measured round, percentiles and their
+//! printing, run ids for bench tenants, and deleting the tenants a bench created.
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
-//! Finds a PostgreSQL server for the tests: `TENANTRY_TEST_POSTGRES_URL` if set, else a
-//! server on 127.0.0.1:5432 (user postgres, trust auth), else a throwaway server started
-//! from locally installed binaries (stopped and removed when the test process exits),
-//! else a panic that says how to get one.
+//! Finds the PostgreSQL server the tests and benches use: `TENANTRY_TEST_POSTGRES_URL` if
+//! set, else a server on 127.0.0.1:5432 (user postgres, trust auth), else a throwaway
+//! server started from locally installed binaries (stopped and removed when the test
+//! process exits), else a panic that says how to get one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
