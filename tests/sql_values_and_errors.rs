@@ -1,7 +1,8 @@
 //! SQL through the data plane end to end, on SQLite and PostgreSQL: values of every kind
 //! round-trip, a batch is all or nothing, SQL errors map to status codes, and a request
 //! ends at its limits (its gRPC deadline cancels the statement, long reads still finish,
-//! an oversized response is refused).
+//! an oversized response is refused), and a statement cached on a connection follows the
+//! schema.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tenantry_proto::controlplane::v1 as cp;
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_testkit::{
     Backend, Patience, Sandbox, SandboxOptions, backend_tests, execute_within, int, null,
-    placeholder, query_within, text, wait_until_ok, with_tenant,
+    placeholder, postgres_only_tests, query_within, text, wait_until_ok, with_tenant,
 };
 use tonic::Code;
 
@@ -20,7 +21,10 @@ backend_tests!(
     deadline_cancels_the_statement,
     long_reads_finish_and_stop_at_the_deadline,
     oversized_result_is_refused,
+    a_schema_change_does_not_break_cached_statements,
 );
+
+postgres_only_tests!(long_statements_are_not_kept_prepared);
 
 async fn sql_errors_map_to_status_codes(backend: Backend) {
     let sandbox = Sandbox::start(backend).await;
@@ -615,4 +619,100 @@ async fn oversized_result_is_refused(backend: Backend) {
         .query(&id, "SELECT 1", vec![])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A statement the data plane keeps prepared on its connections still answers after the
+/// table it reads changes shape (PostgreSQL: "cached plan must not change result type",
+/// then the statement is prepared again and run once more, transparently).
+async fn a_schema_change_does_not_break_cached_statements(backend: Backend) {
+    let sandbox = Sandbox::start(backend).await;
+    let id = sandbox.tid("schema");
+    sandbox.create(&id).await;
+    sandbox
+        .execute(&id, "CREATE TABLE s (a INTEGER)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sandbox
+        .execute(&id, "INSERT INTO s (a) VALUES (1)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Sequential requests reuse the most recently used connection: it caches the query.
+    for _ in 0..5 {
+        let rows = sandbox
+            .query(&id, "SELECT * FROM s", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.columns, vec!["a"]);
+    }
+    sandbox
+        .execute(&id, "ALTER TABLE s ADD COLUMN b INTEGER", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..5 {
+        let rows = sandbox
+            .query(&id, "SELECT * FROM s", vec![])
+            .await
+            .unwrap_or_else(|e| panic!("a cached statement broke after ALTER TABLE: {e}"));
+        assert_eq!(rows.columns, vec!["a", "b"]);
+        assert_eq!(rows.rows.len(), 1);
+    }
+    let counted = sandbox
+        .execute(&id, "UPDATE s SET b = 2", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counted.rows_affected, 1);
+}
+
+/// A connection's statement cache is bounded by bytes as well as by count: a statement
+/// text over 64 KiB is prepared for its one use, never kept on the connection.
+async fn long_statements_are_not_kept_prepared() {
+    let sandbox = Sandbox::start_with(
+        Backend::Postgres,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("longsql");
+    sandbox.create(&id).await;
+    let long = format!("SELECT 1 AS one -- {}", "x".repeat(100 * 1024));
+    for _ in 0..3 {
+        for sql in [long.as_str(), "SELECT 2 AS two"] {
+            sandbox
+                .query(&id, sql, vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // The tenant's one connection: what it keeps prepared (its own statements are named
+    // tenantry_...).
+    let kept = sandbox
+        .query(
+            &id,
+            "SELECT length(statement) AS len FROM pg_prepared_statements \
+             WHERE name LIKE 'tenantry%' ORDER BY 1",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lengths: Vec<i64> = kept
+        .rows
+        .iter()
+        .filter_map(
+            |row| match row.values.first().and_then(|v| v.kind.as_ref()) {
+                Some(dp::value::Kind::Int64(len)) => Some(*len),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(
+        lengths.iter().any(|len| *len < 100),
+        "the short statement was not kept either, so this test would pass for the wrong \
+         reason: {lengths:?}"
+    );
+    assert!(
+        lengths.iter().all(|len| *len < 64 * 1024),
+        "a statement over 64 KiB stayed prepared: {lengths:?}"
+    );
 }

@@ -108,6 +108,8 @@ pub(crate) struct PgConnection {
     pub(super) statements: HashMap<String, Arc<Prepared>>,
     /// Cache keys, oldest first.
     pub(super) statement_order: VecDeque<String>,
+    /// Bytes of the keys in `statements` (`statements::STATEMENT_CACHE_BYTES`).
+    pub(super) statement_bytes: usize,
     pub(super) next_statement: u64,
     /// Names of types that are not built in (extensions, enums, domains), by OID.
     pub(super) types: HashMap<u32, Type>,
@@ -196,6 +198,7 @@ impl PgConnection {
             drops_statements: false,
             statements: HashMap::new(),
             statement_order: VecDeque::new(),
+            statement_bytes: 0,
             next_statement: 0,
             types: HashMap::new(),
         };

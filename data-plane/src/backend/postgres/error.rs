@@ -39,6 +39,20 @@ impl DbError {
     }
 }
 
+impl DbError {
+    /// The error says the connection's prepared statement no longer fits the server:
+    /// dropped (26000: DEALLOCATE from a function), or its result type changed with the
+    /// schema (0A000 "cached plan must not change result type", after an ALTER TABLE).
+    /// Nothing ran; the statement is prepared again.
+    pub(crate) fn means_stale_statement(&self) -> bool {
+        self.code == "26000"
+            || (self.code == "0A000"
+                && self
+                    .message
+                    .contains("cached plan must not change result type"))
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum PgError {
     /// The server refused the statement.

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use super::connection::{PgBackend, PgConnection};
 use super::decode::{Decoder, decode_row, decoders_of};
-use super::error::{RunError, from_postgres};
+use super::error::{PgError, RunError, from_postgres};
 use super::params::{cache_key, params, type_of};
 use super::pipeline::Piped;
 use super::reset::PgControls;
@@ -194,22 +194,41 @@ async fn single(
     };
     if others.is_empty() {
         let answer = async {
-            let prepared = prepared?;
-            let (mut state, decoders) = match wanted {
-                Wanted::Rows { .. } => (Rows::new(&prepared), decoders_of(&prepared)?),
-                Wanted::Count => (Rows::default(), Vec::new()),
-            };
-            let rows_affected = connection
-                .run(
-                    &prepared,
-                    params(statement),
-                    call.remaining(),
-                    Some(&controls),
-                    |row| state.push(row, &prepared, &decoders, wanted),
-                )
-                .await
-                .map_err(|error| run_error(error, call.tenant))?;
-            Ok(state.answer(rows_affected, wanted))
+            let mut prepared = prepared?;
+            let mut prepared_again = false;
+            loop {
+                let (mut state, decoders) = match wanted {
+                    Wanted::Rows { .. } => (Rows::new(&prepared), decoders_of(&prepared)?),
+                    Wanted::Count => (Rows::default(), Vec::new()),
+                };
+                let ran = connection
+                    .run(
+                        &prepared,
+                        params(statement),
+                        call.remaining(),
+                        Some(&controls),
+                        |row| state.push(row, &prepared, &decoders, wanted),
+                    )
+                    .await;
+                match ran {
+                    Ok(rows_affected) => return Ok(state.answer(rows_affected, wanted)),
+                    // The cached statement no longer fits the schema (`run` forgot it) and
+                    // nothing ran: prepare it again and run it once more.
+                    Err(RunError::Postgres(PgError::Db(error)))
+                        if !prepared_again && error.means_stale_statement() =>
+                    {
+                        prepared_again = true;
+                        if !connection.collect_reset_behind(&controls).await {
+                            return Err(run_error(
+                                RunError::Postgres(PgError::Closed),
+                                call.tenant,
+                            ));
+                        }
+                        prepared = prepare(connection, statement, call).await?;
+                    }
+                    Err(error) => return Err(run_error(error, call.tenant)),
+                }
+            }
         }
         .await;
         connection.finish_reset(&controls).await;

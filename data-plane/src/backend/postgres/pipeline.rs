@@ -104,7 +104,7 @@ impl PgConnection {
                     Err(RunError::Postgres(PgError::Reset(error)))
                 }
                 Some(GroupError::Statement(error)) => {
-                    if error.code == "26000" {
+                    if error.means_stale_statement() {
                         self.forget_statement(prepared);
                     }
                     Err(RunError::Postgres(PgError::Db(error)))

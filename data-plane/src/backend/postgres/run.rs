@@ -123,7 +123,7 @@ impl PgConnection {
             Some(GroupError::Statement(error)) => {
                 // 26000: the statement was dropped on the server (DEALLOCATE from a
                 // function): prepare it again next time.
-                if error.code == "26000" {
+                if error.means_stale_statement() {
                     self.forget_statement(prepared);
                 }
                 Err(RunError::Postgres(PgError::Db(error)))

@@ -1,6 +1,6 @@
 //! The statement cache of a connection: statements prepared with their parameter types,
-//! kept per connection under a key (the text plus its type signature), the oldest closed
-//! on the server when a new one needs room; names of types that are not built in,
+//! kept per connection under a key (the text plus its type signature), bounded by count
+//! and by bytes, the oldest closed on the server when a new one needs room; names of types that are not built in,
 //! looked up once per connection.
 
 use std::sync::Arc;
@@ -16,6 +16,14 @@ use fallible_iterator::FallibleIterator;
 /// Prepared statements kept per connection (as sqlx's default cache); the oldest is
 /// closed on the server when a new one needs room.
 pub(super) const STATEMENT_CACHE_CAPACITY: usize = 100;
+
+/// Most bytes of statement text (with its type signature) one connection's cache keeps,
+/// over all its statements; the oldest are closed to make room.
+pub(super) const STATEMENT_CACHE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Longest statement text a connection keeps prepared; a longer one is prepared for its
+/// one use (SQL text may be up to 1 MiB: 100 of them would be 100 MiB per connection).
+pub(super) const MAX_KEPT_STATEMENT_BYTES: usize = 64 * 1024;
 
 /// The server-side name of a statement prepared for one use (`prepare(.., keep: false)`).
 pub(super) const ONCE: &str = "tenantry_once";
@@ -65,7 +73,7 @@ impl PgConnection {
 
     /// The statement prepared for `key` on this connection, or a new one prepared from
     /// `sql` with the given parameter types (None: the server infers the type), kept for
-    /// next time if `keep`.
+    /// next time if `keep` and the key is at most `MAX_KEPT_STATEMENT_BYTES` long.
     pub(crate) async fn prepare(
         &mut self,
         key: &str,
@@ -76,15 +84,20 @@ impl PgConnection {
         if keep && let Some(statement) = self.statements.get(key) {
             return Ok(statement.clone());
         }
+        let keep = keep && key.len() <= MAX_KEPT_STATEMENT_BYTES;
         self.start()?;
         self.write.clear();
         // Closes first: they take effect even if what follows fails.
         let name = if keep {
-            if self.statements.len() >= STATEMENT_CACHE_CAPACITY
+            while (self.statements.len() >= STATEMENT_CACHE_CAPACITY
+                || self.statement_bytes + key.len() > STATEMENT_CACHE_BYTES)
                 && let Some(oldest) = self.statement_order.pop_front()
-                && let Some(statement) = self.statements.remove(&oldest)
             {
-                frontend::close(b'S', &statement.name, &mut self.write).map_err(encode_error)?;
+                if let Some(statement) = self.statements.remove(&oldest) {
+                    self.statement_bytes = self.statement_bytes.saturating_sub(oldest.len());
+                    frontend::close(b'S', &statement.name, &mut self.write)
+                        .map_err(encode_error)?;
+                }
             }
             self.next_statement += 1;
             format!("tenantry_{}", self.next_statement)
@@ -165,6 +178,7 @@ impl PgConnection {
         if keep {
             self.statements.insert(key.to_owned(), prepared.clone());
             self.statement_order.push_back(key.to_owned());
+            self.statement_bytes += key.len();
         }
         Ok(prepared)
     }
@@ -250,6 +264,7 @@ impl PgConnection {
         self.drops_statements = true;
         self.statements.clear();
         self.statement_order.clear();
+        self.statement_bytes = 0;
     }
 
     /// Forgets one kept statement (the server no longer knows it).
@@ -262,6 +277,7 @@ impl PgConnection {
         if let Some(key) = key {
             self.statements.remove(&key);
             self.statement_order.retain(|kept| *kept != key);
+            self.statement_bytes = self.statement_bytes.saturating_sub(key.len());
         }
     }
 }

@@ -385,20 +385,21 @@ fn read_rows(
     prepared: &mut rusqlite::CachedStatement<'_>,
     owned: &Owned,
 ) -> std::result::Result<pb::QueryResponse, Stop> {
-    let columns: Vec<String> = prepared
-        .column_names()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
     let mut response = pb::QueryResponse::default();
     let mut size = 0;
     let mut rows = prepared.raw_query();
     while let Some(row) = rows.next().map_err(Stop::Sqlite)? {
-        let mut values = Vec::with_capacity(columns.len());
-        for (index, column) in columns.iter().enumerate() {
+        // The columns as the statement has them now: SQLite prepares a cached statement
+        // again at its first step after a schema change (`SELECT *` after ALTER TABLE).
+        let statement: &rusqlite::Statement<'_> = row.as_ref();
+        let count = statement.column_count();
+        let mut values = Vec::with_capacity(count);
+        for index in 0..count {
+            let column = || statement.column_name(index).unwrap_or("?").to_owned();
             let value = row.get_ref(index).map_err(|error| {
                 Stop::Refused(DataPlaneError::Internal(format!(
-                    "cannot read column {column:?}: {error}"
+                    "cannot read column {:?}: {error}",
+                    column()
                 )))
             })?;
             values.push(decode_value(value, column).map_err(Stop::Refused)?);
@@ -411,18 +412,28 @@ fn read_rows(
         )
         .map_err(Stop::Refused)?;
     }
-    response.columns = columns;
+    drop(rows);
+    // Read after stepping, for the same reason (also when no row came back).
+    response.columns = prepared
+        .column_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     Ok(response)
 }
 
-fn decode_value(value: ValueRef<'_>, column: &str) -> Result<pb::Value> {
+/// `column` names the column, for an error.
+fn decode_value(value: ValueRef<'_>, column: impl FnOnce() -> String) -> Result<pb::Value> {
     let kind = match value {
         ValueRef::Null => return Ok(null_value()),
         ValueRef::Integer(v) => Kind::Int64(v),
         ValueRef::Real(v) => Kind::Double(v),
         ValueRef::Blob(v) => Kind::Bytes(v.to_vec()),
         ValueRef::Text(v) => Kind::Text(String::from_utf8(v.to_vec()).map_err(|error| {
-            DataPlaneError::Internal(format!("cannot decode column {column:?} (TEXT): {error}"))
+            DataPlaneError::Internal(format!(
+                "cannot decode column {:?} (TEXT): {error}",
+                column()
+            ))
         })?),
     };
     Ok(pb::Value { kind: Some(kind) })
