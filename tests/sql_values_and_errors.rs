@@ -24,7 +24,10 @@ backend_tests!(
     a_schema_change_does_not_break_cached_statements,
 );
 
-postgres_only_tests!(long_statements_are_not_kept_prepared);
+postgres_only_tests!(
+    long_statements_are_not_kept_prepared,
+    refused_statements_never_reach_the_server,
+);
 
 async fn sql_errors_map_to_status_codes(backend: Backend) {
     let sandbox = Sandbox::start(backend).await;
@@ -714,5 +717,46 @@ async fn long_statements_are_not_kept_prepared() {
     assert!(
         lengths.iter().all(|len| *len < 64 * 1024),
         "a statement over 64 KiB stayed prepared: {lengths:?}"
+    );
+}
+
+/// A statement the data plane refuses is refused before anything reaches the server: a
+/// COPY whose query writes (`COPY (INSERT ... RETURNING) TO STDOUT`) leaves no row, however
+/// it is spelled (leading semicolons, comments, vertical tab, case).
+async fn refused_statements_never_reach_the_server() {
+    let sandbox = Sandbox::start(Backend::Postgres).await;
+    let id = sandbox.tid("copy");
+    sandbox.create(&id).await;
+    sandbox
+        .execute(&id, "CREATE TABLE w (v text)", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for sql in [
+        "COPY (INSERT INTO w (v) VALUES ('copied') RETURNING v) TO STDOUT",
+        "; /* x */ -- y\n\u{0B}copy (insert into w (v) values ('copied') returning v) to stdout",
+    ] {
+        for refused in [
+            sandbox.query(&id, sql, vec![]).await.err(),
+            sandbox.execute(&id, sql, vec![]).await.err(),
+        ] {
+            assert_eq!(
+                refused.as_ref().map(|s| s.code()),
+                Some(Code::InvalidArgument),
+                "{sql:?}: {refused:?}"
+            );
+            assert!(
+                refused.is_some_and(|s| s.message().contains("COPY is not available")),
+                "{sql:?}"
+            );
+        }
+    }
+    let count = sandbox
+        .query(&id, "SELECT count(*) AS n FROM w", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        count.rows[0].values.first().and_then(|v| v.kind.clone()),
+        Some(dp::value::Kind::Int64(0)),
+        "a refused COPY wrote its row"
     );
 }

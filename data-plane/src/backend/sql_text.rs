@@ -1,5 +1,5 @@
-//! SQL text classification, before anything runs: comments, leading words, transaction
-//! control (refused in tenant statements), which statements may share a write with
+//! SQL text classification, before anything runs: comments, leading words, what a
+//! tenant statement may not do (transaction control, COPY), which statements may share a write with
 //! others, and the highest `$N` placeholder of a PostgreSQL text. Scanners only: they
 //! never parse SQL beyond what these questions need.
 
@@ -36,34 +36,41 @@ pub(crate) fn comment_end(bytes: &[u8], i: usize) -> Option<usize> {
     }
 }
 
-/// Leading words of a statement, skipping whitespace and comments (upper-cased).
+/// Leading words of a statement, skipping whitespace (any Unicode whitespace, vertical
+/// tab included), semicolons and comments of both kinds (upper-cased).
 pub(crate) fn leading_words(sql: &str, count: usize) -> Vec<String> {
     let bytes = sql.as_bytes();
     let mut words = Vec::new();
     let mut i = 0;
-    while i < bytes.len() && words.len() < count {
-        match bytes[i] {
-            b'-' | b'/' if comment_end(bytes, i).is_some() => {
+    while words.len() < count {
+        let Some(c) = sql.get(i..).and_then(|rest| rest.chars().next()) else {
+            break;
+        };
+        match c {
+            '-' | '/' if comment_end(bytes, i).is_some() => {
                 i = comment_end(bytes, i).unwrap_or(bytes.len());
             }
-            byte if byte.is_ascii_alphabetic() => {
+            c if c.is_ascii_alphabetic() => {
                 let start = i;
                 while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
                     i += 1;
                 }
                 words.push(sql[start..i].to_ascii_uppercase());
             }
-            byte if byte.is_ascii_whitespace() => i += 1,
+            c if c.is_whitespace() || c == ';' => i += c.len_utf8(),
             _ => break,
         }
     }
     words
 }
 
-/// Refuses transaction control in a tenant statement: every call is its own session,
-/// and Batch is the one way to run statements in a transaction. (On PostgreSQL such a
-/// statement is always a top-level command, so its first words tell.)
-pub(crate) fn refuse_transaction_control(sql: &str) -> Result<()> {
+/// Refuses, before anything reaches the server, what a tenant statement may not do
+/// through the data plane: transaction control (every call is its own session, and Batch
+/// is the one way to run statements in a transaction; on PostgreSQL such a statement is
+/// always a top-level command, so its first words tell) and COPY (no COPY sub-protocol
+/// through the data plane; `COPY (INSERT ... RETURNING) TO STDOUT` would have run its
+/// INSERT before the refusal).
+pub(crate) fn refuse_unavailable_statement(sql: &str) -> Result<()> {
     let words = leading_words(sql, 2);
     let first = words.first().map(String::as_str).unwrap_or("");
     let second = words.get(1).map(String::as_str).unwrap_or("");
@@ -76,6 +83,13 @@ pub(crate) fn refuse_transaction_control(sql: &str) -> Result<()> {
             "{first} is refused: each call runs on its own; use Batch to run several \
              statements in one transaction"
         )));
+    }
+    if first == "COPY" {
+        return Err(DataPlaneError::InvalidArgument(
+            "COPY is not available through the data plane: insert rows with parameters \
+             (Execute, or Batch for many), and read them with Query"
+                .to_owned(),
+        ));
     }
     Ok(())
 }
@@ -205,7 +219,7 @@ mod tests {
             "start transaction",
             "end",
         ] {
-            assert!(refuse_transaction_control(sql).is_err(), "{sql:?}");
+            assert!(refuse_unavailable_statement(sql).is_err(), "{sql:?}");
         }
         for sql in [
             "SELECT 'BEGIN'",
@@ -215,7 +229,7 @@ mod tests {
             "",
             "(SELECT 1)",
         ] {
-            assert!(refuse_transaction_control(sql).is_ok(), "{sql:?}");
+            assert!(refuse_unavailable_statement(sql).is_ok(), "{sql:?}");
         }
     }
 
@@ -277,8 +291,79 @@ mod tests {
         fn scanners_never_panic(sql in ".{0,200}") {
             let _ = max_placeholder(&sql);
             let _ = leading_words(&sql, 3);
-            let _ = refuse_transaction_control(&sql);
+            let _ = refuse_unavailable_statement(&sql);
             let _ = may_pipeline(&sql);
+        }
+    }
+
+    /// What may stand before a statement's first word.
+    fn prefix() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::collection::vec(
+            proptest::sample::select(vec![
+                " ",
+                "\t",
+                "\n",
+                "\r",
+                "\u{0B}",
+                "\u{0C}",
+                "\u{A0}",
+                "\u{2003}",
+                ";",
+                "; ;",
+                "-- c\n",
+                "/* c */",
+                "/* a /* b */ c */",
+                "--\n",
+            ]),
+            0..6,
+        )
+        .prop_map(|pieces| pieces.concat())
+    }
+
+    /// Randomly upper-, lower- or mixed-cases ASCII letters.
+    fn any_case(text: &str, seed: u64) -> String {
+        text.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if (seed >> (i % 64)) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #[test]
+        fn refused_spellings_are_refused_whatever_stands_before_them(
+            prefix in prefix(),
+            seed: u64,
+            statement in proptest::sample::select(vec![
+                "begin", "begin transaction", "start transaction", "commit", "end",
+                "rollback", "rollback to savepoint s", "abort", "savepoint s",
+                "release savepoint s", "prepare transaction 'x'", "commit prepared 'x'",
+                "copy t to stdout", "copy (insert into w (v) values ('x') returning v) to stdout",
+                "copy t from stdin",
+            ]),
+        ) {
+            let sql = format!("{prefix}{}", any_case(statement, seed));
+            proptest::prop_assert!(refuse_unavailable_statement(&sql).is_err(), "{:?}", sql);
+        }
+
+        #[test]
+        fn statements_that_only_mention_them_pass(
+            prefix in prefix(),
+            statement in proptest::sample::select(vec![
+                "SELECT 'BEGIN'", "select 1 -- commit", "insert into copy_log values (1)",
+                "with x as (select 1) select * from x", "(select 1)", "PREPARE q AS SELECT 1",
+                "UPDATE t SET begun = true", "values (1)",
+            ]),
+        ) {
+            let sql = format!("{prefix}{statement}");
+            proptest::prop_assert!(refuse_unavailable_statement(&sql).is_ok(), "{:?}", sql);
         }
     }
 }

@@ -26,7 +26,7 @@ use super::statements::Prepared;
 use super::waiting::{Answer, StatementRequest, Taken, Wanted, enqueue, take_for};
 use crate::backend::answer::{at_statement, parameter_count_error, push_row};
 use crate::backend::sql_text::{
-    drops_prepared_statements, max_placeholder, may_pipeline, refuse_transaction_control,
+    drops_prepared_statements, max_placeholder, may_pipeline, refuse_unavailable_statement,
 };
 use crate::error::{DataPlaneError, Result};
 use crate::pool::{Call, ConnectionPool, PooledConnection};
@@ -95,7 +95,7 @@ async fn prepare_new(
     key: &str,
     call: &Call<'_>,
 ) -> Result<Arc<Prepared>> {
-    refuse_transaction_control(&statement.sql)?;
+    refuse_unavailable_statement(&statement.sql)?;
     let types: Vec<Option<Type>> = statement.params.iter().map(type_of).collect();
     // DEALLOCATE and DISCARD ALL/PLANS drop the connection's prepared statements on the
     // server (and this one with them).
