@@ -14,7 +14,6 @@ use tenantry_proto::dataplane::v1 as dp;
 use tenantry_proto::dataplane::v1::pool_service_client::PoolServiceClient;
 use tenantry_proto::dataplane::v1::sql_service_client::SqlServiceClient;
 use tenantry_testkit::load::{Load, Pick, RunningLoad};
-use tenantry_testkit::proxy::Proxy;
 use tenantry_testkit::{
     Backend, Patience, Sandbox, SandboxOptions, backend_tests, connect, plain, postgres_only_tests,
     wait_until_ok, with_deadline,
@@ -759,30 +758,7 @@ async fn unreachable_server_fails_only_its_tenants() {
     )
     .await;
     // A second "server": the same PostgreSQL behind a TCP proxy the test can cut.
-    let admin = sandbox.pg_admin_url.clone().unwrap_or_default();
-    let upstream = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{e}"));
-    let upstream_addr = format!(
-        "{}:{}",
-        upstream.host_str().unwrap_or("127.0.0.1"),
-        upstream.port().unwrap_or(5432)
-    );
-    let proxy = Proxy::start(upstream_addr).await;
-    let mut via_proxy = upstream.clone();
-    via_proxy
-        .set_port(Some(proxy.port()))
-        .unwrap_or_else(|()| panic!("cannot set port"));
-    sandbox
-        .servers()
-        .register_database_server(cp::RegisterDatabaseServerRequest {
-            name: "flaky".into(),
-            location: Some(
-                cp::register_database_server_request::Location::PostgresAdminUrl(
-                    via_proxy.to_string(),
-                ),
-            ),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = sandbox.register_behind_proxy("flaky").await;
     let steady = Arc::new(create_many(&sandbox, "s", 5, "main").await);
     let flaky = create_many(&sandbox, "k", 3, "flaky").await;
     let channel = sandbox.data_plane_channel.clone();
@@ -794,6 +770,10 @@ async fn unreachable_server_fails_only_its_tenants() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The flaky server stops answering: open connections are cut, new ones hang.
     proxy.black_hole();
+    // Let the cut land before the calls below, so that none of them is sent on a
+    // connection still being cut (that one would answer UNKNOWN, "outcome unknown": see
+    // abandoned_and_oversized.rs).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for id in &flaky {
         let started = Instant::now();
         let status = query_on(&channel, id, "SELECT 1", Some(Duration::from_secs(4)))

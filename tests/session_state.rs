@@ -7,14 +7,18 @@ use std::time::Duration;
 
 use tenantry_proto::dataplane::v1 as dp;
 use tenantry_testkit::{
-    Backend, Sandbox, SandboxOptions, backend_tests, execute_within, int, postgres_only_tests,
-    query_within, text, wait_until, with_database,
+    Backend, Patience, Sandbox, SandboxOptions, backend_tests, execute_within, int,
+    postgres_only_tests, query_within, text, wait_until, wait_until_ok, with_database,
 };
 use tonic::Code;
 
 backend_tests!(session_state_does_not_leak);
 
-postgres_only_tests!(idle_connections_the_server_ended_are_not_lent);
+postgres_only_tests!(
+    idle_connections_the_server_ended_are_not_lent,
+    statements_the_tenant_prepares_do_not_outlive_requests,
+    refused_effects_reached_through_code_are_refused_or_undone,
+);
 
 async fn session_state_does_not_leak(backend: Backend) {
     // One connection per tenant, so the next request surely reuses the connection.
@@ -213,10 +217,18 @@ async fn session_reset_runs_before_the_next_statement(sandbox: &Sandbox, id: &st
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        timeout.rows[0].values,
-        vec![text("0")],
-        "a request's statement timeout outlived it"
+    // The asking request has a timeout of its own: the default one (30 s), not the
+    // previous request's 60 s.
+    let own = match &timeout.rows[0].values[0].kind {
+        Some(dp::value::Kind::Text(setting)) => setting
+            .strip_suffix("ms")
+            .and_then(|millis| millis.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("statement_timeout {setting:?}")),
+        other => panic!("statement_timeout {other:?}"),
+    };
+    assert!(
+        own <= 30_000,
+        "a request's statement timeout outlived it: the next one ran under {own} ms"
     );
     // A connection the server ends under a request is not lent again.
     let ended = sandbox
@@ -262,6 +274,9 @@ async fn statement_timeout_ends_with_its_request() {
         SandboxOptions {
             max_connections_per_tenant: Some(1),
             postgres_session_reset: Some(false),
+            // The probe below runs without a deadline: with no default one either, any
+            // statement timeout it sees is one a request left behind.
+            default_statement_timeout_ms: Some(0),
             ..Default::default()
         },
     )
@@ -445,5 +460,182 @@ async fn idle_connections_the_server_ended_are_not_lent() {
             "round {round}: the ended connection was lent again"
         );
         pid = next;
+    }
+}
+
+/// Statements prepared by SQL are removed by the session reset, whichever way they were
+/// prepared (PREPARE, a DO block, a function made through the data plane or before it
+/// connected), and the data plane's own prepared statements stay.
+async fn statements_the_tenant_prepares_do_not_outlive_requests() {
+    let sandbox = Sandbox::start_with(
+        Backend::Postgres,
+        SandboxOptions {
+            max_connections_per_tenant: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Made by the tenant's migrations would be the same: there before the data plane
+    // connects.
+    let id = sandbox.tid("prep");
+    let tenant = sandbox.create(&id).await;
+    {
+        use sqlx::Connection;
+        let admin = sandbox.pg_admin_url.clone().unwrap_or_default();
+        let mut owner = sqlx::PgConnection::connect(&with_database(&admin, &tenant.database_name))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(
+            "CREATE FUNCTION early_prep() RETURNS int LANGUAGE plpgsql AS \
+             $$BEGIN EXECUTE 'PREPARE leaky_early AS SELECT 4'; RETURN 1; END$$; \
+             GRANT EXECUTE ON FUNCTION early_prep() TO PUBLIC",
+        )
+        .execute(&mut owner)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tenant_prepared = "SELECT count(*) AS n FROM pg_prepared_statements WHERE from_sql";
+    let routes = [
+        "PREPARE leaky AS SELECT 1",
+        "DO $$BEGIN EXECUTE 'PREPARE leaky_do AS SELECT 2'; END$$",
+        "CREATE FUNCTION prep() RETURNS int LANGUAGE plpgsql AS \
+         $$BEGIN EXECUTE 'PREPARE leaky_fn AS SELECT 3'; RETURN 1; END$$",
+        "SELECT prep()",
+        "SELECT early_prep()",
+    ];
+    for route in routes {
+        sandbox
+            .execute(&id, route, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{route}: {e}"));
+        // Every later request, on either connection, sees none of them.
+        for _ in 0..6 {
+            let rows = sandbox
+                .query(&id, tenant_prepared, vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                rows.rows[0].values[0],
+                int(0),
+                "a statement prepared by `{route}` outlived its request"
+            );
+        }
+    }
+    // The data plane's own statements stay prepared (the query above is one of them).
+    let ours = sandbox
+        .query(
+            &id,
+            "SELECT count(*) AS n FROM pg_prepared_statements WHERE NOT from_sql \
+             AND statement = $1",
+            vec![text(tenant_prepared)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ours.rows[0].values[0], int(1));
+    // A tenant statement named like one of ours is refused (the name is taken) or, where
+    // it is not yet, removed like any other: either way it gets in nobody's way.
+    for named_like_ours in [
+        "PREPARE tenantry_reset_prepared AS SELECT 5",
+        "PREPARE tenantry_reset_0 AS SELECT 6",
+        "PREPARE tenantry_once AS SELECT 7",
+    ] {
+        let _ = sandbox.execute(&id, named_like_ours, vec![]).await;
+    }
+    for _ in 0..4 {
+        let rows = sandbox
+            .query(&id, tenant_prepared, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.rows[0].values[0], int(0));
+    }
+}
+
+/// What the data plane refuses in SQL text (COPY, transaction control outside Batch,
+/// session-level advisory locks) is, when reached through code (a DO block, a function,
+/// a procedure), refused by the server (privileges, PL/pgSQL's own rules) or contained
+/// (no transaction outlives its request, no lock is held).
+async fn refused_effects_reached_through_code_are_refused_or_undone() {
+    let sandbox = Sandbox::start_with(
+        Backend::Postgres,
+        SandboxOptions {
+            max_connections_per_tenant: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = sandbox.tid("code");
+    let tenant = sandbox.create(&id).await;
+    for setup in [
+        "CREATE TABLE w (v TEXT)",
+        "CREATE FUNCTION lock_it() RETURNS void LANGUAGE plpgsql AS \
+         $$BEGIN PERFORM pg_advisory_lock(7); END$$",
+        "CREATE FUNCTION copy_out() RETURNS void LANGUAGE plpgsql AS \
+         $$BEGIN COPY w TO '/tmp/tenantry-copy-test'; END$$",
+        "CREATE PROCEDURE commit_it() LANGUAGE plpgsql AS \
+         $$BEGIN INSERT INTO w VALUES ('procedure'); COMMIT; END$$",
+    ] {
+        sandbox
+            .execute(&id, setup, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{setup}: {e}"));
+    }
+    // Refused by the server.
+    for refused in [
+        "DO $$BEGIN PERFORM pg_advisory_lock(7); END$$",
+        "SELECT lock_it()",
+        "DO $$BEGIN PERFORM pg_try_advisory_lock_shared(8); END$$",
+        "DO $$BEGIN COPY w TO STDOUT; END$$",
+        "DO $$BEGIN COPY w FROM STDIN; END$$",
+        "SELECT copy_out()",
+        "DO $$BEGIN COPY w TO PROGRAM 'true'; END$$",
+    ] {
+        let status = sandbox
+            .execute(&id, refused, vec![])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("`{refused}` ran"));
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{refused}: {status:?}"
+        );
+    }
+    let locks = sandbox
+        .query(
+            &id,
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'",
+            vec![],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(locks.rows[0].values[0], int(0));
+    // Transaction control in code: refused, or it ends within its request; either way
+    // the connection is idle, in no transaction, once the request has answered.
+    let admin = sqlx::PgPool::connect(sandbox.pg_admin_url.as_deref().unwrap_or_default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for contained in [
+        "CALL commit_it()",
+        "DO $$BEGIN INSERT INTO w VALUES ('do'); COMMIT; END$$",
+        "DO $$BEGIN INSERT INTO w VALUES ('do'); ROLLBACK; END$$",
+    ] {
+        let _ = sandbox.execute(&id, contained, vec![]).await;
+        let patience = Patience::new(Duration::from_secs(10), Duration::from_millis(20));
+        wait_until_ok(patience, || async {
+            let states: Vec<String> = sqlx::query_scalar(
+                "SELECT state FROM pg_stat_activity \
+                 WHERE application_name = 'tenantry-data-plane' AND datname = $1",
+            )
+            .bind(&tenant.database_name)
+            .fetch_all(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            if states.iter().all(|state| state == "idle") {
+                Ok(())
+            } else {
+                Err(format!("after `{contained}` the connection is {states:?}"))
+            }
+        })
+        .await;
     }
 }

@@ -1,10 +1,13 @@
 //! What a database server's stored location means, for whoever needs to read it (routes,
 //! the API's server view, the provisioner): the host and port a PostgreSQL admin URL names
-//! (what data planes connect to), the URL with its password masked (for display), and
+//! (what data planes connect to) and its TLS mode, the URL with its password masked (for
+//! display), and
 //! the path of a tenant's file in a SQLite server's directory. Names nothing else in the
 //! crate.
 
 use std::path::{Path, PathBuf};
+
+use tenantry_proto::controlplane::v1 as pb;
 
 /// Where a PostgreSQL server listens, as tenants' data planes should reach it.
 pub(crate) struct HostPort {
@@ -19,6 +22,22 @@ pub(crate) fn host_port(admin_url: &str) -> Result<HostPort, url::ParseError> {
         host: url.host_str().unwrap_or("localhost").to_owned(),
         port: url.port().unwrap_or(5432),
     })
+}
+
+/// The TLS mode data planes use for the server: the admin URL's `sslmode` (or
+/// PGSSLMODE, as sqlx reads it; libpq's default, prefer, when neither says).
+pub(crate) fn ssl_mode(admin_url: &str) -> Result<pb::SslMode, sqlx::Error> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    use std::str::FromStr;
+    Ok(
+        match PgConnectOptions::from_str(admin_url)?.get_ssl_mode() {
+            PgSslMode::Disable => pb::SslMode::Disable,
+            PgSslMode::Allow | PgSslMode::Prefer => pb::SslMode::Prefer,
+            PgSslMode::Require => pb::SslMode::Require,
+            PgSslMode::VerifyCa => pb::SslMode::VerifyCa,
+            PgSslMode::VerifyFull => pb::SslMode::VerifyFull,
+        },
+    )
 }
 
 /// The admin URL with its password (in the user part or a `password=` parameter)

@@ -63,12 +63,18 @@ pub(crate) fn route_of(
                     "the PostgreSQL admin URL is not a valid URL: {error}"
                 ))
             })?;
+            let ssl_mode = location::ssl_mode(&server.location).map_err(|error| {
+                ControlPlaneError::Internal(format!(
+                    "the PostgreSQL admin URL of server {server_name} cannot be read: {error}"
+                ))
+            })?;
             pb::route::Connection::Postgres(pb::PostgresConnection {
                 host: host_port.host,
                 port: u32::from(host_port.port),
                 database: database_name.clone(),
                 username: tenant.db_username.clone().unwrap_or_default(),
                 password: tenant.db_password.clone().unwrap_or_default(),
+                ssl_mode: ssl_mode as i32,
             })
         }
         Backend::Sqlite => pb::route::Connection::Sqlite(pb::SqliteConnection {

@@ -31,6 +31,10 @@ pub enum DataPlaneError {
     Aborted(String),
     #[error("{0}")]
     Internal(String),
+    /// A statement was sent and its connection broke before it answered: it may have
+    /// run. Never advises a retry.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl DataPlaneError {
@@ -53,6 +57,7 @@ impl From<DataPlaneError> for Status {
             DataPlaneError::DeadlineExceeded(message) => Status::deadline_exceeded(message),
             DataPlaneError::ResourceExhausted(message) => Status::resource_exhausted(message),
             DataPlaneError::Aborted(message) => Status::aborted(message),
+            DataPlaneError::OutcomeUnknown(message) => Status::unknown(message),
             DataPlaneError::Internal(message) => {
                 tracing::error!(%message, "internal error");
                 Status::internal(message)

@@ -26,7 +26,8 @@ pub use error::DataPlaneError;
 pub use layers::{TenantIdLayer, TenantLayer};
 pub use pool::{PoolFigures, PoolManager, ServerPoolStats, TenantPoolStats};
 pub use routing::{
-    ROUTE_STREAM_HEALTH_SERVICE, Route, RouteState, Router, RouterOptions, StreamProgress, Target,
+    ROUTE_STREAM_HEALTH_SERVICE, Route, RouteState, Router, RouterOptions, SslMode, StreamProgress,
+    Target,
 };
 pub use service::DataPlaneMetrics;
 
@@ -46,7 +47,7 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus as Health;
 
-use backend::{BackendFactory, BackendOptions};
+use backend::{BackendFactory, BackendOptions, TlsConfigs};
 use layers::{MetricsLayer, RecordRequest};
 use pool::{PoolManagerOptions, SqlLimits};
 use routing::RouteListener;
@@ -81,6 +82,13 @@ pub struct DataPlaneConfig {
     pub pool_idle_timeout_ms: u64,
     /// Largest Query response, in bytes.
     pub max_response_bytes: usize,
+    /// PEM file of certificate authorities trusted for TLS to PostgreSQL servers
+    /// registered with `sslmode=verify-ca` or `verify-full`, besides the system's.
+    pub postgres_ssl_root_cert: Option<std::path::PathBuf>,
+    /// Deadline of a SQL call that comes without one (no `grpc-timeout`), in
+    /// milliseconds: its statement is cancelled then and the call answers
+    /// DEADLINE_EXCEEDED. 0: such calls run until they end.
+    pub default_statement_timeout_ms: u64,
     /// Reset a PostgreSQL connection's session state (open transaction, SET, temporary
     /// tables, cursors, LISTEN, advisory locks) before another request may use it. Off
     /// saves PostgreSQL work on every request but lets one request's session state reach
@@ -127,6 +135,8 @@ impl Default for DataPlaneConfig {
             pool_acquire_timeout_ms: 3000,
             pool_idle_timeout_ms: 60_000,
             max_response_bytes: 4 * 1024 * 1024 - 64 * 1024,
+            postgres_ssl_root_cert: None,
+            default_statement_timeout_ms: 30_000,
             postgres_session_reset: true,
             postgres_pipelining: true,
             shutdown_grace_ms: 1000,
@@ -149,6 +159,7 @@ impl PlaneConfig for DataPlaneConfig {
         "metrics_addr",
         "otlp_metrics_endpoint",
         "metrics_export_interval_ms",
+        "postgres_ssl_root_cert",
     ];
 }
 
@@ -196,11 +207,17 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         )
         .map_err(|error| anyhow::anyhow!("{error}"))?,
     );
-    let backends = Arc::new(BackendFactory::new(BackendOptions {
-        postgres_session_reset: config.postgres_session_reset,
-        postgres_pipelining: config.postgres_pipelining,
-        postgres_connection_budget: config.postgres_connection_budget.max(1),
-    }));
+    let tls = TlsConfigs::new(config.postgres_ssl_root_cert.as_deref())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let backends = Arc::new(BackendFactory::new(
+        BackendOptions {
+            postgres_session_reset: config.postgres_session_reset,
+            postgres_pipelining: config.postgres_pipelining,
+            postgres_connection_budget: config.postgres_connection_budget.max(1),
+            max_response_bytes: config.max_response_bytes,
+        },
+        Some(Arc::new(tls)),
+    ));
     let pools = Arc::new(PoolManager::new(
         PoolManagerOptions {
             max_connections_per_tenant: config.max_connections_per_tenant.max(1),
@@ -215,6 +232,8 @@ pub async fn start(config: &DataPlaneConfig, listener: TcpListener) -> anyhow::R
         pools: pools.clone(),
         limits: SqlLimits {
             max_response_bytes: config.max_response_bytes,
+            default_timeout: (config.default_statement_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.default_statement_timeout_ms)),
         },
     };
     let routes = Routes::new(

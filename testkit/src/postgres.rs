@@ -96,6 +96,37 @@ fn run_as(user: Option<&str>, program: &Path, args: &[&str]) -> Result<(), Strin
 }
 
 fn start_throwaway() -> Result<String, String> {
+    let server = start_server(&ServerSetup::default())?;
+    Ok(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        server.port
+    ))
+}
+
+/// How a throwaway server is set up beyond the defaults (trust on 127.0.0.1).
+#[derive(Default)]
+pub struct ServerSetup {
+    /// Server certificate and key (PEM): `ssl = on` with them.
+    pub tls: Option<(String, String)>,
+    /// The whole pg_hba.conf (a `local all all trust` line is always first).
+    pub hba: Option<String>,
+    /// Password of the `postgres` superuser (set over the Unix socket).
+    pub superuser_password: Option<String>,
+    /// More SQL run as the superuser once the server is up (over the Unix socket).
+    pub setup_sql: Option<String>,
+}
+
+/// A throwaway server started by `start_server`: removed when the test process exits.
+pub struct ThrowawayServer {
+    pub port: u16,
+    /// Its Unix socket directory.
+    pub socket_dir: PathBuf,
+}
+
+/// Starts a throwaway PostgreSQL from the locally installed binaries (initdb, pg_ctl), set
+/// up as `setup` says; it is stopped and removed when this test process exits. The error
+/// says what is missing.
+pub fn start_server(setup: &ServerSetup) -> Result<ThrowawayServer, String> {
     let bin =
         find_bin_dir().ok_or("no initdb found (PostgreSQL server binaries are not installed)")?;
     let is_root = Command::new("id")
@@ -113,7 +144,12 @@ fn start_throwaway() -> Result<String, String> {
     } else {
         None
     };
-    let dir = std::env::temp_dir().join(format!("tenantry-test-pg-{}", std::process::id()));
+    static SERVERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tenantry-test-pg-{}-{}",
+        std::process::id(),
+        SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     if let Some(user) = user {
         let status = Command::new("chown")
@@ -139,9 +175,28 @@ fn start_throwaway() -> Result<String, String> {
             "--no-sync",
         ],
     )?;
+    if let Some(hba) = &setup.hba {
+        write_owned(
+            user,
+            &data.join("pg_hba.conf"),
+            &format!("local all all trust\n{hba}\n"),
+        )?;
+    }
+    let mut tls_options = String::new();
+    if let Some((cert, key)) = &setup.tls {
+        let (cert_path, key_path) = (data.join("server.crt"), data.join("server.key"));
+        write_owned(user, &cert_path, cert)?;
+        write_owned(user, &key_path, key)?;
+        tls_options = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert_path.display(),
+            key_path.display()
+        );
+    }
     let port = free_port()?;
     let options = format!(
-        "-p {port} -h 127.0.0.1 -k {} -c fsync=off -c max_connections=300",
+        "-p {port} -h 127.0.0.1 -k {} -c fsync=off -c max_connections=300 \
+         -c password_encryption=scram-sha-256{tls_options}",
         dir.display()
     );
     let log = dir.join("log").display().to_string();
@@ -173,13 +228,62 @@ fn start_throwaway() -> Result<String, String> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the cleanup watchdog: {e}"))?;
-    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(url);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() >= deadline {
+            return Err("the throwaway PostgreSQL did not start listening within 30 s".to_owned());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err("the throwaway PostgreSQL did not start listening within 30 s".to_owned())
+    let mut sql = String::new();
+    if let Some(password) = &setup.superuser_password {
+        sql = format!(
+            "ALTER ROLE postgres PASSWORD '{}'; ",
+            password.replace('\'', "''")
+        );
+    }
+    sql.push_str(setup.setup_sql.as_deref().unwrap_or_default());
+    if !sql.is_empty() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let over_socket = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .socket(&dir)
+            .port(port)
+            .username("postgres")
+            .database("postgres");
+        runtime.block_on(async {
+            let mut connection = sqlx::PgConnection::connect_with(&over_socket)
+                .await
+                .map_err(|e| format!("cannot reach the throwaway server's socket: {e}"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut connection)
+                .await
+                .map_err(|e| format!("cannot set up the throwaway server: {e}"))?;
+            Ok::<_, String>(())
+        })?;
+    }
+    Ok(ThrowawayServer {
+        port,
+        socket_dir: dir,
+    })
+}
+
+/// Writes `contents` to `path`, readable by the server's user alone.
+fn write_owned(user: Option<&str>, path: &Path, contents: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
+    if let Some(user) = user {
+        let status = Command::new("chown")
+            .args([user, &path.display().to_string()])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("cannot chown {} to {user}", path.display()));
+        }
+    }
+    Ok(())
 }

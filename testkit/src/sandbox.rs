@@ -22,6 +22,7 @@ use tonic::{Code, Status};
 
 use crate::backend::Backend;
 use crate::postgres;
+use crate::proxy::Proxy;
 use crate::requests::{connect, with_tenant};
 use crate::wait::{Patience, wait_until_ok};
 
@@ -40,6 +41,8 @@ pub struct SandboxOptions {
     pub metrics_tenant_limit: Option<usize>,
     pub postgres_session_reset: Option<bool>,
     pub postgres_pipelining: Option<bool>,
+    pub default_statement_timeout_ms: Option<u64>,
+    pub postgres_ssl_root_cert: Option<PathBuf>,
 }
 
 /// A running control plane and data plane (see the module comment).
@@ -159,6 +162,10 @@ impl Sandbox {
                 .max_connections_per_tenant
                 .unwrap_or(defaults.max_connections_per_tenant),
             unknown_tenant_ttl_ms: options.unknown_tenant_ttl_ms.unwrap_or(500),
+            default_statement_timeout_ms: options
+                .default_statement_timeout_ms
+                .unwrap_or(defaults.default_statement_timeout_ms),
+            postgres_ssl_root_cert: options.postgres_ssl_root_cert.clone(),
             metrics_tenant_limit: options
                 .metrics_tenant_limit
                 .unwrap_or(defaults.metrics_tenant_limit),
@@ -209,6 +216,35 @@ impl Sandbox {
             .await
             .unwrap_or_else(|e| panic!("register server: {e}"))
             .into_inner()
+    }
+
+    /// Registers the sandbox's PostgreSQL again as server `name`, reached through a TCP
+    /// proxy the test can cut (`Proxy::black_hole`). PostgreSQL sandboxes only.
+    pub async fn register_behind_proxy(&self, name: &str) -> Proxy {
+        use cp::register_database_server_request::Location;
+        let admin = self
+            .pg_admin_url
+            .clone()
+            .unwrap_or_else(|| panic!("register_behind_proxy needs a PostgreSQL sandbox"));
+        let upstream = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::start(format!(
+            "{}:{}",
+            upstream.host_str().unwrap_or("127.0.0.1"),
+            upstream.port().unwrap_or(5432)
+        ))
+        .await;
+        let mut via_proxy = upstream;
+        via_proxy
+            .set_port(Some(proxy.port()))
+            .unwrap_or_else(|()| panic!("cannot set port"));
+        self.servers()
+            .register_database_server(cp::RegisterDatabaseServerRequest {
+                name: name.to_owned(),
+                location: Some(Location::PostgresAdminUrl(via_proxy.to_string())),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("register server {name}: {e}"));
+        proxy
     }
 
     /// Starts another data plane on the same control plane (its own port and pools).

@@ -10,12 +10,6 @@ pub(crate) type ProvisionResult<T> = std::result::Result<T, ProvisionError>;
 pub(crate) enum ProvisionError {
     #[error("the PostgreSQL admin URL is not valid: {0}")]
     AdminUrlInvalid(sqlx::Error),
-    #[error(
-        "sslmode={mode} (from the admin URL or PGSSLMODE) is not supported: Tenantry does not use TLS to PostgreSQL yet \
-         (neither the control plane's admin connection nor data planes' tenant \
-         connections); use sslmode=disable or prefer (plain TCP), on a network you trust"
-    )]
-    TlsDemanded { mode: &'static str },
     #[error("cannot use the PostgreSQL admin connection: {0}")]
     AdminConnection(sqlx::Error),
     #[error("the PostgreSQL admin role needs CREATEROLE and CREATEDB (or superuser)")]
@@ -45,9 +39,7 @@ impl ProvisionError {
     /// used is the caller's mistake; a server that refuses is a precondition.
     pub(crate) fn into_registration_error(self) -> ControlPlaneError {
         match self {
-            Self::AdminUrlInvalid(_) | Self::TlsDemanded { .. } => {
-                ControlPlaneError::InvalidArgument(self.to_string())
-            }
+            Self::AdminUrlInvalid(_) => ControlPlaneError::InvalidArgument(self.to_string()),
             Self::Registry(error) => error,
             _ => ControlPlaneError::FailedPrecondition(self.to_string()),
         }

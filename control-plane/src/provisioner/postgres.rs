@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use hmac::digest::InvalidLength;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions};
 
 use super::error::{ProvisionError, ProvisionResult};
@@ -100,15 +100,6 @@ impl PostgresServer {
             .map_err(ProvisionError::AdminUrlInvalid)?
             .application_name("tenantry-control-plane")
             .disable_statement_logging();
-        let demanded = match admin_options.get_ssl_mode() {
-            PgSslMode::Require => Some("require"),
-            PgSslMode::VerifyCa => Some("verify-ca"),
-            PgSslMode::VerifyFull => Some("verify-full"),
-            PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => None,
-        };
-        if let Some(mode) = demanded {
-            return Err(ProvisionError::TlsDemanded { mode });
-        }
         let admin_pool = PgPoolOptions::new()
             .max_connections(4)
             .min_connections(0)

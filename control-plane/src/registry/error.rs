@@ -16,19 +16,30 @@ const SQLITE_CONSTRAINT_UNIQUE: &str = "2067";
 /// SQLite `SQLITE_CONSTRAINT_PRIMARYKEY`.
 const SQLITE_CONSTRAINT_PRIMARYKEY: &str = "1555";
 
+/// PostgreSQL `serialization_failure` and `deadlock_detected`.
+const PG_RETRY: [&str; 2] = ["40001", "40P01"];
+/// SQLite `SQLITE_BUSY` and `SQLITE_LOCKED` (primary codes; their extended codes, such as
+/// `SQLITE_BUSY_SNAPSHOT`, keep them in the low byte).
+const SQLITE_BUSY: i64 = 5;
+const SQLITE_LOCKED: i64 = 6;
+
 /// What a failed registry query means to its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DbFailure {
     /// The row's key is taken: a concurrent insert of the same id or name won.
     UniqueViolation,
+    /// Another writer held the database (SQLite busy or locked, a PostgreSQL
+    /// serialization failure or deadlock): the whole transaction may be run again.
+    Busy,
     /// Anything else: the registry failed.
     Other,
 }
 
 /// The database's own error code: SQLSTATE (PostgreSQL) or extended result code (SQLite).
 fn database_code(error: &DbErr) -> Option<String> {
-    let (DbErr::Exec(RuntimeErr::SqlxError(error)) | DbErr::Query(RuntimeErr::SqlxError(error))) =
-        error
+    let (DbErr::Exec(RuntimeErr::SqlxError(error))
+    | DbErr::Query(RuntimeErr::SqlxError(error))
+    | DbErr::Conn(RuntimeErr::SqlxError(error))) = error
     else {
         return None;
     };
@@ -45,7 +56,12 @@ pub(crate) fn classify(error: &DbErr) -> DbFailure {
         Some(PG_UNIQUE_VIOLATION | SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY) => {
             DbFailure::UniqueViolation
         }
-        _ => DbFailure::Other,
+        Some(code) if PG_RETRY.contains(&code) => DbFailure::Busy,
+        Some(code) => match code.parse::<i64>() {
+            Ok(code) if matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED) => DbFailure::Busy,
+            _ => DbFailure::Other,
+        },
+        None => DbFailure::Other,
     }
 }
 

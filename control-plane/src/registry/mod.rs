@@ -98,6 +98,12 @@ impl Registry {
     /// Opens (creating if needed) and migrates the registry at `url`: `postgres://...`,
     /// `sqlite://PATH`, or a plain file path for SQLite.
     pub(crate) async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, BUSY_TIMEOUT).await
+    }
+
+    /// `open`, with how long a SQLite statement waits for another writer's lock before
+    /// it fails with SQLITE_BUSY (and `retrying` runs its transaction again).
+    async fn open_with(url: &str, busy_timeout: Duration) -> Result<Self> {
         let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             url.to_owned()
         } else if url.starts_with("sqlite:") {
@@ -124,10 +130,10 @@ impl Registry {
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .sqlx_logging(false)
-            .map_sqlx_sqlite_opts(|sqlite| {
+            .map_sqlx_sqlite_opts(move |sqlite| {
                 sqlite
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(10))
+                    .busy_timeout(busy_timeout)
                     .foreign_keys(true)
             });
         let db = Database::connect(options).await.map_err(|error| {
@@ -151,9 +157,7 @@ impl Registry {
     // Tenants: reads.
 
     pub(crate) async fn get_tenant(&self, tenant_id: &TenantId) -> Result<Option<Tenant>> {
-        Ok(tenant::Entity::find_by_id(tenant_id.to_string())
-            .one(&self.db)
-            .await?)
+        retrying(|| tenant::Entity::find_by_id(tenant_id.to_string()).one(&self.db)).await
     }
 
     /// Tenants ordered by id, after `after_id`, optionally in one state.
@@ -170,22 +174,27 @@ impl Registry {
         if let Some(state) = state {
             query = query.filter(tenant::Column::State.eq(state));
         }
-        Ok(query.limit(limit).all(&self.db).await?)
+        let query = query.limit(limit);
+        retrying(|| query.clone().all(&self.db)).await
     }
 
     pub(crate) async fn tenants_in_states(&self, states: &[TenantState]) -> Result<Vec<Tenant>> {
-        Ok(tenant::Entity::find()
-            .filter(tenant::Column::State.is_in(states.iter().copied()))
-            .order_by_asc(tenant::Column::TenantId)
-            .all(&self.db)
-            .await?)
+        retrying(|| {
+            tenant::Entity::find()
+                .filter(tenant::Column::State.is_in(states.iter().copied()))
+                .order_by_asc(tenant::Column::TenantId)
+                .all(&self.db)
+        })
+        .await
     }
 
     pub(crate) async fn get_tenants(&self, tenant_ids: &[TenantId]) -> Result<Vec<Tenant>> {
-        Ok(tenant::Entity::find()
-            .filter(tenant::Column::TenantId.is_in(tenant_ids.iter().map(TenantId::to_string)))
-            .all(&self.db)
-            .await?)
+        retrying(|| {
+            tenant::Entity::find()
+                .filter(tenant::Column::TenantId.is_in(tenant_ids.iter().map(TenantId::to_string)))
+                .all(&self.db)
+        })
+        .await
     }
 
     /// Tells when a route version newer than the receiver has seen commits.
@@ -195,12 +204,14 @@ impl Registry {
 
     /// The highest route version of any tenant (0 for an empty registry).
     pub(crate) async fn latest_route_version(&self) -> Result<i64> {
-        let latest: Option<Option<i64>> = tenant::Entity::find()
-            .select_only()
-            .column_as(Expr::col(tenant::Column::RouteVersion).max(), "latest")
-            .into_tuple()
-            .one(&self.db)
-            .await?;
+        let latest: Option<Option<i64>> = retrying(|| {
+            tenant::Entity::find()
+                .select_only()
+                .column_as(Expr::col(tenant::Column::RouteVersion).max(), "latest")
+                .into_tuple()
+                .one(&self.db)
+        })
+        .await?;
         Ok(latest.flatten().unwrap_or(0))
     }
 
@@ -211,26 +222,30 @@ impl Registry {
         after_version: i64,
         limit: u64,
     ) -> Result<Vec<Tenant>> {
-        Ok(tenant::Entity::find()
-            .filter(tenant::Column::RouteVersion.gt(after_version))
-            .order_by_asc(tenant::Column::RouteVersion)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
+        retrying(|| {
+            tenant::Entity::find()
+                .filter(tenant::Column::RouteVersion.gt(after_version))
+                .order_by_asc(tenant::Column::RouteVersion)
+                .limit(limit)
+                .all(&self.db)
+        })
+        .await
     }
 
     /// Number of tenants on each server that still have (or are getting) a database.
     pub(crate) async fn tenant_counts(&self) -> Result<HashMap<String, i64>> {
-        let rows: Vec<(Option<String>, i64)> = tenant::Entity::find()
-            .select_only()
-            .column(tenant::Column::DatabaseServer)
-            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
-            .filter(tenant::Column::State.ne(TenantState::Deleted))
-            .filter(tenant::Column::DatabaseServer.is_not_null())
-            .group_by(tenant::Column::DatabaseServer)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
+        let rows: Vec<(Option<String>, i64)> = retrying(|| {
+            tenant::Entity::find()
+                .select_only()
+                .column(tenant::Column::DatabaseServer)
+                .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
+                .filter(tenant::Column::State.ne(TenantState::Deleted))
+                .filter(tenant::Column::DatabaseServer.is_not_null())
+                .group_by(tenant::Column::DatabaseServer)
+                .into_tuple()
+                .all(&self.db)
+        })
+        .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(server, count)| server.map(|server| (server, count)))
@@ -239,14 +254,16 @@ impl Registry {
 
     /// Number of tenants in each state.
     pub(crate) async fn tenant_states(&self) -> Result<HashMap<TenantState, i64>> {
-        let rows: Vec<(TenantState, i64)> = tenant::Entity::find()
-            .select_only()
-            .column(tenant::Column::State)
-            .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
-            .group_by(tenant::Column::State)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
+        let rows: Vec<(TenantState, i64)> = retrying(|| {
+            tenant::Entity::find()
+                .select_only()
+                .column(tenant::Column::State)
+                .column_as(Expr::col(tenant::Column::TenantId).count(), "count")
+                .group_by(tenant::Column::State)
+                .into_tuple()
+                .all(&self.db)
+        })
+        .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -272,6 +289,15 @@ impl Registry {
         actor: &str,
     ) -> Result<Option<Tenant>> {
         let _writer = self.write_lock.lock().await;
+        retrying(|| self.try_insert_provisioning(tenant_id, &new, actor)).await
+    }
+
+    async fn try_insert_provisioning(
+        &self,
+        tenant_id: &TenantId,
+        new: &NewTenant,
+        actor: &str,
+    ) -> Result<Option<Tenant>> {
         let txn = self.db.begin().await?;
         let exists = tenant::Entity::find_by_id(tenant_id.to_string())
             .count(&txn)
@@ -296,10 +322,10 @@ impl Registry {
         .await?;
         let row = tenant::ActiveModel {
             tenant_id: Set(tenant_id.to_string()),
-            display_name: Set(new.display_name),
+            display_name: Set(new.display_name.clone()),
             state: Set(TenantState::Provisioning),
             reason: Set(String::new()),
-            requested_server: Set(new.requested_server),
+            requested_server: Set(new.requested_server.clone()),
             database_server: Set(None),
             backend: Set(None),
             database_name: Set(None),
@@ -332,7 +358,7 @@ impl Registry {
         tenant_id: &TenantId,
         new: NewTenant,
         actor: &str,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
     ) -> Result<Tenant> {
         let change = Change {
             actor,
@@ -341,8 +367,8 @@ impl Registry {
             to_state: Some(TenantState::Provisioning),
         };
         self.change_tenant(tenant_id, change, check, |row| {
-            row.display_name = Set(new.display_name);
-            row.requested_server = Set(new.requested_server);
+            row.display_name = Set(new.display_name.clone());
+            row.requested_server = Set(new.requested_server.clone());
             row.max_connections = Set(new.max_connections);
             row.reason = Set(String::new());
             row.database_server = Set(None);
@@ -388,11 +414,11 @@ impl Registry {
             to_state: None,
         };
         self.change_tenant(tenant_id, change, no_check, |row| {
-            row.database_server = Set(Some(placement.server));
+            row.database_server = Set(Some(placement.server.clone()));
             row.backend = Set(Some(placement.backend));
-            row.database_name = Set(Some(placement.database_name));
-            row.db_username = Set(placement.username);
-            row.db_password = Set(placement.password);
+            row.database_name = Set(Some(placement.database_name.clone()));
+            row.db_username = Set(placement.username.clone());
+            row.db_password = Set(placement.password.clone());
         })
         .await
     }
@@ -403,7 +429,7 @@ impl Registry {
         tenant_id: &TenantId,
         schema_version: i64,
         actor: &str,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
     ) -> Result<Tenant> {
         let change = Change {
             actor,
@@ -433,7 +459,7 @@ impl Registry {
             to_state: Some(TenantState::Failed),
         };
         self.change_tenant(tenant_id, change, no_check, |row| {
-            row.reason = Set(reason);
+            row.reason = Set(reason.clone());
         })
         .await
     }
@@ -473,7 +499,7 @@ impl Registry {
         tenant_id: &TenantId,
         reason: String,
         actor: &str,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
     ) -> Result<Tenant> {
         let change = Change {
             actor,
@@ -482,7 +508,7 @@ impl Registry {
             to_state: Some(TenantState::Suspended),
         };
         self.change_tenant(tenant_id, change, check, |row| {
-            row.reason = Set(reason);
+            row.reason = Set(reason.clone());
         })
         .await
     }
@@ -492,7 +518,7 @@ impl Registry {
         &self,
         tenant_id: &TenantId,
         actor: &str,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
     ) -> Result<Tenant> {
         let change = Change {
             actor,
@@ -513,7 +539,7 @@ impl Registry {
         tracing_override: Option<TracingOverride>,
         detail: String,
         actor: &str,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
     ) -> Result<Tenant> {
         let change = Change {
             actor,
@@ -521,11 +547,12 @@ impl Registry {
             detail,
             to_state: None,
         };
-        self.change_tenant(tenant_id, change, check, |row| match tracing_override {
+        self.change_tenant(tenant_id, change, check, |row| match &tracing_override {
             Some(tracing_override) => {
                 row.trace_ratio = Set(Some(tracing_override.ratio));
                 row.trace_until = Set(Some(tracing_override.until));
-                row.log_level = Set(Some(tracing_override.log_level).filter(|l| !l.is_empty()));
+                row.log_level =
+                    Set(Some(tracing_override.log_level.clone()).filter(|l| !l.is_empty()));
             }
             None => {
                 row.trace_ratio = Set(None);
@@ -542,10 +569,20 @@ impl Registry {
         &self,
         tenant_id: &TenantId,
         change: Change<'_>,
-        check: impl FnOnce(&Tenant) -> Result<()> + Send,
-        apply: impl FnOnce(&mut tenant::ActiveModel) + Send,
+        check: impl Fn(&Tenant) -> Result<()> + Send + Sync,
+        apply: impl Fn(&mut tenant::ActiveModel) + Send + Sync,
     ) -> Result<Tenant> {
         let _writer = self.write_lock.lock().await;
+        retrying(|| self.try_change_tenant(tenant_id, &change, &check, &apply)).await
+    }
+
+    async fn try_change_tenant(
+        &self,
+        tenant_id: &TenantId,
+        change: &Change<'_>,
+        check: &(impl Fn(&Tenant) -> Result<()> + Send + Sync),
+        apply: &(impl Fn(&mut tenant::ActiveModel) + Send + Sync),
+    ) -> Result<Tenant> {
         let txn = self.db.begin().await?;
         let current = tenant::Entity::find_by_id(tenant_id.to_string())
             .one(&txn)
@@ -564,7 +601,7 @@ impl Registry {
                 action: change.action,
                 from_state: Some(from_state),
                 to_state: change.to_state,
-                detail: change.detail,
+                detail: change.detail.clone(),
             },
         )
         .await?;
@@ -582,16 +619,16 @@ impl Registry {
     // Database servers.
 
     pub(crate) async fn get_server(&self, name: &str) -> Result<Option<DatabaseServer>> {
-        Ok(database_server::Entity::find_by_id(name.to_owned())
-            .one(&self.db)
-            .await?)
+        retrying(|| database_server::Entity::find_by_id(name.to_owned()).one(&self.db)).await
     }
 
     pub(crate) async fn list_servers(&self) -> Result<Vec<DatabaseServer>> {
-        Ok(database_server::Entity::find()
-            .order_by_asc(database_server::Column::Name)
-            .all(&self.db)
-            .await?)
+        retrying(|| {
+            database_server::Entity::find()
+                .order_by_asc(database_server::Column::Name)
+                .all(&self.db)
+        })
+        .await
     }
 
     /// Inserts a server; `Ok(None)` when the name is taken.
@@ -603,6 +640,16 @@ impl Registry {
         actor: &str,
     ) -> Result<Option<DatabaseServer>> {
         let _writer = self.write_lock.lock().await;
+        retrying(|| self.try_insert_server(name, backend, location, actor)).await
+    }
+
+    async fn try_insert_server(
+        &self,
+        name: &str,
+        backend: Backend,
+        location: &str,
+        actor: &str,
+    ) -> Result<Option<DatabaseServer>> {
         let txn = self.db.begin().await?;
         if database_server::Entity::find_by_id(name.to_owned())
             .count(&txn)
@@ -637,6 +684,43 @@ impl Registry {
         .await?;
         txn.commit().await?;
         Ok(Some(inserted))
+    }
+}
+
+/// How long a SQLite registry statement waits for another writer's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most runs of one registry query or transaction that meets a busy database.
+const BUSY_ATTEMPTS: u32 = 12;
+
+/// Runs a registry query, or a whole transaction, again while the database answers that
+/// another writer holds it (`DbFailure::Busy`: SQLite busy or locked past its busy
+/// timeout, or a snapshot that another connection's commit made stale; a PostgreSQL
+/// serialization failure or deadlock), backing off from 5 ms to 1 s. In-process writers
+/// already take turns (`Registry::write_lock`), so this covers what is left: another
+/// process on the same file, a connection opening while a writer commits, a checkpoint.
+/// A caller never sees such an error unless it lasts for about 8 s of retries on top of
+/// each attempt's own busy timeout.
+async fn retrying<T, E, F, Fut>(attempt: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::result::Result<T, E>>,
+    E: Into<ControlPlaneError>,
+{
+    let mut delay = Duration::from_millis(5);
+    let mut runs = 1;
+    loop {
+        match attempt().await.map_err(Into::into) {
+            Err(ControlPlaneError::Registry(error))
+                if runs < BUSY_ATTEMPTS && classify(&error) == DbFailure::Busy =>
+            {
+                tracing::info!(%error, runs, "the registry database was busy; running the query again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                runs += 1;
+            }
+            outcome => return outcome,
+        }
     }
 }
 
@@ -691,14 +775,51 @@ mod tests {
         assert_eq!(TenantState::Suspended.to_string(), "SUSPENDED");
     }
 
+    /// A registry file of its own for one test.
+    fn temp_registry_path(test: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "tenantry-registry-{test}-{}-{}.db",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ))
+    }
+
+    /// Another process holds the SQLite registry's write lock for longer than a
+    /// statement's busy timeout: the change waits (its transaction runs again) and
+    /// succeeds; no busy error reaches the caller.
+    #[tokio::test]
+    async fn a_lock_held_past_the_busy_timeout_is_waited_out() -> Result<()> {
+        use sea_orm::sqlx::Connection;
+        let path = temp_registry_path("busy");
+        let url = path.display().to_string();
+        let registry = Registry::open_with(&url, Duration::from_millis(100)).await?;
+        let mut other = sea_orm::sqlx::SqliteConnection::connect(&format!("sqlite://{url}"))
+            .await
+            .map_err(|e| ControlPlaneError::Internal(e.to_string()))?;
+        sea_orm::sqlx::raw_sql("BEGIN EXCLUSIVE")
+            .execute(&mut other)
+            .await
+            .map_err(|e| ControlPlaneError::Internal(e.to_string()))?;
+        let holder = tokio::spawn(async move {
+            // Ten busy timeouts.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let _ = sea_orm::sqlx::raw_sql("COMMIT").execute(&mut other).await;
+            other
+        });
+        let inserted = registry
+            .insert_server("busy", Backend::Sqlite, "/tmp", "test")
+            .await?;
+        assert!(inserted.is_some());
+        drop(holder.await);
+        registry.close().await;
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
     /// A registry written before the enums existed (plain strings) reads unchanged.
     #[tokio::test]
     async fn reads_rows_written_as_plain_strings() -> Result<()> {
-        let path = std::env::temp_dir().join(format!(
-            "tenantry-registry-test-{}-{}.db",
-            std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
-        ));
+        let path = temp_registry_path("strings");
         let registry = Registry::open(&path.display().to_string()).await?;
         registry
             .db

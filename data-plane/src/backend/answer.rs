@@ -5,6 +5,10 @@ use tenantry_proto::dataplane::v1 as pb;
 
 use crate::error::{DataPlaneError, Result};
 
+/// Room above `max_response_bytes` for one value or server message (a row's framing,
+/// column headers): anything larger can never fit a response.
+pub(crate) const VALUE_MARGIN: usize = 64 * 1024;
+
 /// The refusal for a wrong number of parameters.
 pub(crate) fn parameter_count_error(expected: usize, given: usize) -> DataPlaneError {
     DataPlaneError::InvalidArgument(format!(
@@ -30,8 +34,9 @@ pub(crate) fn push_row(
     *size += prost::Message::encoded_len(&row) + 4;
     if *size > max_response_bytes {
         return Err(DataPlaneError::ResourceExhausted(format!(
-            "the result is larger than the response limit of {} bytes (stopped after {} rows); \
-             add a LIMIT or fetch it in pages",
+            "the result is larger than the response limit of {} bytes (max_response_bytes; \
+             stopped after {} rows, and the statement with them); add a LIMIT or fetch it in \
+             pages",
             max_response_bytes,
             response.rows.len()
         )));

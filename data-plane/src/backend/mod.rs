@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::backend::answer::VALUE_MARGIN;
 use crate::pool::{BudgetFigures, Clean, PoolFactory, PoolOptions, ServerBudget, TenantPool};
 use crate::routing::Target;
+pub(crate) use postgres::TlsConfigs;
 use postgres::{PgBackend, PgConnectOptions, PgTenantPool, postgres_connected, reset_session};
 use sqlite::{SqliteConnectOptions, SqliteTenantPool, harden_connection};
 
@@ -32,19 +34,26 @@ pub(crate) struct BackendOptions {
     pub(crate) postgres_pipelining: bool,
     /// Most connections to one PostgreSQL server, over all its tenants' pools.
     pub(crate) postgres_connection_budget: u32,
+    /// Largest Query response (`DataPlaneConfig::max_response_bytes`): no single value
+    /// or server message larger than it (plus `answer::VALUE_MARGIN`) is ever held.
+    pub(crate) max_response_bytes: usize,
 }
 
 /// Opens tenant pools for the pool manager, by the route's target.
 pub(crate) struct BackendFactory {
     options: BackendOptions,
+    /// TLS to PostgreSQL servers (None: it could not be set up; servers registered
+    /// with an sslmode that needs it are then unreachable, saying so).
+    tls: Option<Arc<TlsConfigs>>,
     /// Connection budgets of PostgreSQL servers, by `host:port`.
     budgets: DashMap<String, Arc<ServerBudget<PgBackend>>>,
 }
 
 impl BackendFactory {
-    pub(crate) fn new(options: BackendOptions) -> Self {
+    pub(crate) fn new(options: BackendOptions, tls: Option<Arc<TlsConfigs>>) -> Self {
         Self {
             options,
+            tls,
             budgets: DashMap::new(),
         }
     }
@@ -66,10 +75,14 @@ impl PoolFactory for BackendFactory {
                 database,
                 username,
                 password,
+                ssl_mode,
             } => {
                 let mut connect = PgConnectOptions::new(host, *port, database, username, password);
+                connect.ssl_mode = *ssl_mode;
+                connect.tls = self.tls.clone();
                 connect.session_reset = self.options.postgres_session_reset;
                 connect.pipelining = self.options.postgres_pipelining;
+                connect.max_message_bytes = self.options.max_response_bytes + VALUE_MARGIN;
                 let reset: Option<Clean<PgBackend>> = if self.options.postgres_session_reset {
                     Some(reset_session)
                 } else {
@@ -87,6 +100,7 @@ impl PoolFactory for BackendFactory {
                 let connect = SqliteConnectOptions {
                     path: path.into(),
                     busy_timeout: Duration::from_secs(5),
+                    max_value_bytes: self.options.max_response_bytes + VALUE_MARGIN,
                 };
                 Arc::new(SqliteTenantPool::new_lazy(
                     connect,

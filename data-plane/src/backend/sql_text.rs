@@ -109,6 +109,28 @@ pub(crate) fn may_pipeline(sql: &str) -> bool {
 
 /// Whether the statement drops the connection's prepared statements on the server
 /// (DEALLOCATE, DISCARD ALL/PLANS).
+/// Whether running `sql` may leave a statement prepared by SQL (`PREPARE`, directly or
+/// through `EXECUTE` in a `DO` block or a function it defines): the text names
+/// PREPARE anywhere, in any case. Over-approximate on purpose: a false yes costs one
+/// clean-up in the next session reset.
+pub(crate) fn may_prepare(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(7)
+        .any(|window| window.eq_ignore_ascii_case(b"prepare"))
+}
+
+/// Whether `sql` defines code that runs later (a function or procedure), whose calls
+/// do not show what it does.
+pub(crate) fn defines_code(sql: &str) -> bool {
+    let words = leading_words(sql, 4);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    matches!(
+        words.as_slice(),
+        ["CREATE", "FUNCTION" | "PROCEDURE", ..]
+            | ["CREATE", "OR", "REPLACE", "FUNCTION" | "PROCEDURE"]
+    )
+}
+
 pub(crate) fn drops_prepared_statements(sql: &str) -> bool {
     matches!(
         leading_words(sql, 1).first().map(String::as_str),

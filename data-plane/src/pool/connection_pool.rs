@@ -35,6 +35,9 @@ pub(crate) fn micros_since_epoch(at: Instant) -> u64 {
 /// connection is closed instead.
 const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest closing a pool waits for its lent-out connections to come back and close.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
+
 /// Longest a request waits for a connection that is being cleaned before it opens one.
 const CLEANING_WAIT: Duration = Duration::from_millis(20);
 
@@ -538,6 +541,20 @@ impl<B: Backend> ConnectionPool<B> {
             B::close(connection).await;
             drop(slot);
         }
+        // Connections still lent out close when their requests end, and those whose
+        // request was abandoned once their statement is cancelled: wait for them (a
+        // shutdown must not leave statements running on the servers), within a bound.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if self.inner.open.load(Ordering::Acquire) == 0
+                || tokio::time::timeout_at(deadline, returned).await.is_err()
+            {
+                return;
+            }
+        }
     }
 
     /// From now on nobody gets a connection from this pool (the first, synchronous part of
@@ -622,24 +639,27 @@ impl<B: Backend> Drop for PooledConnection<B> {
             B::returned(&controls, false);
             return;
         };
+        // The tenant's permit goes with the connection until it is closed or idle again:
+        // nobody opens another connection of the tenant while this one's backend lives.
+        let permit = self.take_permit();
         if self.close || pool.closed.load(Ordering::Acquire) || !B::is_open(&connection) {
             B::returned(&controls, false);
             tokio::spawn(async move {
                 B::close(connection).await;
                 drop(slot);
+                drop(permit);
             });
             return;
         }
         B::returned(&controls, true);
         match pool.clean {
-            None => give_back(&pool, connection, controls, slot),
+            None => give_back(&pool, connection, controls, slot, permit),
             Some(_) if B::take_clean(&mut connection) => {
-                give_back(&pool, connection, controls, slot);
+                give_back(&pool, connection, controls, slot, permit);
             }
             Some(clean) => {
                 // The permit goes with the task: nobody gets a connection slot before
                 // this one is clean again (or closed).
-                let permit = self.take_permit();
                 pool.cleaning.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     // A server that stopped answering must not keep the connection (and
@@ -649,26 +669,28 @@ impl<B: Backend> Drop for PooledConnection<B> {
                             .await
                             .unwrap_or(false);
                     if cleaned {
-                        give_back(&pool, connection, controls, slot);
+                        give_back(&pool, connection, controls, slot, permit);
                     } else {
                         B::close(connection).await;
                         drop(slot);
+                        drop(permit);
                     }
                     pool.cleaning.fetch_sub(1, Ordering::AcqRel);
                     pool.returned.notify_waiters();
-                    drop(permit);
                 });
             }
         }
     }
 }
 
-/// Puts a clean connection back among the idle ones (or closes it if the pool closed).
+/// Puts a clean connection back among the idle ones (or closes it if the pool closed),
+/// then frees the tenant's `permit` (after the close, if it is closed).
 fn give_back<B: Backend>(
     pool: &Arc<Inner<B>>,
     connection: B::Connection,
     controls: Arc<B::Controls>,
     slot: Slot<B>,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     // A tenant with no connection waits for a slot: free this one's, unless it is the
     // pool's last.
@@ -679,6 +701,7 @@ fn give_back<B: Backend>(
         tokio::spawn(async move {
             B::close(connection).await;
             drop(slot);
+            drop(permit);
         });
         return;
     }
@@ -694,6 +717,7 @@ fn give_back<B: Backend>(
             slot,
         });
         drop(idle);
+        drop(permit);
         pool.returned.notify_waiters();
         if let Some(budget) = &pool.budget {
             // A waiter on this server may evict it.
@@ -704,6 +728,7 @@ fn give_back<B: Backend>(
     tokio::spawn(async move {
         B::close(connection).await;
         drop(slot);
+        drop(permit);
     });
 }
 

@@ -286,11 +286,11 @@ impl PoolManager {
     pub(crate) async fn close_all(&self) {
         let tenant_ids: Vec<TenantId> =
             self.pools.iter().map(|entry| entry.key().clone()).collect();
-        for tenant_id in tenant_ids {
-            if let Some((_, entry)) = self.pools.remove(&tenant_id) {
-                entry.pool.close().await;
-            }
-        }
+        let closing = tenant_ids.iter().filter_map(|tenant_id| {
+            let (_, entry) = self.pools.remove(tenant_id)?;
+            Some(async move { entry.pool.close().await })
+        });
+        futures::future::join_all(closing).await;
     }
 }
 

@@ -22,13 +22,37 @@ use crate::routing::Target;
 pub(crate) struct SqlLimits {
     /// Largest Query response, in encoded bytes.
     pub(crate) max_response_bytes: usize,
+    /// Deadline of a call that comes without one (`default_statement_timeout_ms`).
+    pub(crate) default_timeout: Option<Duration>,
 }
 
 /// What a statement runs with: the tenant (for messages) and the request's deadline.
 pub(crate) struct Call<'a> {
     pub(crate) tenant: &'a TenantId,
+    /// The request's deadline, or the default one (`deadline_is_default`).
     pub(crate) deadline: Option<Instant>,
+    pub(crate) deadline_is_default: bool,
     pub(crate) limits: &'a SqlLimits,
+}
+
+impl<'a> Call<'a> {
+    /// A call of `tenant` with the request's own deadline, or else the default one.
+    pub(crate) fn new(
+        tenant: &'a TenantId,
+        deadline: Option<Instant>,
+        limits: &'a SqlLimits,
+    ) -> Self {
+        let default = limits
+            .default_timeout
+            .filter(|_| deadline.is_none())
+            .map(|timeout| Instant::now() + timeout);
+        Self {
+            tenant,
+            deadline: deadline.or(default),
+            deadline_is_default: default.is_some(),
+            limits,
+        }
+    }
 }
 
 impl Call<'_> {
@@ -56,10 +80,19 @@ impl Call<'_> {
         bounded.map(move |outcome| {
             let result = outcome.unwrap_or_else(|_| {
                 Err(DataPlaneError::DeadlineExceeded(format!(
-                    "the request's deadline passed before the statement on tenant {} finished",
+                    "the request's deadline passed before the statement on tenant {} \
+                     finished; it was cancelled",
                     self.tenant
                 )))
             });
+            // A backend's own deadline error (PostgreSQL's statement_timeout, SQLite's
+            // interrupt) at the default deadline says which deadline it was.
+            let result = match result {
+                Err(DataPlaneError::DeadlineExceeded(message)) if self.deadline_is_default => Err(
+                    DataPlaneError::DeadlineExceeded(self.default_deadline_passed(&message)),
+                ),
+                other => other,
+            };
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             match &result {
                 Ok(_) => tracing::debug!(micros, "statement finished"),
@@ -67,6 +100,21 @@ impl Call<'_> {
             }
             result
         })
+    }
+}
+
+impl Call<'_> {
+    /// The answer when the default deadline (not the request's own) has passed.
+    fn default_deadline_passed(&self, detail: &str) -> String {
+        format!(
+            "the statement on tenant {} ran past the data plane's default statement timeout \
+             ({} ms, default_statement_timeout_ms; the request had no deadline of its own) and \
+             was cancelled; send a deadline (grpc-timeout) to give it longer ({detail})",
+            self.tenant,
+            self.limits
+                .default_timeout
+                .map_or(0, |timeout| timeout.as_millis())
+        )
     }
 }
 

@@ -10,7 +10,7 @@ mod route;
 mod router;
 mod stream;
 
-pub use route::{Route, RouteState, Target};
+pub use route::{Route, RouteState, SslMode, Target};
 pub use router::{Router, RouterOptions};
 pub(crate) use stream::RouteListener;
 pub(crate) use stream::run as run_route_stream;

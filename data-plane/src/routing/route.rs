@@ -20,6 +20,58 @@ pub enum RouteState {
     Deleted,
 }
 
+/// How a connection to a PostgreSQL server uses TLS: the `sslmode` the server was
+/// registered with (libpq's; `allow` is taken as `prefer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, without checking its certificate; else plain TCP.
+    Prefer,
+    /// TLS, without checking the server's certificate.
+    Require,
+    /// TLS, with a certificate signed by a trusted authority (any name).
+    VerifyCa,
+    /// TLS, with a certificate signed by a trusted authority for the host's name.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Asks the server for TLS.
+    pub(crate) fn wants_tls(self) -> bool {
+        self != Self::Disable
+    }
+
+    /// Fails without TLS.
+    pub(crate) fn needs_tls(self) -> bool {
+        matches!(self, Self::Require | Self::VerifyCa | Self::VerifyFull)
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    fn from_proto(mode: i32) -> Self {
+        match pb::SslMode::try_from(mode) {
+            Ok(pb::SslMode::Prefer) => Self::Prefer,
+            Ok(pb::SslMode::Require) => Self::Require,
+            Ok(pb::SslMode::VerifyCa) => Self::VerifyCa,
+            Ok(pb::SslMode::VerifyFull) => Self::VerifyFull,
+            // Unspecified: a control plane from before TLS. An unknown value (a newer
+            // control plane): the strictest mode this data plane has.
+            Ok(pb::SslMode::Unspecified | pb::SslMode::Disable) => Self::Disable,
+            Err(_) => Self::VerifyFull,
+        }
+    }
+}
+
 /// Where a tenant's database is, with the tenant's own credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Target {
@@ -29,6 +81,7 @@ pub enum Target {
         database: String,
         username: String,
         password: String,
+        ssl_mode: SslMode,
     },
     Sqlite {
         path: String,
@@ -45,8 +98,13 @@ impl std::fmt::Debug for Target {
                 port,
                 database,
                 username,
+                ssl_mode,
                 ..
-            } => write!(f, "Postgres({username}@{host}:{port}/{database})"),
+            } => write!(
+                f,
+                "Postgres({username}@{host}:{port}/{database}, sslmode={})",
+                ssl_mode.as_str()
+            ),
             Self::Sqlite { path, incarnation } => {
                 write!(f, "Sqlite({path}, incarnation {incarnation})")
             }
@@ -116,6 +174,7 @@ impl Route {
                 database: pg.database,
                 username: pg.username,
                 password: pg.password,
+                ssl_mode: SslMode::from_proto(pg.ssl_mode),
             }),
             Some(pb::route::Connection::Sqlite(sqlite)) => Some(Target::Sqlite {
                 path: sqlite.path,

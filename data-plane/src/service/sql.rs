@@ -124,11 +124,7 @@ impl SqlService for SqlApi {
         let context = tenant_context(&request)?;
         let deadline = deadline_of(&request);
         let statement = required_statement(request.into_inner().statement)?;
-        let call = Call {
-            tenant: &context.tenant_id,
-            deadline,
-            limits: &self.limits,
-        };
+        let call = Call::new(&context.tenant_id, deadline, &self.limits);
         let pool = self.pool_of(&context)?;
         let response = call
             .within_deadline(pool.execute(&statement, &call))
@@ -144,11 +140,7 @@ impl SqlService for SqlApi {
         let context = tenant_context(&request)?;
         let deadline = deadline_of(&request);
         let statement = required_statement(request.into_inner().statement)?;
-        let call = Call {
-            tenant: &context.tenant_id,
-            deadline,
-            limits: &self.limits,
-        };
+        let call = Call::new(&context.tenant_id, deadline, &self.limits);
         let pool = self.pool_of(&context)?;
         let response = call
             .within_deadline(pool.query(&statement, &call))
@@ -165,11 +157,7 @@ impl SqlService for SqlApi {
         let deadline = deadline_of(&request);
         let statements = request.into_inner().statements;
         check_batch(&statements)?;
-        let call = Call {
-            tenant: &context.tenant_id,
-            deadline,
-            limits: &self.limits,
-        };
+        let call = Call::new(&context.tenant_id, deadline, &self.limits);
         let batch_text = statements
             .iter()
             .map(|statement| statement.sql.as_str())

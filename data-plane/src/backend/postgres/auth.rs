@@ -1,5 +1,7 @@
-//! Authentication at connection start: cleartext, MD5 and SCRAM-SHA-256 (the messages
-//! and the SCRAM exchange from `postgres-protocol`).
+//! Authentication at connection start: SCRAM-SHA-256 (SCRAM-SHA-256-PLUS, bound to the
+//! TLS channel, whenever the connection is TLS and the server offers it), MD5, and the
+//! cleartext password only over TLS (the messages and the SCRAM exchange from
+//! `postgres-protocol`).
 
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{self, sasl};
@@ -15,6 +17,15 @@ impl PgConnection {
         match self.next_message().await? {
             Message::AuthenticationOk => return Ok(()),
             Message::AuthenticationCleartextPassword => {
+                if !self.socket.is_tls() {
+                    return Err(PgError::Tls(
+                        "the server asks for the password in clear text over a connection \
+                         without TLS; this client does not send it so: have the server use \
+                         scram-sha-256 (pg_hba.conf), or register it with sslmode=require or \
+                         stricter"
+                            .to_owned(),
+                    ));
+                }
                 frontend::password_message(password, &mut self.write).map_err(encode_error)?;
             }
             Message::AuthenticationMd5Password(body) => {
@@ -24,24 +35,37 @@ impl PgConnection {
             }
             Message::AuthenticationSasl(body) => {
                 let mut mechanisms = body.mechanisms();
-                let mut scram = false;
+                let (mut scram, mut plus) = (false, false);
                 while let Some(mechanism) = mechanisms.next().map_err(protocol)? {
                     scram |= mechanism == sasl::SCRAM_SHA_256;
+                    plus |= mechanism == sasl::SCRAM_SHA_256_PLUS;
                 }
-                if !scram {
-                    return Err(PgError::Protocol(
-                        "the server offers no SASL mechanism this client has (SCRAM-SHA-256)"
-                            .to_owned(),
-                    ));
-                }
-                let mut scram =
-                    sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-                frontend::sasl_initial_response(
-                    sasl::SCRAM_SHA_256,
-                    scram.message(),
-                    &mut self.write,
-                )
-                .map_err(encode_error)?;
+                // On TLS, bind the exchange to the channel where the server can
+                // (a man in the middle holding another certificate then fails it).
+                let end_point = self.socket.server_end_point();
+                let (mechanism, binding) = match end_point {
+                    Some(end_point) if plus => (
+                        sasl::SCRAM_SHA_256_PLUS,
+                        sasl::ChannelBinding::tls_server_end_point(end_point),
+                    ),
+                    _ if !scram => {
+                        return Err(PgError::Protocol(
+                            "the server offers no SASL mechanism this client has \
+                             (SCRAM-SHA-256, SCRAM-SHA-256-PLUS over TLS)"
+                                .to_owned(),
+                        ));
+                    }
+                    // Could bind, but the server offers no binding. (Offered but with a
+                    // certificate whose hash is not defined: bind nothing, plainly.)
+                    _ if self.socket.is_tls() && !plus => {
+                        (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                    }
+                    _ => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                };
+                tracing::debug!(mechanism, "authenticating");
+                let mut scram = sasl::ScramSha256::new(password, binding);
+                frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write)
+                    .map_err(encode_error)?;
                 self.flush().await?;
                 let body = match self.next_message().await? {
                     Message::AuthenticationSaslContinue(body) => body,

@@ -25,11 +25,21 @@ use tokio::net::TcpStream;
 use super::error::{DbError, PgError, encode_error, protocol, unexpected};
 use super::reset::{PgControls, queue_unnamed};
 use super::statements::Prepared;
+use super::tls::{PgStream, TlsConfigs};
 use super::waiting::Job;
 use crate::pool::{Backend, WaitQueue};
+use crate::routing::SslMode;
 
-/// How long closing a connection waits for its goodbye to be written.
+/// How long closing an idle connection waits for the server to end its backend.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long closing a connection whose statement was abandoned waits for the cancelled
+/// statement (and whatever else was sent) to end and the backend to go; past it the
+/// socket is dropped.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long sending a CancelRequest may take (connect, write, the server's close).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// PostgreSQL tenant connections for `connection_pool`.
 pub(crate) struct PgBackend;
@@ -46,6 +56,17 @@ pub(crate) struct PgConnectOptions {
     /// Requests waiting for a connection go out together
     /// (`DataPlaneConfig::postgres_pipelining`).
     pub(crate) pipelining: bool,
+    /// Largest server message read: a message that declares more is refused before its
+    /// body is read (`PgError::TooLarge`).
+    pub(crate) max_message_bytes: usize,
+    /// TLS as the server was registered with (`sslmode` of its admin URL).
+    pub(crate) ssl_mode: SslMode,
+    /// The data plane's TLS configurations (None: TLS could not be set up).
+    pub(crate) tls: Option<Arc<TlsConfigs>>,
+    /// The tenant's database has code (a function or procedure) that may PREPARE: every
+    /// session reset of the pool's connections removes SQL-prepared statements. Shared
+    /// by the pool's connections, set by any of them.
+    pub(super) code_prepares: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for PgConnectOptions {
@@ -55,6 +76,7 @@ impl fmt::Debug for PgConnectOptions {
             .field("port", &self.port)
             .field("database", &self.database)
             .field("user", &self.user)
+            .field("ssl_mode", &self.ssl_mode)
             .finish_non_exhaustive()
     }
 }
@@ -75,12 +97,62 @@ impl PgConnectOptions {
             password: password.to_owned(),
             session_reset: true,
             pipelining: true,
+            max_message_bytes: 4 * 1024 * 1024,
+            ssl_mode: SslMode::Disable,
+            tls: None,
+            code_prepares: Arc::default(),
+        }
+    }
+}
+
+/// What cancels the statement a connection's backend runs (from its BackendKeyData):
+/// a CancelRequest on a new connection to the same server address.
+#[derive(Clone, Copy)]
+pub(super) struct CancelKey {
+    address: std::net::SocketAddr,
+    process_id: i32,
+    secret_key: i32,
+}
+
+impl CancelKey {
+    /// Asks the server to cancel what the backend runs now. Best effort, as in libpq: the
+    /// server answers nothing, and a backend that is idle by then ignores it.
+    pub(super) async fn cancel(self) {
+        let mut message = BytesMut::with_capacity(16);
+        frontend::cancel_request(self.process_id, self.secret_key, &mut message);
+        let sent = tokio::time::timeout(CANCEL_TIMEOUT, async {
+            let mut socket = TcpStream::connect(self.address).await?;
+            socket.write_all(&message).await?;
+            // The server closes the connection once it has read the request.
+            let mut rest = [0u8; 64];
+            while socket.read(&mut rest).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => tracing::debug!(pid = self.process_id, "cancel request sent"),
+            Ok(Err(error)) => tracing::warn!(%error, "a cancel request could not be sent"),
+            Err(_) => tracing::warn!("a cancel request timed out"),
         }
     }
 }
 
 pub(crate) struct PgConnection {
-    pub(super) socket: TcpStream,
+    pub(super) socket: PgStream,
+    /// Cancels the backend's running statement (None until the server sent its key).
+    pub(super) cancel: Option<CancelKey>,
+    /// `PgConnectOptions::max_message_bytes`.
+    max_message: usize,
+    /// The session may hold statements the tenant prepared by SQL: the next reset
+    /// removes them.
+    pub(super) sql_prepared: bool,
+    /// `PgConnectOptions::code_prepares`.
+    pub(super) code_prepares: Arc<std::sync::atomic::AtomicBool>,
+    /// The reset's clean-up of SQL-prepared statements is prepared on the server.
+    pub(super) cleanup_prepared: bool,
+    /// Part of this connection's statement names, drawn at random, so that a tenant
+    /// cannot name one of them ahead of time.
+    pub(super) statement_prefix: u32,
     pub(super) read: BytesMut,
     pub(super) write: BytesMut,
     /// A call's messages are out and its answers not all read. A connection left so (its
@@ -141,18 +213,46 @@ impl Backend for PgBackend {
         connection.check_idle()
     }
 
+    /// Closes the connection and returns once its backend is gone, so that the pool
+    /// frees the connection's slots (the tenant's count, the server budget's) only then.
+    /// A connection whose request was abandoned in flight (deadline, client gone, a
+    /// response over its limit, shutdown) first has its statement cancelled; whatever the
+    /// server still sends is read and dropped, never kept, until it closes the socket
+    /// after the Terminate (a backend leaves `pg_stat_activity` before it closes its
+    /// socket).
     fn close(mut connection: Self::Connection) -> BoxFuture<'static, ()> {
         Box::pin(async move {
+            let abandoned = connection.in_flight || connection.reset_behind.is_some();
+            if connection.in_flight
+                && let Some(key) = connection.cancel
+            {
+                key.cancel().await;
+            }
             if connection.broken {
+                // The socket is gone: a cancelled backend ends when it next writes to it.
                 return;
             }
             let mut goodbye = BytesMut::new();
             frontend::terminate(&mut goodbye);
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let bound = if abandoned {
+                ABANDON_TIMEOUT
+            } else {
+                CLOSE_TIMEOUT
+            };
+            let gone = tokio::time::timeout(bound, async {
                 connection.socket.write_all(&goodbye).await?;
-                connection.socket.shutdown().await
+                let mut sink = vec![0u8; 16 * 1024];
+                while connection.socket.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
             })
             .await;
+            if gone.is_err() && abandoned {
+                tracing::warn!(
+                    "a connection whose statement was cancelled did not end within {} s; \
+                     dropping it",
+                    bound.as_secs()
+                );
+            }
         })
     }
 }
@@ -161,6 +261,9 @@ impl Backend for PgBackend {
 pub(super) struct Outcome<E> {
     pub(super) rows_affected: u64,
     pub(super) error: Option<GroupError<E>>,
+    /// Reading stopped at the error, before the group's end: the connection stays in
+    /// flight, to be cancelled and closed (`PgBackend::close`).
+    pub(super) stopped: bool,
 }
 
 pub(super) enum GroupError<E> {
@@ -168,6 +271,11 @@ pub(super) enum GroupError<E> {
     Ahead(DbError),
     Statement(DbError),
     Row(E),
+    /// A message of the answer was larger than the connection reads (skipped unread).
+    TooLarge {
+        declared: usize,
+        limit: usize,
+    },
 }
 
 impl PgConnection {
@@ -179,12 +287,30 @@ impl PgConnection {
                 options.host
             )));
         }
-        let socket = TcpStream::connect((options.host.as_str(), options.port))
+        let tcp = TcpStream::connect((options.host.as_str(), options.port))
             .await
             .map_err(PgError::Io)?;
-        socket.set_nodelay(true).map_err(PgError::Io)?;
+        tcp.set_nodelay(true).map_err(PgError::Io)?;
+        let address = tcp.peer_addr().map_err(PgError::Io)?;
+        let socket = match &options.tls {
+            Some(configs) => PgStream::open(tcp, &options.host, options.ssl_mode, configs).await?,
+            None if options.ssl_mode == SslMode::Disable => PgStream::Plain(tcp),
+            None => {
+                return Err(PgError::Tls(format!(
+                    "sslmode={} needs TLS, which this data plane could not set up (see its \
+                     start-up log)",
+                    options.ssl_mode.as_str()
+                )));
+            }
+        };
         let mut connection = PgConnection {
             socket,
+            cancel: None,
+            max_message: options.max_message_bytes,
+            sql_prepared: false,
+            code_prepares: options.code_prepares.clone(),
+            cleanup_prepared: false,
+            statement_prefix: rand::random(),
             read: BytesMut::with_capacity(8192),
             write: BytesMut::with_capacity(8192),
             in_flight: false,
@@ -215,7 +341,13 @@ impl PgConnection {
         connection.authenticate(options).await?;
         loop {
             match connection.next_message().await? {
-                Message::BackendKeyData(_) => {}
+                Message::BackendKeyData(body) => {
+                    connection.cancel = Some(CancelKey {
+                        address,
+                        process_id: body.process_id(),
+                        secret_key: body.secret_key(),
+                    });
+                }
                 Message::ReadyForQuery(body) => {
                     connection.status = body.status();
                     return Ok(connection);
@@ -224,6 +356,12 @@ impl PgConnection {
                 _ => return Err(unexpected("connection start")),
             }
         }
+    }
+
+    /// Bytes the read buffer holds room for (what reading an answer has taken).
+    #[cfg(test)]
+    pub(super) fn read_capacity(&self) -> usize {
+        self.read.capacity()
     }
 
     pub(super) fn usable(&self) -> bool {
@@ -264,8 +402,25 @@ impl PgConnection {
                     return false;
                 }
             }
+            if self.socket.is_tls() {
+                // TLS records cannot be taken out of the socket beside rustls: look without
+                // reading. Anything there (the server's goodbye, end of stream) closes it.
+                let mut peek = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                return match socket2::SockRef::from(self.socket.tcp()).peek(&mut peek) {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => true,
+                    _ => {
+                        tracing::info!(
+                            "an idle TLS connection got data or was closed by the server; \
+                             the request gets another"
+                        );
+                        self.broken = true;
+                        false
+                    }
+                };
+            }
             // The socket is non-blocking (tokio's): an empty one answers WouldBlock at once.
-            match std::io::Read::read(&mut &*socket2::SockRef::from(&self.socket), &mut chunk) {
+            match std::io::Read::read(&mut &*socket2::SockRef::from(self.socket.tcp()), &mut chunk)
+            {
                 Ok(0) => break,
                 Ok(read) => self.read.extend_from_slice(&chunk[..read]),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
@@ -280,7 +435,10 @@ impl PgConnection {
 
     /// Writes what is queued.
     pub(super) async fn flush(&mut self) -> Result<(), PgError> {
-        let written = self.socket.write_all(&self.write).await;
+        let mut written = self.socket.write_all(&self.write).await;
+        if written.is_ok() && self.socket.is_tls() {
+            written = self.socket.flush().await;
+        }
         self.write.clear();
         written.map_err(|error| {
             self.broken = true;
@@ -292,6 +450,17 @@ impl PgConnection {
     /// any time (notices, parameter changes, notifications).
     pub(super) fn buffered_message(&mut self) -> Result<Option<Message>, PgError> {
         loop {
+            // A message's length is checked before its body is read (`parse` would make
+            // room for all of it).
+            if let Some(&[_, a, b, c, d]) = self.read.get(..5) {
+                let declared = u32::from_be_bytes([a, b, c, d]) as usize + 1;
+                if declared > self.max_message {
+                    return Err(PgError::TooLarge {
+                        declared,
+                        limit: self.max_message,
+                    });
+                }
+            }
             match Message::parse(&mut self.read) {
                 Ok(Some(
                     Message::NoticeResponse(_)
@@ -346,24 +515,77 @@ impl PgConnection {
         queue_unnamed(sql, &mut self.write)
     }
 
+    /// Drops the next `count` bytes of the server's answer (a message too large to
+    /// keep) without holding them: what is buffered, then the socket's, a chunk at a time.
+    async fn skip(&mut self, count: usize) -> Result<(), PgError> {
+        let buffered = self.read.len().min(count);
+        bytes::Buf::advance(&mut self.read, buffered);
+        let mut left = count - buffered;
+        let mut sink = [0u8; 8192];
+        while left > 0 {
+            let want = left.min(sink.len());
+            match self.socket.read(&mut sink[..want]).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(PgError::Closed);
+                }
+                Ok(read) => left -= read,
+                Err(error) => {
+                    self.broken = true;
+                    return Err(PgError::Io(error));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a group's answers up to its ReadyForQuery. The first `ahead` completions
     /// answer statements sent ahead of the request's own; then come its rows (for
     /// `on_row`) and its completion.
+    ///
+    /// `Reading::Alone`: nothing else's answers follow on the connection, so at the first
+    /// row `on_row` refuses (a response over its limit) or the first message too large
+    /// to read, reading stops there (`Outcome::stopped`, or `PgError::TooLarge`); the
+    /// connection is then closed, its statement cancelled. `Reading::Shared`: other
+    /// requests' answers follow, so the rest of the group is read (a message too large is
+    /// dropped unread, `GroupError::TooLarge`) and nothing is cancelled.
     pub(super) async fn read_group<E>(
         &mut self,
         mut ahead: usize,
         only_first: bool,
+        reading: Reading,
         on_row: &mut impl FnMut(&DataRowBody) -> Result<(), E>,
     ) -> Result<Outcome<E>, PgError> {
         let mut outcome = Outcome {
             rows_affected: 0,
             error: None,
+            stopped: false,
         };
         // With `only_first`, the request's statement is the first after those ahead; what
         // follows it (the end of its statement timeout) has no rows and no count to give.
         let mut done = false;
         loop {
-            match self.next_message().await? {
+            let message = match self.next_message().await {
+                Ok(message) => message,
+                Err(PgError::TooLarge { declared, limit }) if reading == Reading::Shared => {
+                    self.skip(declared).await?;
+                    if outcome.error.is_none() {
+                        outcome.error = Some(GroupError::TooLarge { declared, limit });
+                    }
+                    continue;
+                }
+                // The server reported an error and then closed the connection (a FATAL
+                // error: the backend was terminated, the server shuts down): the
+                // statement failed, its transaction with it; that is its answer.
+                Err(PgError::Closed | PgError::Io(_))
+                    if matches!(outcome.error, Some(GroupError::Statement(_))) =>
+                {
+                    self.broken = true;
+                    return Ok(outcome);
+                }
+                Err(error) => return Err(error),
+            };
+            match message {
                 Message::ParseComplete
                 | Message::BindComplete
                 | Message::CloseComplete
@@ -385,6 +607,10 @@ impl PgConnection {
                         && let Err(error) = on_row(&row)
                     {
                         outcome.error = Some(GroupError::Row(error));
+                        if reading == Reading::Alone {
+                            outcome.stopped = true;
+                            return Ok(outcome);
+                        }
                     }
                 }
                 Message::ErrorResponse(body) => {
@@ -426,10 +652,19 @@ impl PgConnection {
     ) -> Result<Outcome<E>, PgError> {
         self.in_flight = true;
         self.flush().await?;
-        let outcome = self.read_group(ahead, only_first, on_row).await?;
-        self.in_flight = false;
+        let outcome = self
+            .read_group(ahead, only_first, Reading::Alone, on_row)
+            .await?;
+        self.in_flight = outcome.stopped;
         Ok(outcome)
     }
+}
+
+/// Whether other answers follow a group's on the connection (see `read_group`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reading {
+    Alone,
+    Shared,
 }
 
 /// A simple query's row (text format).

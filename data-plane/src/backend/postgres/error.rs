@@ -69,6 +69,28 @@ pub(crate) enum PgError {
     Unsupported(String),
     /// A parameter could not be encoded.
     Parameter(String),
+    /// TLS could not be set up as the server's `sslmode` demands.
+    Tls(String),
+    /// A message of the server's answer declared more bytes than the connection reads
+    /// (`PgConnectOptions::max_message_bytes`); its body was not read.
+    TooLarge {
+        declared: usize,
+        limit: usize,
+    },
+    /// The connection broke (the cause) after the statement was sent and before its
+    /// answer was read: it may have run, and committed.
+    OutcomeUnknown(Box<PgError>),
+}
+
+impl PgError {
+    /// This error, met after a statement was sent: a broken connection there leaves the
+    /// statement's outcome unknown.
+    pub(super) fn after_sending(self) -> Self {
+        match self {
+            Self::Closed | Self::Io(_) | Self::Protocol(_) => Self::OutcomeUnknown(Box::new(self)),
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for PgError {
@@ -82,9 +104,15 @@ impl fmt::Display for PgError {
             ),
             Self::Closed => f.write_str("connection closed"),
             Self::Io(error) => write!(f, "I/O error: {error}"),
-            Self::Protocol(message) | Self::Unsupported(message) | Self::Parameter(message) => {
-                f.write_str(message)
-            }
+            Self::Protocol(message)
+            | Self::Unsupported(message)
+            | Self::Parameter(message)
+            | Self::Tls(message) => f.write_str(message),
+            Self::OutcomeUnknown(cause) => write!(f, "outcome unknown: {cause}"),
+            Self::TooLarge { declared, limit } => write!(
+                f,
+                "a message of {declared} bytes from the server, over the limit of {limit}"
+            ),
         }
     }
 }
@@ -119,6 +147,17 @@ pub(crate) fn from_postgres(error: PgError, tenant: &TenantId) -> DataPlaneError
         PgError::Parameter(message) | PgError::Unsupported(message) => {
             DataPlaneError::InvalidArgument(message)
         }
+        PgError::TooLarge { declared, limit } => DataPlaneError::ResourceExhausted(format!(
+            "one value (or row) of the result is {declared} bytes, larger than the response \
+             limit of {} bytes (max_response_bytes); the statement was stopped. Select less of \
+             it (substr, length) or raise max_response_bytes",
+            limit.saturating_sub(crate::backend::answer::VALUE_MARGIN)
+        )),
+        PgError::OutcomeUnknown(cause) => {
+            tracing::warn!(tenant.id = %tenant, %cause,
+                "tenant database connection broke after a statement was sent");
+            outcome_unknown(tenant, &cause.to_string())
+        }
         PgError::Closed => {
             tracing::warn!(tenant.id = %tenant, "tenant database connection closed");
             DataPlaneError::Unavailable(format!(
@@ -136,11 +175,26 @@ pub(crate) fn from_postgres(error: PgError, tenant: &TenantId) -> DataPlaneError
         }
         // The connection or the protocol (I/O, unexpected messages, authentication the
         // client cannot do): not the statement's fault.
+        PgError::Tls(message) => {
+            tracing::warn!(tenant.id = %tenant, %message, "TLS to the tenant database failed");
+            DataPlaneError::Unavailable(format!(
+                "the database of tenant {tenant} is unreachable: {message}"
+            ))
+        }
         PgError::Io(_) | PgError::Protocol(_) => {
             tracing::warn!(tenant.id = %tenant, %error, "tenant database unreachable");
             DataPlaneError::Unavailable(format!("the database of tenant {tenant} is unreachable"))
         }
     }
+}
+
+/// The answer to a statement whose connection broke after it was sent.
+pub(super) fn outcome_unknown(tenant: &TenantId, cause: &str) -> DataPlaneError {
+    DataPlaneError::OutcomeUnknown(format!(
+        "outcome unknown: the connection to the database of tenant {tenant} broke after the \
+         statement was sent ({cause}); it may have run and committed. Check whether its \
+         effect is there before sending it again"
+    ))
 }
 
 fn from_sqlstate(
@@ -156,7 +210,8 @@ fn from_sqlstate(
     };
     match (class, code) {
         (_, "57014") => DataPlaneError::DeadlineExceeded(format!(
-            "the statement was cancelled at the request's deadline ({full})"
+            "the statement was cancelled at its deadline (the request's grpc-timeout, or the \
+             data plane's default_statement_timeout_ms for a request without one) ({full})"
         )),
         (_, "40001") | (_, "40P01") => DataPlaneError::Aborted(full),
         (_, "42501") if message.contains("advisory_lock") => {

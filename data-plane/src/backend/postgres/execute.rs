@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use super::connection::{PgBackend, PgConnection};
 use super::decode::{Decoder, decode_row, decoders_of};
-use super::error::{PgError, RunError, from_postgres};
+use super::error::{PgError, RunError, from_postgres, outcome_unknown};
 use super::params::{cache_key, params, type_of};
 use super::pipeline::Piped;
 use super::reset::PgControls;
@@ -112,11 +112,9 @@ async fn prepare_new(
 /// Most requests sent in one write.
 const MAX_PIPELINE: usize = 16;
 
+/// The task running a request's statement ended without answering it.
 fn lost(tenant: &TenantId) -> DataPlaneError {
-    DataPlaneError::Unavailable(format!(
-        "the connection running a statement of tenant {tenant} was lost before it answered; \
-         the statement may or may not have run"
-    ))
+    outcome_unknown(tenant, "the task running it ended")
 }
 
 pub(super) async fn execute(
@@ -428,8 +426,12 @@ pub(super) async fn batch(
             }
         }
     }
-    // A failed COMMIT ends the transaction too (rolled back).
-    let committed = connection.simple("COMMIT", Some(&controls)).await;
+    // A failed COMMIT ends the transaction too (rolled back); a COMMIT whose connection
+    // broke may have committed.
+    let committed = connection
+        .simple("COMMIT", Some(&controls))
+        .await
+        .map_err(PgError::after_sending);
     connection.finish_reset(&controls).await;
     session.finished = true;
     committed.map_err(|error| from_postgres(error, call.tenant))?;

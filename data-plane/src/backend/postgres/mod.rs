@@ -17,7 +17,10 @@ mod params;
 mod pipeline;
 mod reset;
 mod run;
+#[cfg(test)]
+mod scripted_server;
 mod statements;
+mod tls;
 mod waiting;
 
 use futures::future::BoxFuture;
@@ -29,6 +32,7 @@ use crate::pool::{Call, TenantPool};
 pub(crate) use connection::{PgBackend, PgConnectOptions, postgres_connected};
 pub(crate) use execute::PgTenantPool;
 pub(crate) use reset::reset_session;
+pub(crate) use tls::TlsConfigs;
 
 impl TenantPool for PgTenantPool {
     fn execute<'a>(

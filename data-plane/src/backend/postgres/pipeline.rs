@@ -3,9 +3,8 @@
 
 use postgres_protocol::message::backend::DataRowBody;
 
-use super::connection::{GroupError, PgConnection};
+use super::connection::{GroupError, PgConnection, Reading};
 use super::error::{PgError, RunError};
-use super::reset::RESET_STATEMENTS;
 use super::run::Bound;
 use super::statements::Prepared;
 
@@ -41,10 +40,15 @@ impl PgConnection {
             count: usize,
             first: PgError,
         ) {
-            let _ = on(Piped::Done(from, Err(RunError::Postgres(first))));
+            // Those behind `from` were sent too if `first` says its outcome is unknown.
+            let behind = || match &first {
+                PgError::OutcomeUnknown(_) => PgError::Closed.after_sending(),
+                _ => PgError::Closed,
+            };
             for n in from + 1..count {
-                let _ = on(Piped::Done(n, Err(RunError::Postgres(PgError::Closed))));
+                let _ = on(Piped::Done(n, Err(RunError::Postgres(behind()))));
             }
+            let _ = on(Piped::Done(from, Err(RunError::Postgres(first))));
         }
         if let Err(error) = self.start() {
             lose(&mut on, 0, runs.len(), error);
@@ -52,12 +56,11 @@ impl PgConnection {
         }
         self.write.clear();
         let mut aheads = Vec::with_capacity(runs.len());
-        for (n, (_, bound)) in runs.iter().enumerate() {
+        for (n, (prepared, bound)) in runs.iter().enumerate() {
             let mut ahead = if n == 0 {
                 self.queue_reset_ahead().unwrap_or(0)
             } else if self.session_reset {
-                self.queue_reset();
-                RESET_STATEMENTS.len()
+                self.queue_reset()
             } else {
                 0
             };
@@ -71,22 +74,25 @@ impl PgConnection {
             }
             self.write.extend_from_slice(&bound.messages);
             self.dirty = true;
+            self.note_preparing(prepared.preparing);
             aheads.push(ahead);
         }
         self.in_flight = true;
         if let Err(error) = self.flush().await {
-            lose(&mut on, 0, runs.len(), error);
+            lose(&mut on, 0, runs.len(), error.after_sending());
             return;
         }
         let mut reset_failed = false;
         for (n, ((prepared, _), ahead)) in runs.iter().zip(aheads).enumerate() {
             let outcome = match self
-                .read_group(ahead, true, &mut |row: &DataRowBody| on(Piped::Row(n, row)))
+                .read_group(ahead, true, Reading::Shared, &mut |row: &DataRowBody| {
+                    on(Piped::Row(n, row))
+                })
                 .await
             {
                 Ok(outcome) => outcome,
                 Err(error) => {
-                    lose(&mut on, n, runs.len(), error);
+                    lose(&mut on, n, runs.len(), error.after_sending());
                     return;
                 }
             };
@@ -99,6 +105,9 @@ impl PgConnection {
             let result = match outcome.error {
                 None => Ok(outcome.rows_affected),
                 Some(GroupError::Row(error)) => Err(RunError::Row(error)),
+                Some(GroupError::TooLarge { declared, limit }) => {
+                    Err(RunError::Postgres(PgError::TooLarge { declared, limit }))
+                }
                 Some(GroupError::Ahead(error)) => {
                     reset_failed = true;
                     Err(RunError::Postgres(PgError::Reset(error)))

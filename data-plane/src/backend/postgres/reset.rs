@@ -16,8 +16,9 @@ use futures::future::BoxFuture;
 use postgres_protocol::message::backend::DataRowBody;
 use postgres_protocol::message::frontend;
 
-use super::connection::{PgConnection, text_row};
+use super::connection::{PgConnection, Reading, text_row};
 use super::error::{PgError, encode_error};
+use super::statements::Preparing;
 
 /// The session reset, one statement each, as sent ahead of a request's first message:
 /// prepared once per connection (`RESET_NAMES`), then only bound and executed, which
@@ -54,10 +55,24 @@ pub(super) const SESSION_RESET: &str =
 const SESSION_RESET_WITH_ADVISORY_LOCKS: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
-/// Whether the connection's role may take a session-level advisory lock. Provisioning
-/// revokes these functions from PUBLIC in every tenant database
-/// (`tenantry_control_plane::provisioner`); this tells per connection whether that holds.
-const CAN_TAKE_ADVISORY_LOCKS: &str = "SELECT \
+/// Removes the statements the tenant prepared by SQL (`PREPARE`, also from a DO block or
+/// a function: `from_sql` in `pg_prepared_statements`), leaving the data plane's own
+/// (prepared over the protocol) alone. Part of the session reset only where the session
+/// may hold some (see `PgConnection::note_preparing`): a DO block costs the server about
+/// 0.1 ms.
+const REMOVE_SQL_PREPARED: &str = "DO $tenantry$DECLARE n text; BEGIN \
+     FOR n IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
+     EXECUTE format('DEALLOCATE %I', n); END LOOP; END$tenantry$";
+
+/// The server-side name of `REMOVE_SQL_PREPARED`.
+const REMOVE_SQL_PREPARED_NAME: &str = "tenantry_reset_prepared";
+
+/// The first reset's questions, one row: whether the connection's role may take a
+/// session-level advisory lock (provisioning revokes these functions from PUBLIC in
+/// every tenant database, `tenantry_control_plane::provisioner`; this tells per
+/// connection whether that holds), and whether the database has functions or procedures
+/// whose code may PREPARE (their calls would not show it).
+const FIRST_RESET_QUESTIONS: &str = "SELECT \
      has_function_privilege('pg_catalog.pg_advisory_lock(bigint)', 'EXECUTE') \
      OR has_function_privilege('pg_catalog.pg_advisory_lock(integer,integer)', 'EXECUTE') \
      OR has_function_privilege('pg_catalog.pg_advisory_lock_shared(bigint)', 'EXECUTE') \
@@ -65,7 +80,10 @@ const CAN_TAKE_ADVISORY_LOCKS: &str = "SELECT \
      OR has_function_privilege('pg_catalog.pg_try_advisory_lock(bigint)', 'EXECUTE') \
      OR has_function_privilege('pg_catalog.pg_try_advisory_lock(integer,integer)', 'EXECUTE') \
      OR has_function_privilege('pg_catalog.pg_try_advisory_lock_shared(bigint)', 'EXECUTE') \
-     OR has_function_privilege('pg_catalog.pg_try_advisory_lock_shared(integer,integer)', 'EXECUTE')";
+     OR has_function_privilege('pg_catalog.pg_try_advisory_lock_shared(integer,integer)', 'EXECUTE'), \
+     EXISTS (SELECT 1 FROM pg_catalog.pg_proc \
+     WHERE pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace) \
+     AND prosrc ILIKE '%prepare%')";
 
 /// What a PostgreSQL connection's session reset has found out about its role, kept with
 /// the connection (`pool::Backend::Controls`).
@@ -91,20 +109,66 @@ impl PgConnection {
         if !self.resets_ahead() {
             return Ok(0);
         }
-        self.queue_reset();
-        Ok(RESET_STATEMENTS.len())
+        Ok(self.queue_reset())
     }
 
     /// Queues the session reset, preparing its statements first if this connection has
     /// not yet or may have dropped them (a failed reset closes the connection, so they
-    /// are known prepared from here on).
-    pub(super) fn queue_reset(&mut self) {
+    /// are known prepared from here on). Returns how many statements it queued.
+    pub(super) fn queue_reset(&mut self) -> usize {
         if self.reset_prepared {
             self.write.extend_from_slice(&RESET_MESSAGES.run);
         } else {
             self.write
                 .extend_from_slice(&RESET_MESSAGES.prepare_and_run);
             self.reset_prepared = true;
+        }
+        if !self.removes_sql_prepared() {
+            return RESET_STATEMENTS.len();
+        }
+        if !self.cleanup_prepared {
+            let _ = frontend::close(b'S', REMOVE_SQL_PREPARED_NAME, &mut self.write);
+            let _ = frontend::parse(
+                REMOVE_SQL_PREPARED_NAME,
+                REMOVE_SQL_PREPARED,
+                [],
+                &mut self.write,
+            );
+            self.cleanup_prepared = true;
+        }
+        let _ = queue_bound(REMOVE_SQL_PREPARED_NAME, &mut self.write);
+        RESET_STATEMENTS.len() + 1
+    }
+
+    /// Whether the reset now being queued removes SQL-prepared statements (and, if so,
+    /// counts them as removed).
+    fn removes_sql_prepared(&mut self) -> bool {
+        std::mem::take(&mut self.sql_prepared) || self.code_prepares.load(Ordering::Acquire)
+    }
+
+    /// The session reset as one simple query (ahead of a Batch's BEGIN), and how many
+    /// statements it holds.
+    pub(super) fn session_reset_text(&mut self) -> (String, usize) {
+        if self.removes_sql_prepared() {
+            (
+                format!("{SESSION_RESET}{REMOVE_SQL_PREPARED}; "),
+                RESET_STATEMENTS.len() + 1,
+            )
+        } else {
+            (SESSION_RESET.to_owned(), RESET_STATEMENTS.len())
+        }
+    }
+
+    /// Notes what a statement about to run may do to SQL-prepared statements, so that the
+    /// next reset removes them.
+    pub(super) fn note_preparing(&mut self, preparing: Preparing) {
+        match preparing {
+            Preparing::No => {}
+            Preparing::Itself => self.sql_prepared = true,
+            Preparing::InCode => {
+                self.sql_prepared = true;
+                self.code_prepares.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -124,11 +188,15 @@ impl PgConnection {
         if self.reset_ahead {
             return;
         }
-        let sql = if checked {
-            SESSION_RESET_WITH_ADVISORY_LOCKS.to_owned()
-        } else {
-            format!("{SESSION_RESET_WITH_ADVISORY_LOCKS}; {CAN_TAKE_ADVISORY_LOCKS}")
-        };
+        let mut sql = SESSION_RESET_WITH_ADVISORY_LOCKS.to_owned();
+        if self.removes_sql_prepared() {
+            sql.push_str("; ");
+            sql.push_str(REMOVE_SQL_PREPARED);
+        }
+        if !checked {
+            sql.push_str("; ");
+            sql.push_str(FIRST_RESET_QUESTIONS);
+        }
         // The query text has no NUL: this cannot fail.
         if frontend::query(&sql, &mut self.write).is_ok() {
             self.reset_behind = Some(!checked);
@@ -141,7 +209,7 @@ impl PgConnection {
     /// reset, whose advisory-lock question takes a fresh backend about 3 ms: a cold
     /// tenant's first request answers without it, and the pool's clean-up collects it.
     pub(crate) async fn finish_reset(&mut self, controls: &PgControls) {
-        if self.reset_behind == Some(false) && !self.broken {
+        if self.reset_behind == Some(false) && self.usable() {
             let done = self.collect_reset_behind(controls).await;
             if !done {
                 self.broken = true;
@@ -157,7 +225,7 @@ impl PgConnection {
         self.in_flight = true;
         let mut last_row = None;
         let outcome = self
-            .read_group(0, false, &mut |row: &DataRowBody| {
+            .read_group(0, false, Reading::Shared, &mut |row: &DataRowBody| {
                 last_row = Some(text_row(row)?);
                 Ok::<_, PgError>(())
             })
@@ -173,7 +241,10 @@ impl PgConnection {
         if asks {
             // The last statement's one row; unanswered, the next reset asks again (and
             // releases locks meanwhile).
-            if let Some([Some(can_take)]) = last_row.as_deref() {
+            if let Some([Some(can_take), Some(code_prepares)]) = last_row.as_deref() {
+                if code_prepares == "t" {
+                    self.code_prepares.store(true, Ordering::Release);
+                }
                 let revoked = can_take != "t";
                 controls
                     .advisory_locks_revoked

@@ -12,7 +12,7 @@ use postgres_types::ToSql;
 
 use super::connection::{GroupError, PgConnection};
 use super::error::{PgError, RunError, encode_error};
-use super::reset::{PgControls, RESET_STATEMENTS, SESSION_RESET, queue_unnamed};
+use super::reset::{PgControls, queue_unnamed};
 use super::statements::{ONCE, Prepared};
 
 /// SQLSTATE 25001 (active_sql_transaction): the statement cannot run in a transaction
@@ -43,15 +43,17 @@ impl PgConnection {
         ahead += self.queue_timeout(timeout).map_err(RunError::Postgres)?;
         self.write.extend_from_slice(&bind);
         self.dirty = true;
+        self.note_preparing(prepared.preparing);
         self.queue_reset_behind(last);
         if std::mem::take(&mut self.drops_statements) {
             // Prepared again (Close first) by the next reset.
             self.reset_prepared = false;
+            self.cleanup_prepared = false;
         }
         let outcome = self
             .round_trip(ahead, true, &mut on_row)
             .await
-            .map_err(RunError::Postgres)?;
+            .map_err(|error| RunError::Postgres(error.after_sending()))?;
         let outcome = match outcome.error {
             // The statement cannot run behind others in one transaction (VACUUM, ...):
             // nothing ran, so send what goes ahead of it on its own, then the statement.
@@ -67,8 +69,8 @@ impl PgConnection {
                 }
                 self.write.clear();
                 let mut ahead = if sent_reset {
-                    self.queue_reset();
-                    RESET_STATEMENTS.len()
+                    // As the first attempt's: the tenant's statements it removed are gone.
+                    self.queue_reset()
                 } else {
                     0
                 };
@@ -87,7 +89,7 @@ impl PgConnection {
                 let alone = self
                     .round_trip(0, true, &mut on_row)
                     .await
-                    .map_err(RunError::Postgres)?;
+                    .map_err(|error| RunError::Postgres(error.after_sending()))?;
                 if timeout.is_some() && alone.error.is_some() {
                     // The timeout was set in a transaction of its own: end it now.
                     self.write.clear();
@@ -116,6 +118,9 @@ impl PgConnection {
         match outcome.error {
             None => Ok(outcome.rows_affected),
             Some(GroupError::Row(error)) => Err(RunError::Row(error)),
+            Some(GroupError::TooLarge { declared, limit }) => {
+                Err(RunError::Postgres(PgError::TooLarge { declared, limit }))
+            }
             Some(GroupError::Ahead(error)) => {
                 self.broken = true;
                 Err(RunError::Postgres(PgError::Reset(error)))
@@ -153,7 +158,8 @@ impl PgConnection {
         self.start()?;
         self.write.clear();
         let (text, ahead) = if self.resets_ahead() {
-            (format!("{SESSION_RESET}{sql}"), RESET_STATEMENTS.len())
+            let (reset, statements) = self.session_reset_text();
+            (format!("{reset}{sql}"), statements)
         } else {
             (sql.to_owned(), 0)
         };
@@ -166,6 +172,9 @@ impl PgConnection {
         match outcome.error {
             None => Ok(()),
             Some(GroupError::Row(error)) => Err(error),
+            Some(GroupError::TooLarge { declared, limit }) => {
+                Err(PgError::TooLarge { declared, limit })
+            }
             Some(GroupError::Ahead(error)) => {
                 self.broken = true;
                 Err(PgError::Reset(error))

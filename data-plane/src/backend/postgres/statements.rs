@@ -11,6 +11,7 @@ use postgres_types::{Kind, Type};
 
 use super::connection::{GroupError, PgConnection, text_row};
 use super::error::{DbError, PgError, encode_error, protocol, unexpected};
+use crate::backend::sql_text::{defines_code, may_prepare};
 use fallible_iterator::FallibleIterator;
 
 /// Prepared statements kept per connection (as sqlx's default cache); the oldest is
@@ -33,6 +34,29 @@ pub(crate) struct Prepared {
     pub(super) name: String,
     pub(super) params: Vec<Type>,
     pub(super) columns: Vec<Column>,
+    /// Running it may leave statements prepared by SQL in the session
+    /// (`sql_text::may_prepare`), or define code that does (`Preparing::InCode`).
+    pub(super) preparing: Preparing,
+}
+
+/// What a statement may do about SQL-level prepared statements (see `reset`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preparing {
+    No,
+    /// It may PREPARE (directly, or in a DO block).
+    Itself,
+    /// It defines a function or procedure that may PREPARE when called.
+    InCode,
+}
+
+impl Preparing {
+    pub(super) fn of(sql: &str) -> Self {
+        match (may_prepare(sql), defines_code(sql)) {
+            (false, _) => Self::No,
+            (true, false) => Self::Itself,
+            (true, true) => Self::InCode,
+        }
+    }
 }
 
 impl Prepared {
@@ -100,13 +124,16 @@ impl PgConnection {
                 }
             }
             self.next_statement += 1;
-            format!("tenantry_{}", self.next_statement)
+            format!("tenantry_{}_{}", self.statement_prefix, self.next_statement)
         } else {
             frontend::close(b'S', ONCE, &mut self.write).map_err(encode_error)?;
             ONCE.to_owned()
         };
         // Parse resolves names with the session's search_path: reset it first.
         let ahead = self.queue_reset_ahead()?;
+        // A statement the tenant prepared by SQL under this name goes (Close closes
+        // either kind): ours never fails to prepare for it.
+        frontend::close(b'S', &name, &mut self.write).map_err(encode_error)?;
         let oids = types.iter().map(|ty| ty.as_ref().map_or(0, Type::oid));
         frontend::parse(&name, sql, oids, &mut self.write).map_err(encode_error)?;
         frontend::describe(b'S', &name, &mut self.write).map_err(encode_error)?;
@@ -165,6 +192,7 @@ impl PgConnection {
         self.look_up_types(columns.iter().map(|(_, oid)| *oid))
             .await?;
         let prepared = Arc::new(Prepared {
+            preparing: Preparing::of(sql),
             name,
             params: params.into_iter().map(|oid| self.type_of(oid)).collect(),
             columns: columns
@@ -251,6 +279,9 @@ impl PgConnection {
         match outcome.error {
             None => Ok(rows),
             Some(GroupError::Row(error)) => Err(error),
+            Some(GroupError::TooLarge { declared, limit }) => {
+                Err(PgError::TooLarge { declared, limit })
+            }
             Some(GroupError::Ahead(error) | GroupError::Statement(error)) => {
                 Err(PgError::Db(error))
             }
@@ -261,6 +292,7 @@ impl PgConnection {
     /// the server.
     pub(crate) fn forget_statements(&mut self) {
         self.reset_prepared = false;
+        self.cleanup_prepared = false;
         self.drops_statements = true;
         self.statements.clear();
         self.statement_order.clear();

@@ -37,6 +37,9 @@ pub(crate) struct SqliteConnectOptions {
     pub(crate) path: PathBuf,
     /// How long a statement waits for another connection's write lock.
     pub(crate) busy_timeout: Duration,
+    /// Longest string or blob a statement may read or make (SQLITE_LIMIT_LENGTH): a
+    /// larger one fails with SQLITE_TOOBIG before SQLite allocates it.
+    pub(crate) max_value_bytes: usize,
 }
 
 /// The pool backend for SQLite tenant files.
@@ -287,6 +290,11 @@ fn open(options: &SqliteConnectOptions) -> rusqlite::Result<rusqlite::Connection
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     connection.busy_timeout(options.busy_timeout)?;
+    let max_length = c_int::try_from(options.max_value_bytes).unwrap_or(c_int::MAX);
+    // SAFETY: the handle is open and not shared with another thread yet.
+    unsafe {
+        ffi::sqlite3_limit(connection.handle(), ffi::SQLITE_LIMIT_LENGTH, max_length);
+    }
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     connection.execute_batch("PRAGMA foreign_keys = ON")?;
     connection.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;

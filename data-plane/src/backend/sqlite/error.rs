@@ -66,6 +66,11 @@ fn from_sqlite_code(extended: i32, message: &str, tenant: &TenantId) -> DataPlan
              load extensions, change PRAGMA settings, create temporary objects or control \
              transactions (Batch runs its statements in one transaction)"
         )),
+        ffi::SQLITE_TOOBIG => DataPlaneError::ResourceExhausted(format!(
+            "a value the statement reads or makes is larger than the data plane's limit \
+             (max_response_bytes, plus 64 KiB); read it in parts (substr) or raise \
+             max_response_bytes ({full})"
+        )),
         ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED => DataPlaneError::Unavailable(format!(
             "the database of tenant {tenant} is busy; retry ({full})"
         )),
