@@ -8,14 +8,17 @@
 //!    with no tenant layers, vs the routed data plane with 1 tenant and with many tenants
 //!    (1,000 on SQLite, 50 on PostgreSQL), traffic spread uniformly; on PostgreSQL also
 //!    the 1 tenant through data planes with the session reset off and with pipelining
-//!    off (`postgres_session_reset`, `postgres_pipelining`).
+//!    off (`postgres_session_reset`, `postgres_pipelining`);
+//! 4. limit: a PostgreSQL Query whose result passes `max_response_bytes` (an endless
+//!    series of 100-byte rows), against the same Query cut to the rows that fit: how long
+//!    after the limit is reached the refusal comes.
 //!
 //! Scenarios are measured in `TENANTRY_BENCH_ROUNDS` (default 12) rounds of
 //! `TENANTRY_BENCH_SECONDS / 2` each (default 3, so 1.5 s rounds, after 1 s of unmeasured
 //! load): every round runs each scenario once, back to back,
 //! starting with a different scenario each time, so a machine's drift hits all alike.
 //! A ratio is the median over rounds of the ratio within a round; its spread is shown.
-//! `TENANTRY_BENCH_ONLY=layers,sqlite,postgres` picks parts (default all);
+//! `TENANTRY_BENCH_ONLY=layers,sqlite,postgres,limit` picks parts (default all);
 //! `TENANTRY_BENCH_CONNECTIONS` sizes the baseline's and the first tenant's pool (default 4);
 //! `TENANTRY_BENCH_VERBOSE=1` prints every round.
 
@@ -99,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    if wanted("limit") {
+        limit_crossing().await?;
+    }
     println!("\n## Summary\n");
     println!("| backend | scenario | throughput (req/s) | p50 | p99 | ratio |");
     println!("| --- | --- | --- | --- | --- | --- |");
@@ -107,6 +113,88 @@ async fn main() -> anyhow::Result<()> {
             println!("| {backend} | {line} |");
         }
     }
+    Ok(())
+}
+
+/// Part 4, a result past the response limit: the over-limit Query (an endless series)
+/// against the same Query cut to the rows that fit (what reading up to the limit costs
+/// anyway), twice (A/A), in interleaved rounds. The difference bounds the time from
+/// reaching the limit to the refusal (cancelling the statement and reading what was
+/// already on its way included).
+async fn limit_crossing() -> anyhow::Result<()> {
+    use tenantry_testkit::{Backend as TestBackend, Sandbox};
+    println!("\n## 4. Result past the response limit (PostgreSQL)\n");
+    let sandbox = Sandbox::start(TestBackend::Postgres).await;
+    let id = sandbox.tid("limit");
+    sandbox.create(&id).await;
+    let endless = "SELECT repeat('x', 100) AS filler, generate_series(1, 2000000000) AS n";
+    let refusal = sandbox
+        .query(&id, endless, vec![])
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the endless Query was answered"))?;
+    let fitted: u64 = refusal
+        .message()
+        .split("stopped after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no row count in {:?}", refusal.message()))?;
+    let fit = format!("SELECT repeat('x', 100) AS filler, generate_series(1, {fitted}) AS n");
+    let time = |sql: String, over: bool| {
+        let sandbox = &sandbox;
+        let id = &id;
+        async move {
+            let started = Instant::now();
+            let answer = sandbox.query(id, &sql, vec![]).await;
+            let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+            match (answer, over) {
+                (Err(status), true) if status.code() == tonic::Code::ResourceExhausted => {
+                    Ok(elapsed)
+                }
+                (Ok(_), false) => Ok(elapsed),
+                (other, _) => Err(anyhow::anyhow!("unexpected answer: {other:?}")),
+            }
+        }
+    };
+    let rounds = round_count().max(5);
+    let (mut over, mut fits, mut aa) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (a, b, c) = if round % 2 == 0 {
+            let a = time(endless.to_owned(), true).await?;
+            let b = time(fit.clone(), false).await?;
+            let c = time(fit.clone(), false).await?;
+            (a, b, c)
+        } else {
+            let c = time(fit.clone(), false).await?;
+            let b = time(fit.clone(), false).await?;
+            let a = time(endless.to_owned(), true).await?;
+            (a, b, c)
+        };
+        over.push(a - b);
+        fits.push(b);
+        aa.push(c - b);
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let spread = |values: &[f64]| {
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{low:.1} to {high:.1}")
+    };
+    let (over_spread, aa_spread) = (spread(&over), spread(&aa));
+    println!(
+        "{fitted} rows fit; reading them takes {:.1} ms (median of {rounds} rounds).",
+        median(&mut fits)
+    );
+    println!(
+        "over-limit answer minus fitting answer: {:.1} ms median (rounds {over_spread}); \
+         A/A (fitting minus fitting): {:.1} ms median (rounds {aa_spread})",
+        median(&mut over),
+        median(&mut aa)
+    );
     Ok(())
 }
 

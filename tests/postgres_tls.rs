@@ -115,6 +115,7 @@ async fn tls_and_scram_to_postgres() {
     let root = format!("sslrootcert={}", ca_path.display());
 
     // Servers the control plane can use, and the data plane after it.
+    let bound_before = tenantry_data_plane::testing::channel_bound_logins();
     for (name, host, query) in [
         ("full", "localhost", format!("sslmode=verify-full&{root}")),
         ("ca", "127.0.0.1", format!("sslmode=verify-ca&{root}")),
@@ -138,6 +139,13 @@ async fn tls_and_scram_to_postgres() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(rows.rows[0].values[0], int(1), "{name}: not on TLS");
     }
+    // Each of the four tenants' connections bound its SCRAM exchange to the channel
+    // (the server checks the binding: a wrong one fails authentication).
+    let bound = tenantry_data_plane::testing::channel_bound_logins() - bound_before;
+    assert!(
+        bound >= 4,
+        "{bound} of the tenant connections used SCRAM-SHA-256-PLUS"
+    );
 
     // What cannot be used is refused at registration, saying why.
     for (name, host, query, why) in [

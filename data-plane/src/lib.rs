@@ -31,6 +31,12 @@ pub use routing::{
 };
 pub use service::DataPlaneMetrics;
 
+/// Hooks for tests (feature `testing`).
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::backend::channel_bound_logins;
+}
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

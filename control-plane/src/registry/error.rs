@@ -35,8 +35,9 @@ pub(crate) enum DbFailure {
     Other,
 }
 
-/// The database's own error code: SQLSTATE (PostgreSQL) or extended result code (SQLite).
-fn database_code(error: &DbErr) -> Option<String> {
+/// The database's own error: its code (SQLSTATE on PostgreSQL, extended result code on
+/// SQLite) and whether it is SQLite's.
+fn database_code(error: &DbErr) -> Option<(String, bool)> {
     let (DbErr::Exec(RuntimeErr::SqlxError(error))
     | DbErr::Query(RuntimeErr::SqlxError(error))
     | DbErr::Conn(RuntimeErr::SqlxError(error))) = error
@@ -45,23 +46,32 @@ fn database_code(error: &DbErr) -> Option<String> {
     };
     match &**error {
         sea_orm::sqlx::Error::Database(database_error) => {
-            database_error.code().map(|code| code.into_owned())
+            let sqlite = database_error
+                .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+                .is_some();
+            database_error
+                .code()
+                .map(|code| (code.into_owned(), sqlite))
         }
         _ => None,
     }
 }
 
 pub(crate) fn classify(error: &DbErr) -> DbFailure {
-    match database_code(error).as_deref() {
-        Some(PG_UNIQUE_VIOLATION | SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY) => {
+    let Some((code, sqlite)) = database_code(error) else {
+        return DbFailure::Other;
+    };
+    match (code.as_str(), sqlite) {
+        (PG_UNIQUE_VIOLATION, false)
+        | (SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY, true) => {
             DbFailure::UniqueViolation
         }
-        Some(code) if PG_RETRY.contains(&code) => DbFailure::Busy,
-        Some(code) => match code.parse::<i64>() {
+        (code, false) if PG_RETRY.contains(&code) => DbFailure::Busy,
+        (code, true) => match code.parse::<i64>() {
             Ok(code) if matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED) => DbFailure::Busy,
             _ => DbFailure::Other,
         },
-        None => DbFailure::Other,
+        _ => DbFailure::Other,
     }
 }
 

@@ -693,26 +693,34 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most runs of one registry query or transaction that meets a busy database.
 const BUSY_ATTEMPTS: u32 = 12;
 
+/// Longest `retrying` keeps running a query again (each run may itself wait up to the
+/// busy timeout), so a writer never holds the write lock for minutes.
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(15);
+
 /// Runs a registry query, or a whole transaction, again while the database answers that
 /// another writer holds it (`DbFailure::Busy`: SQLite busy or locked past its busy
 /// timeout, or a snapshot that another connection's commit made stale; a PostgreSQL
 /// serialization failure or deadlock), backing off from 5 ms to 1 s. In-process writers
 /// already take turns (`Registry::write_lock`), so this covers what is left: another
 /// process on the same file, a connection opening while a writer commits, a checkpoint.
-/// A caller never sees such an error unless it lasts for about 8 s of retries on top of
-/// each attempt's own busy timeout.
+/// A caller sees such an error only if it lasts through 12 runs or 15 s of them (each
+/// run may itself wait up to the busy timeout), so a writer never holds the write lock
+/// for minutes.
 async fn retrying<T, E, F, Fut>(attempt: F) -> Result<T>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = std::result::Result<T, E>>,
     E: Into<ControlPlaneError>,
 {
+    let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(5);
     let mut runs = 1;
     loop {
         match attempt().await.map_err(Into::into) {
             Err(ControlPlaneError::Registry(error))
-                if runs < BUSY_ATTEMPTS && classify(&error) == DbFailure::Busy =>
+                if runs < BUSY_ATTEMPTS
+                    && started.elapsed() < BUSY_RETRY_FOR
+                    && classify(&error) == DbFailure::Busy =>
             {
                 tracing::info!(%error, runs, "the registry database was busy; running the query again");
                 tokio::time::sleep(delay).await;

@@ -35,8 +35,7 @@ pub(crate) fn push_row(
     if *size > max_response_bytes {
         return Err(DataPlaneError::ResourceExhausted(format!(
             "the result is larger than the response limit of {} bytes (max_response_bytes; \
-             stopped after {} rows, and the statement with them); add a LIMIT or fetch it in \
-             pages",
+             stopped after {} rows); add a LIMIT or fetch it in pages",
             max_response_bytes,
             response.rows.len()
         )));

@@ -22,6 +22,8 @@ use crate::backend::answer::VALUE_MARGIN;
 use crate::pool::{BudgetFigures, Clean, PoolFactory, PoolOptions, ServerBudget, TenantPool};
 use crate::routing::Target;
 pub(crate) use postgres::TlsConfigs;
+#[cfg(feature = "testing")]
+pub use postgres::channel_bound_logins;
 use postgres::{PgBackend, PgConnectOptions, PgTenantPool, postgres_connected, reset_session};
 use sqlite::{SqliteConnectOptions, SqliteTenantPool, harden_connection};
 

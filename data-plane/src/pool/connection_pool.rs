@@ -36,7 +36,9 @@ pub(crate) fn micros_since_epoch(at: Instant) -> u64 {
 const CLEAN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest closing a pool waits for its lent-out connections to come back and close.
-const CLOSE_WAIT: Duration = Duration::from_secs(15);
+/// (Above the longest a connection can take to close: 5 s of clean-up, then a 2 s cancel
+/// and 10 s for its statement to end.)
+const CLOSE_WAIT: Duration = Duration::from_secs(20);
 
 /// Longest a request waits for a connection that is being cleaned before it opens one.
 const CLEANING_WAIT: Duration = Duration::from_millis(20);

@@ -11,6 +11,16 @@ use postgres_protocol::message::frontend;
 use super::connection::{PgConnectOptions, PgConnection};
 use super::error::{DbError, PgError, encode_error, protocol, unexpected};
 
+/// Authentications bound to their TLS channel (SCRAM-SHA-256-PLUS) since start.
+static CHANNEL_BOUND_LOGINS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Test hook: how many tenant connections have authenticated with SCRAM-SHA-256-PLUS
+/// in this process (a test compares it before and after).
+#[cfg(feature = "testing")]
+pub fn channel_bound_logins() -> u64 {
+    CHANNEL_BOUND_LOGINS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl PgConnection {
     pub(super) async fn authenticate(&mut self, options: &PgConnectOptions) -> Result<(), PgError> {
         let password = options.password.as_bytes();
@@ -63,6 +73,9 @@ impl PgConnection {
                     _ => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
                 };
                 tracing::debug!(mechanism, "authenticating");
+                if mechanism == sasl::SCRAM_SHA_256_PLUS {
+                    CHANNEL_BOUND_LOGINS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let mut scram = sasl::ScramSha256::new(password, binding);
                 frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write)
                     .map_err(encode_error)?;

@@ -38,6 +38,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// socket is dropped.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long reading the rest of an answer stopped at the response limit may take, once
+/// its statement is cancelled, before the connection is closed instead.
+const STOPPED_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long sending a CancelRequest may take (connect, write, the server's close).
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -241,6 +245,7 @@ impl Backend for PgBackend {
             };
             let gone = tokio::time::timeout(bound, async {
                 connection.socket.write_all(&goodbye).await?;
+                connection.socket.flush().await?;
                 let mut sink = vec![0u8; 16 * 1024];
                 while connection.socket.read(&mut sink).await? > 0 {}
                 Ok::<_, std::io::Error>(())
@@ -362,6 +367,10 @@ impl PgConnection {
     #[cfg(test)]
     pub(super) fn read_capacity(&self) -> usize {
         self.read.capacity()
+    }
+
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken
     }
 
     pub(super) fn usable(&self) -> bool {
@@ -515,6 +524,47 @@ impl PgConnection {
         queue_unnamed(sql, &mut self.write)
     }
 
+    /// After reading stopped at a refused row (`Outcome::stopped`: the response limit):
+    /// cancels the statement and reads the rest of its group, dropping it, up to its
+    /// ReadyForQuery, so that the connection is clean again and the answer can say
+    /// whether the statement had completed (a write that committed before the cancel
+    /// arrived: `Some(true)`) or was cancelled (`Some(false)`). None: that could not be
+    /// found out in time; the connection stays in flight and is closed.
+    pub(super) async fn finish_stopped(&mut self) -> Option<bool> {
+        if let Some(key) = self.cancel {
+            key.cancel().await;
+        }
+        let finished = tokio::time::timeout(STOPPED_DRAIN_TIMEOUT, async {
+            // The statement's end comes first: its CommandComplete, or the error that
+            // cancelled it (after which the server skips to the Sync).
+            let mut completed = None;
+            loop {
+                match self.next_message().await {
+                    Ok(Message::CommandComplete(_)) => {
+                        completed.get_or_insert(true);
+                    }
+                    Ok(Message::ErrorResponse(_)) => {
+                        completed.get_or_insert(false);
+                    }
+                    Ok(Message::ReadyForQuery(body)) => {
+                        self.status = body.status();
+                        return completed;
+                    }
+                    Ok(_) => {}
+                    Err(PgError::TooLarge { declared, .. }) => self.skip(declared).await.ok()?,
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        if finished.is_some() {
+            self.in_flight = false;
+        }
+        finished
+    }
+
     /// Drops the next `count` bytes of the server's answer (a message too large to
     /// keep) without holding them: what is buffered, then the socket's, a chunk at a time.
     async fn skip(&mut self, count: usize) -> Result<(), PgError> {
@@ -578,7 +628,10 @@ impl PgConnection {
                 // error: the backend was terminated, the server shuts down): the
                 // statement failed, its transaction with it; that is its answer.
                 Err(PgError::Closed | PgError::Io(_))
-                    if matches!(outcome.error, Some(GroupError::Statement(_))) =>
+                    if matches!(
+                        outcome.error,
+                        Some(GroupError::Statement(_) | GroupError::Ahead(_))
+                    ) =>
                 {
                     self.broken = true;
                     return Ok(outcome);

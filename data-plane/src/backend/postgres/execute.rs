@@ -224,6 +224,14 @@ async fn single(
                         }
                         prepared = prepare(connection, statement, call).await?;
                     }
+                    // Reading stopped at the response limit: cancel the statement and
+                    // say whether it had completed first.
+                    Err(RunError::Row(error))
+                        if !connection.usable() && !connection.is_broken() =>
+                    {
+                        let stopped = connection.finish_stopped().await;
+                        return Err(with_stop_outcome(error, stopped));
+                    }
                     Err(error) => return Err(run_error(error, call.tenant)),
                 }
             }
@@ -320,7 +328,14 @@ async fn run_batch(mut session: Session, batch: Vec<Taken>) {
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now));
         if timeout == Some(Duration::ZERO) {
-            // Its request has ended (or is about to) with DEADLINE_EXCEEDED.
+            // Its deadline has passed: it is not sent.
+            let _ = request
+                .answer
+                .send(Err(DataPlaneError::DeadlineExceeded(format!(
+                    "the request's deadline passed before the statement on tenant {} was \
+                     sent; it did not run",
+                    request.tenant
+                ))));
             continue;
         }
         match Bound::new(&statement, params(&request.statement), timeout) {
@@ -372,6 +387,24 @@ async fn run_batch(mut session: Session, batch: Vec<Taken>) {
     drop(runs);
     connection.finish_reset(&controls).await;
     session.finished = true;
+}
+
+/// A refusal at the response limit, with what became of the statement.
+fn with_stop_outcome(error: DataPlaneError, stopped: Option<bool>) -> DataPlaneError {
+    let DataPlaneError::ResourceExhausted(message) = error else {
+        return error;
+    };
+    DataPlaneError::ResourceExhausted(match stopped {
+        Some(false) => format!("{message}. The statement was cancelled: nothing it did was kept"),
+        Some(true) => format!(
+            "{message}. The statement had already completed when it was stopped: what it \
+             did (a write's rows) was kept; only its result was not returned"
+        ),
+        None => format!(
+            "{message}. The statement was cancelled; whether it had completed first could \
+             not be found out"
+        ),
+    })
 }
 
 fn run_error(error: RunError<DataPlaneError>, tenant: &TenantId) -> DataPlaneError {

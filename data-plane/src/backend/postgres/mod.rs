@@ -34,6 +34,9 @@ pub(crate) use execute::PgTenantPool;
 pub(crate) use reset::reset_session;
 pub(crate) use tls::TlsConfigs;
 
+#[cfg(feature = "testing")]
+pub use auth::channel_bound_logins;
+
 impl TenantPool for PgTenantPool {
     fn execute<'a>(
         &'a self,

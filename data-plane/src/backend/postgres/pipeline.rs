@@ -84,6 +84,12 @@ impl PgConnection {
         }
         let mut reset_failed = false;
         for (n, ((prepared, _), ahead)) in runs.iter().zip(aheads).enumerate() {
+            if self.broken {
+                // The server ended the connection with an error (a FATAL) answering an
+                // earlier statement: the backend is gone, so these never ran.
+                lose(&mut on, n, runs.len(), PgError::Closed);
+                return;
+            }
             let outcome = match self
                 .read_group(ahead, true, Reading::Shared, &mut |row: &DataRowBody| {
                     on(Piped::Row(n, row))
