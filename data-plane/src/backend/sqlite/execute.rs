@@ -243,16 +243,50 @@ const MAX_REMEMBERED_STATEMENTS: usize = 10_000;
 /// Longest SQL text remembered (at most 10,000 x 4 KiB = 40 MiB in all).
 const MAX_REMEMBERED_SQL_LEN: usize = 4096;
 
+/// Statement texts longer than this are prepared for their one use, never kept in the
+/// connection's statement cache: the cache is bounded by count (100 statements), this
+/// bounds its bytes (at most 100 x 64 KiB of text), as on PostgreSQL.
+const MAX_KEPT_SQL_LEN: usize = 64 * 1024;
+
+/// A statement prepared for one request: kept in the connection's cache afterwards, or
+/// (a long text) not.
+enum Prepared<'c> {
+    Kept(rusqlite::CachedStatement<'c>),
+    Once(rusqlite::Statement<'c>),
+}
+
+impl<'c> std::ops::Deref for Prepared<'c> {
+    type Target = rusqlite::Statement<'c>;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Self::Kept(statement) => statement,
+            Self::Once(statement) => statement,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Prepared<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Self::Kept(statement) => statement,
+            Self::Once(statement) => statement,
+        }
+    }
+}
+
 /// The statement, prepared (from the connection's cache when it ran before) and bound.
 fn prepare<'c>(
     db: &'c rusqlite::Connection,
     statement: &pb::Statement,
     tenant: &TenantId,
-) -> Result<rusqlite::CachedStatement<'c>> {
+) -> Result<Prepared<'c>> {
     let sql = statement.sql.as_str();
-    let mut prepared = db
-        .prepare_cached(sql)
-        .map_err(|error| from_sqlite(error, tenant))?;
+    let prepared = if sql.len() <= MAX_KEPT_SQL_LEN {
+        db.prepare_cached(sql).map(Prepared::Kept)
+    } else {
+        db.prepare(sql).map(Prepared::Once)
+    };
+    let mut prepared = prepared.map_err(|error| from_sqlite(error, tenant))?;
     if !SINGLE_STATEMENTS.contains(sql) {
         match count_statements(db, sql).map_err(|error| from_sqlite(error, tenant))? {
             Statements::One => {}
@@ -382,7 +416,7 @@ impl Stop {
 
 /// Runs a prepared, bound statement and reads its rows into a response.
 fn read_rows(
-    prepared: &mut rusqlite::CachedStatement<'_>,
+    prepared: &mut rusqlite::Statement<'_>,
     owned: &Owned,
 ) -> std::result::Result<pb::QueryResponse, Stop> {
     let mut response = pb::QueryResponse::default();
@@ -437,4 +471,46 @@ fn decode_value(value: ValueRef<'_>, column: impl FnOnce() -> String) -> Result<
         })?),
     };
     Ok(pb::Value { kind: Some(kind) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Statements the connection holds prepared (SQLite's own list: cached ones stay
+    /// prepared after use).
+    fn prepared_on(db: &rusqlite::Connection) -> usize {
+        let mut count = 0;
+        // SAFETY: the handle is open and used by this thread alone; the loop only walks
+        // SQLite's list of the connection's statements.
+        unsafe {
+            let handle = db.handle();
+            let mut statement = rusqlite::ffi::sqlite3_next_stmt(handle, std::ptr::null_mut());
+            while !statement.is_null() {
+                count += 1;
+                statement = rusqlite::ffi::sqlite3_next_stmt(handle, statement);
+            }
+        }
+        count
+    }
+
+    #[test]
+    fn long_statements_are_not_kept_prepared() -> rusqlite::Result<()> {
+        let db = rusqlite::Connection::open_in_memory()?;
+        db.set_prepared_statement_cache_capacity(100);
+        let tenant = TenantId::parse("acme").unwrap_or_else(|e| panic!("{e}"));
+        let run = |sql: String| {
+            let statement = pb::Statement {
+                sql,
+                params: vec![],
+            };
+            let prepared = prepare(&db, &statement, &tenant);
+            assert!(prepared.is_ok());
+        };
+        run("SELECT 1".to_owned());
+        assert_eq!(prepared_on(&db), 1, "a short statement is kept");
+        run(format!("SELECT 2 /* {} */", "x".repeat(MAX_KEPT_SQL_LEN)));
+        assert_eq!(prepared_on(&db), 1, "a long statement was kept prepared");
+        Ok(())
+    }
 }
