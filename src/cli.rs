@@ -21,6 +21,10 @@ pub struct ControlPlaneEndpoint {
         default_value = "http://127.0.0.1:50051"
     )]
     control_plane: String,
+    /// `table`, or `json`: one JSON document (an object for one tenant or server, an
+    /// array for a list).
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(Subcommand)]
@@ -190,7 +194,70 @@ fn time(ts: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-fn print_tenants(tenants: &[cp::Tenant]) {
+/// RFC 3339 (UTC), or null.
+fn time_json(ts: &Option<prost_types::Timestamp>) -> serde_json::Value {
+    ts.as_ref()
+        .and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        })
+        .map_or(serde_json::Value::Null, |t| {
+            serde_json::json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        })
+}
+
+fn backend_name(backend: i32) -> String {
+    cp::Backend::try_from(backend)
+        .map(|b| {
+            b.as_str_name()
+                .trim_start_matches("BACKEND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+fn tenant_json(t: &cp::Tenant) -> serde_json::Value {
+    serde_json::json!({
+        "tenant_id": t.tenant_id,
+        "display_name": t.display_name,
+        "state": state_name(t.state),
+        "reason": t.reason,
+        "database_server": t.database_server,
+        "backend": backend_name(t.backend),
+        "database_name": t.database_name,
+        "route_version": t.route_version,
+        "schema_version": t.schema_version,
+        "max_connections": t.max_connections,
+        "create_time": time_json(&t.create_time),
+        "update_time": time_json(&t.update_time),
+        "tracing": t.tracing.as_ref().map(|tracing| serde_json::json!({
+            "ratio": tracing.ratio,
+            "log_level": tracing.log_level,
+            "until": time_json(&tracing.until),
+        })),
+    })
+}
+
+/// How many records a command prints: one (JSON: an object) or a list (an array).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    One,
+    List,
+}
+
+fn print_json(values: Vec<serde_json::Value>, shape: Shape) {
+    let document = match (shape, <[serde_json::Value; 1]>::try_from(values)) {
+        (Shape::One, Ok([value])) => value,
+        (_, Ok(values)) => serde_json::Value::Array(values.into()),
+        (_, Err(values)) => serde_json::Value::Array(values),
+    };
+    println!("{document}");
+}
+
+fn print_tenants(tenants: &[cp::Tenant], output: Output, shape: Shape) {
+    if let Output::Json = output {
+        print_json(tenants.iter().map(tenant_json).collect(), shape);
+        return;
+    }
     let rows: Vec<Vec<String>> = tenants
         .iter()
         .map(|t| {
@@ -304,13 +371,13 @@ pub async fn tenants(
                 }
                 page_token = page.next_page_token;
             }
-            print_tenants(&all);
+            print_tenants(&all, endpoint.output, Shape::List);
             return Ok(());
         }
     }
     .map_err(status_error)?
     .into_inner();
-    print_tenants(&[tenant]);
+    print_tenants(&[tenant], endpoint.output, Shape::One);
     Ok(())
 }
 
@@ -320,6 +387,10 @@ pub async fn servers(
 ) -> anyhow::Result<()> {
     let mut client =
         DatabaseServerServiceClient::new(channel(&endpoint.control_plane, "control plane").await?);
+    let shape = match command {
+        ServersCommand::Register { .. } => Shape::One,
+        ServersCommand::List => Shape::List,
+    };
     let servers = match command {
         ServersCommand::Register {
             name,
@@ -352,18 +423,28 @@ pub async fn servers(
                 .servers
         }
     };
+    if let Output::Json = endpoint.output {
+        let servers = servers
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "backend": backend_name(s.backend),
+                    "tenant_count": s.tenant_count,
+                    "location": s.location,
+                    "create_time": time_json(&s.create_time),
+                })
+            })
+            .collect();
+        print_json(servers, shape);
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = servers
         .iter()
         .map(|s| {
             vec![
                 s.name.clone(),
-                cp::Backend::try_from(s.backend)
-                    .map(|b| {
-                        b.as_str_name()
-                            .trim_start_matches("BACKEND_")
-                            .to_ascii_lowercase()
-                    })
-                    .unwrap_or_default(),
+                backend_name(s.backend),
                 s.tenant_count.to_string(),
                 s.location.clone(),
             ]

@@ -59,6 +59,38 @@ async fn client_commands_print_results_and_errors() {
     assert!(created.success, "{}", created.stderr);
     assert!(created.stdout.contains("ACTIVE"), "{}", created.stdout);
 
+    // Every control-plane command also prints one JSON document: an object for one
+    // tenant or server, an array for a list.
+    let parse = |printed: &Output| -> serde_json::Value {
+        assert!(printed.success, "{}", printed.stderr);
+        serde_json::from_str(printed.stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", printed.stdout))
+    };
+    let got = run(&["tenants", "get", &id, "--output", "json"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = parse(&got);
+    assert_eq!(got["tenant_id"], serde_json::json!(id));
+    assert_eq!(got["state"], "ACTIVE");
+    assert_eq!(got["backend"], "sqlite");
+    assert!(got["create_time"].is_string(), "{got}");
+    let listed = run(&["tenants", "list", "--output", "json"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listed = parse(&listed);
+    assert!(
+        listed.as_array().is_some_and(|tenants| tenants
+            .iter()
+            .any(|t| t["tenant_id"] == serde_json::json!(id))),
+        "{listed}"
+    );
+    let servers = run(&["servers", "list", "--output", "json"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let servers = parse(&servers);
+    assert_eq!(servers[0]["name"], "main", "{servers}");
+    assert_eq!(servers[0]["tenant_count"], 1, "{servers}");
+
     let table = run(&[
         "sql",
         "--tenant",
