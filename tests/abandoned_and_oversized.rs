@@ -292,8 +292,26 @@ async fn a_connection_lost_after_sending_answers_outcome_unknown() {
         );
         tokio::spawn(async move { sql.execute(request).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.black_hole();
+    // Cut once the write runs on the server.
+    let admin = sqlx::PgPool::connect(sandbox.pg_admin_url.as_deref().unwrap_or_default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let patience = Patience::new(Duration::from_secs(10), Duration::from_millis(5));
+    wait_until_ok(patience, || async {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE state = 'active' AND query LIKE 'INSERT INTO w SELECT 1 FROM pg_sleep%'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        match running {
+            0 => Err("the write never started on the server".to_owned()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    proxy.black_hole().await;
     let status = writing
         .await
         .unwrap_or_else(|e| panic!("{e}"))

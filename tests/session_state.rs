@@ -489,7 +489,6 @@ async fn statements_the_tenant_prepares_do_not_outlive_requests() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
-    let tenant_prepared = "SELECT count(*) AS n FROM pg_prepared_statements WHERE from_sql";
     let routes = [
         "PREPARE leaky AS SELECT 1",
         "DO $$BEGIN EXECUTE 'PREPARE leaky_do AS SELECT 2'; END$$",
@@ -503,19 +502,7 @@ async fn statements_the_tenant_prepares_do_not_outlive_requests() {
             .execute(&id, route, vec![])
             .await
             .unwrap_or_else(|e| panic!("{route}: {e}"));
-        // Every later request, on either connection (four at a time over two), sees
-        // none of them.
-        for _ in 0..3 {
-            let probes = (0..4).map(|_| sandbox.query(&id, tenant_prepared, vec![]));
-            for rows in futures::future::join_all(probes).await {
-                let rows = rows.unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(
-                    rows.rows[0].values[0],
-                    int(0),
-                    "a statement prepared by `{route}` outlived its request"
-                );
-            }
-        }
+        assert_none_prepared_by_tenant(&sandbox, &id, route).await;
     }
     // The data plane's own statements stay prepared (the query above is one of them).
     let ours = sandbox
@@ -523,7 +510,7 @@ async fn statements_the_tenant_prepares_do_not_outlive_requests() {
             &id,
             "SELECT count(*) AS n FROM pg_prepared_statements WHERE NOT from_sql \
              AND statement = $1",
-            vec![text(tenant_prepared)],
+            vec![text(TENANT_PREPARED)],
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -536,13 +523,25 @@ async fn statements_the_tenant_prepares_do_not_outlive_requests() {
         "PREPARE tenantry_once AS SELECT 7",
     ] {
         let _ = sandbox.execute(&id, named_like_ours, vec![]).await;
+        assert_none_prepared_by_tenant(&sandbox, &id, named_like_ours).await;
     }
-    for _ in 0..4 {
-        let rows = sandbox
-            .query(&id, tenant_prepared, vec![])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(rows.rows[0].values[0], int(0));
+}
+
+const TENANT_PREPARED: &str = "SELECT count(*) AS n FROM pg_prepared_statements WHERE from_sql";
+
+/// Every later request, on either connection (four at a time over two), sees no
+/// statement the tenant prepared by SQL (`after` names what ran before).
+async fn assert_none_prepared_by_tenant(sandbox: &Sandbox, id: &str, after: &str) {
+    for _ in 0..3 {
+        let probes = (0..4).map(|_| sandbox.query(id, TENANT_PREPARED, vec![]));
+        for rows in futures::future::join_all(probes).await {
+            let rows = rows.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                rows.rows[0].values[0],
+                int(0),
+                "a statement prepared by `{after}` outlived its request"
+            );
+        }
     }
 }
 

@@ -61,13 +61,17 @@ impl Proxy {
         self.port
     }
 
-    /// From now on the "server" is unreachable: open connections are cut and new ones
-    /// are accepted but never answered (like a host that went away).
-    pub fn black_hole(&self) {
+    /// From now on the "server" is unreachable: open connections are cut (both sockets
+    /// closed by the time this returns) and new ones are accepted but never answered
+    /// (like a host that went away).
+    pub async fn black_hole(&self) {
         self.black_hole.store(true, Ordering::Release);
-        if let Ok(mut tasks) = self.forwarding.lock() {
-            tasks.abort_all();
-        }
+        let mut cut = match self.forwarding.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(_) => return,
+        };
+        cut.abort_all();
+        while cut.join_next().await.is_some() {}
     }
 }
 
